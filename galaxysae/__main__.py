@@ -1,0 +1,3 @@
+from galaxysae.cli import main
+
+raise SystemExit(main())

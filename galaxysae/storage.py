@@ -1,0 +1,180 @@
+"""Local paths and ``s3://`` URLs behind one small API, with atomic writes.
+
+S3 settings come from the standard AWS variables (``AWS_ACCESS_KEY_ID``,
+``AWS_SECRET_ACCESS_KEY``, ``AWS_ENDPOINT_URL``, ``AWS_REGION``), never from configs, so no
+secret is ever written beside an output. A write is atomic: a local file is written under a
+temporary name and renamed; an S3 object is sent with a single PUT, so readers see the whole
+object or none.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import posixpath
+import uuid
+from functools import lru_cache
+from pathlib import Path
+
+__all__ = [
+    "is_remote", "join", "exists", "read_bytes", "write_bytes", "write_parquet", "listdir",
+    "fsspec_fs", "arrow_fs", "makedirs", "remove", "s3_options",
+]
+
+
+def is_remote(url: str) -> bool:
+    return "://" in str(url) and not str(url).startswith("file://")
+
+
+def _strip_file(url: str) -> str:
+    url = str(url)
+    return url[len("file://"):] if url.startswith("file://") else url
+
+
+def join(url: str, *parts: str) -> str:
+    url = str(url)
+    if is_remote(url):
+        return posixpath.join(url.rstrip("/"), *[p.strip("/") for p in parts])
+    return str(Path(_strip_file(url), *parts))
+
+
+def s3_options() -> dict:
+    """s3fs options from the standard AWS environment (endpoint included, for S3-compatible stores)."""
+    opts: dict = {}
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    client_kwargs: dict = {}
+    if endpoint:
+        client_kwargs["endpoint_url"] = endpoint
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if region:
+        client_kwargs["region_name"] = region
+    if client_kwargs:
+        opts["client_kwargs"] = client_kwargs
+    return opts
+
+
+@lru_cache(maxsize=8)
+def _s3fs(_env_key: tuple):
+    try:
+        import s3fs
+    except ImportError as exc:  # pragma: no cover - part of the pinned environment
+        raise ImportError("s3:// URLs need s3fs: pip install -r requirements.txt") from exc
+    return s3fs.S3FileSystem(**s3_options())
+
+
+def _env_key() -> tuple:
+    names = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION",
+             "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE")
+    return tuple(os.environ.get(n) for n in names)
+
+
+def fsspec_fs(url: str):
+    """(fsspec filesystem, path without scheme) for a local path or an ``s3://`` URL."""
+    url = str(url)
+    if url.startswith("s3://"):
+        fs = _s3fs(_env_key())
+        return fs, url[len("s3://"):]
+    if is_remote(url):
+        import fsspec
+
+        fs, path = fsspec.core.url_to_fs(url)
+        return fs, path
+    import fsspec
+
+    return fsspec.filesystem("file"), os.path.abspath(_strip_file(url))
+
+
+def arrow_fs(url: str):
+    """(pyarrow filesystem, path) for Ray Data and pyarrow readers."""
+    import pyarrow.fs as pafs
+
+    url = str(url)
+    if url.startswith("s3://"):
+        from urllib.parse import urlparse
+
+        kw: dict = {}
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        if endpoint:
+            parsed = urlparse(endpoint)
+            kw["endpoint_override"] = parsed.netloc or parsed.path
+            kw["scheme"] = parsed.scheme or "https"
+        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+        kw["region"] = region or "us-east-1"
+        if os.environ.get("AWS_ACCESS_KEY_ID"):
+            kw["access_key"] = os.environ["AWS_ACCESS_KEY_ID"]
+            kw["secret_key"] = os.environ.get("AWS_SECRET_ACCESS_KEY", "")
+        return pafs.S3FileSystem(**kw), url[len("s3://"):]
+    if is_remote(url):
+        fs, path = fsspec_fs(url)
+        return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
+    return pafs.LocalFileSystem(), os.path.abspath(_strip_file(url))
+
+
+def exists(url: str) -> bool:
+    fs, path = fsspec_fs(url)
+    return fs.exists(path)
+
+
+def makedirs(url: str) -> None:
+    if not is_remote(url):
+        os.makedirs(_strip_file(url), exist_ok=True)
+
+
+def read_bytes(url: str) -> bytes:
+    fs, path = fsspec_fs(url)
+    try:
+        return fs.cat_file(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{url} does not exist") from None
+
+
+def write_bytes(url: str, data: bytes) -> None:
+    """Write ``data`` to ``url`` atomically (temp file + rename locally; one PUT on S3)."""
+    url = str(url)
+    if is_remote(url):
+        fs, path = fsspec_fs(url)
+        fs.pipe_file(path, data)
+        return
+    path = Path(_strip_file(url))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_parquet(table, url: str, **kwargs) -> None:
+    """Write a pyarrow Table as one parquet file at ``url``, atomically."""
+    import pyarrow.parquet as pq
+
+    buf = io.BytesIO()
+    pq.write_table(table, buf, **kwargs)
+    write_bytes(url, buf.getvalue())
+
+
+def listdir(url: str, suffix: str = "") -> list[str]:
+    """Sorted full URLs of the files directly under ``url`` ending with ``suffix`` (hidden skipped)."""
+    fs, path = fsspec_fs(url)
+    try:
+        entries = fs.ls(path, detail=True)
+    except FileNotFoundError:
+        return []
+    out = []
+    for e in entries:
+        name = posixpath.basename(e["name"].rstrip("/"))
+        if e.get("type") == "directory" or name.startswith((".", "_")) or not name.endswith(suffix):
+            continue
+        out.append(join(url, name))
+    return sorted(out)
+
+
+def remove(url: str) -> None:
+    fs, path = fsspec_fs(url)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)

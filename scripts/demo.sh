@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# The demo: every stage of the atlas on a small generated data set, on this machine's CPU.
+# Usage: scripts/demo.sh [DIR]   (default: demo/). Safe to rerun: finished stages are skipped.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DIR=${1:-demo}
+PY=${PY:-.venv/bin/python}
+GS=("$PY" -m galaxysae)
+
+mkdir -p "$DIR"
+echo "== synth: generated gz_euclid-shaped data in $DIR/gz_euclid"
+"${GS[@]}" synth --config configs/demo/synth.toml --out "$DIR/gz_euclid"

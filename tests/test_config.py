@@ -1,0 +1,91 @@
+"""The typed config loader: TOML + command line, strict keys and types, resolved config saved."""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+import pytest
+
+from galaxysae import config
+from galaxysae.config import ConfigError
+
+
+@dataclass
+class Optim:
+    lr: float = 1e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+
+
+@dataclass
+class Job:
+    """A test job."""
+
+    output: str = "out"
+    k: int = 64
+    groups: list[int] = field(default_factory=lambda: [64, 64])
+    precision: Literal["fp32", "bf16"] = "fp32"
+    resume: bool = False
+    limit: Optional[int] = None
+    optim: Optim = field(default_factory=Optim)
+
+    def validate(self):
+        if self.k <= 0:
+            raise ValueError(f"k must be positive, got {self.k}")
+
+
+def write(tmp_path, text):
+    p = tmp_path / "c.toml"
+    p.write_text(text)
+    return str(p)
+
+
+def test_toml_and_overrides(tmp_path):
+    path = write(tmp_path, 'k = 32\ngroups = [1, 2, 3]\n[optim]\nlr = 3\n')
+    cfg = config.parse_args(Job, ["--config", path, "--optim.lr", "0.5", "--resume", "--limit=7"])
+    assert cfg.k == 32 and cfg.groups == [1, 2, 3]
+    assert cfg.optim.lr == 0.5 and isinstance(cfg.optim.lr, float)
+    assert cfg.resume is True and cfg.limit == 7
+    cfg = config.parse_args(Job, ["--groups", "4,5", "--precision", "bf16", "--optim.betas", "[0.5, 0.6]"])
+    assert cfg.groups == [4, 5] and cfg.precision == "bf16" and cfg.optim.betas == [0.5, 0.6]
+
+
+def test_misspelt_key_in_file_names_key_and_file(tmp_path):
+    path = write(tmp_path, "k = 3\n[optim]\nlearning_rate = 1\n")
+    with pytest.raises(ConfigError) as err:
+        config.parse_args(Job, ["--config", path])
+    assert "optim.learning_rate" in str(err.value) and path in str(err.value)
+
+
+def test_misspelt_key_on_command_line():
+    with pytest.raises(ConfigError, match="'kk'"):
+        config.parse_args(Job, ["--kk", "3"])
+
+
+@pytest.mark.parametrize("text,key", [
+    ('k = "many"', "k"), ("k = true", "k"), ('precision = "fp16"', "precision"),
+    ('groups = [1, "x"]', "groups[1]"), ("optim = 3", "optim"),
+])
+def test_wrong_types_rejected(tmp_path, text, key):
+    path = write(tmp_path, text + "\n")
+    with pytest.raises(ConfigError) as err:
+        config.parse_args(Job, ["--config", path])
+    assert f"'{key}'" in str(err.value) and path in str(err.value)
+
+
+def test_validate_runs_and_names_source(tmp_path):
+    path = write(tmp_path, "k = -1\n")
+    with pytest.raises(ConfigError, match="k must be positive"):
+        config.parse_args(Job, ["--config", path])
+
+
+def test_saved_config_round_trips_and_redacts(tmp_path):
+    cfg = config.parse_args(Job, ["--output", "s3://user:hunter2@bucket/x", "--groups", "1,2"])
+    target = config.save(cfg, str(tmp_path))
+    text = open(target).read()
+    assert "hunter2" not in text
+    data = tomllib.loads(text)
+    back = config.from_dict(Job, data, target)
+    assert dataclasses.replace(back, output=cfg.output) == cfg
