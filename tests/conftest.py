@@ -87,3 +87,54 @@ def ray_cluster(s3_server, session_root):
 @pytest.fixture(scope="session")
 def ray_address(ray_cluster) -> str:
     return ray_cluster.address
+
+
+# Generated gz_euclid data and the offline Hub (galaxysae.synth / galaxysae.hub).
+SYNTH_FIXTURE = dict(n_train=48, n_test=16, shard_size=24, image_size=96, seed=0, workers=1)
+
+
+@pytest.fixture(scope="session")
+def synth_dataset(session_root) -> Path:
+    """A small gz_euclid-layout dataset: 48 train (2 shards) + 16 test (1 shard), 96 px, seed 0.
+
+    Shared by the session: treat it as read-only.
+    """
+    from galaxysae import synth
+
+    out = session_root / "gz_euclid"
+    synth.run(synth.Config(out=str(out), **SYNTH_FIXTURE))
+    return out
+
+
+@pytest.fixture(scope="session")
+def offline_hub(synth_dataset) -> dict:
+    """The offline Hub cache under $HF_HOME: stand-in encoder + a copy of ``synth_dataset``.
+
+    -> dict with hf_home, hub_cache, encoder_repo/_revision/_snapshot, dataset_repo/_revision/_snapshot.
+    """
+    from galaxysae import hub
+
+    return hub.build_offline_cache(os.environ["HF_HOME"], synth_dataset)
+
+
+# A single-node Slurm cluster (tests/services/slurm.py): munged + slurmctld + slurmd by hand.
+@pytest.fixture(scope="session")
+def slurm(session_root):
+    """A real Slurm cluster on this machine with one fake GPU; exports SLURM_CONF."""
+    from tests.services import slurm as slurm_service
+
+    missing = slurm_service.missing_binaries()
+    if missing:
+        why = f"Slurm not installed (missing {', '.join(missing)}): {slurm_service.INSTALL}"
+        if os.geteuid() != 0:
+            pytest.skip(why)
+        pytest.fail(why + " (running as root: `make system-deps` installs them)")
+    cluster = slurm_service.SlurmCluster().start()
+    saved = os.environ.get("SLURM_CONF")
+    os.environ.update(cluster.env())
+    yield cluster
+    cluster.stop()
+    if saved is None:
+        os.environ.pop("SLURM_CONF", None)
+    else:
+        os.environ["SLURM_CONF"] = saved
