@@ -31,3 +31,50 @@ test: setup system-deps
 
 clean:
 	rm -rf $(DEMO_DIR) .pytest_cache
+
+# ----------------------------------------------------------------------------- launchers
+# Each launcher runs the same `galaxysae <job> --config FILE.toml [--key value ...]`.
+#   make submit-embed CONFIG=configs/embed.toml PARTITION=gpu NODES=2 GPUS=4 CPUS=16 TIME=04:00:00 \
+#        EXTRA="--output s3://bucket/embeddings" SBATCH_FLAGS="--account=myproj"
+#   make ray-submit-embed CONFIG=configs/embed.toml EXTRA="..."   (against $$RAY_ADDRESS)
+#   make image [IMAGE=galaxysae:latest]
+LAUNCH_JOBS := embed train sweep render
+CONFIG ?=
+PARTITION ?=
+NODES ?= 1
+GPUS ?= 1
+CPUS ?= 8
+TIME ?=
+EXTRA ?=
+SBATCH_FLAGS ?=
+SLURM_LOG_DIR ?= logs/slurm
+IMAGE ?= galaxysae:latest
+RAY_RUNTIME_ENV ?=
+
+.PHONY: image $(addprefix submit-,$(LAUNCH_JOBS)) $(addprefix ray-submit-,$(LAUNCH_JOBS))
+
+# the config a launcher uses: CONFIG, else configs/<job>.toml
+_config = $(or $(CONFIG),configs/$(1).toml)
+
+## submit-<job>: sbatch slurm/<job>.sbatch (Ray started inside the allocation); prints job id and log
+$(addprefix submit-,$(LAUNCH_JOBS)): submit-%:
+	@test -f "$(call _config,$*)" || { echo "make: config $(call _config,$*) not found (set CONFIG=FILE.toml)" >&2; exit 2; }
+	@mkdir -p "$(SLURM_LOG_DIR)"
+	@out=$$(sbatch --parsable --job-name=gs-$* --output="$(abspath $(SLURM_LOG_DIR))/%x-%j.out" \
+	  --nodes=$(NODES) --cpus-per-task=$(CPUS) $(if $(TIME),--time=$(TIME)) \
+	  $(if $(PARTITION),--partition=$(PARTITION)) $(if $(filter-out 0,$(GPUS)),--gres=gpu:$(GPUS)) \
+	  $(SBATCH_FLAGS) slurm/$*.sbatch --config "$(call _config,$*)" $(EXTRA)) || exit $$?; \
+	  id=$${out%%;*}; \
+	  echo "job $$id"; \
+	  echo "log $(abspath $(SLURM_LOG_DIR))/gs-$*-$$id.out"
+
+## ray-submit-<job>: ray job submit jobs/<job>.py to the cluster at RAY_ADDRESS (the dashboard, http://HOST:8265)
+$(addprefix ray-submit-,$(LAUNCH_JOBS)): ray-submit-%:
+	@test -n "$$RAY_ADDRESS" || { echo "make: set RAY_ADDRESS to the cluster's dashboard, e.g. http://head:8265 (or the GCS address head:6379)" >&2; exit 2; }
+	@test -f "$(call _config,$*)" || { echo "make: config $(call _config,$*) not found (set CONFIG=FILE.toml)" >&2; exit 2; }
+	$(VENV)/bin/ray job submit --working-dir . $(if $(RAY_RUNTIME_ENV),--runtime-env-json '$(RAY_RUNTIME_ENV)') \
+	  -- python jobs/$*.py --config "$(call _config,$*)" $(EXTRA)
+
+## image: build the Docker image (one image for every job; CPU fallback, GPU when present)
+image:
+	docker build -t $(IMAGE) .

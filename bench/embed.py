@@ -1,0 +1,257 @@
+"""Embedding throughput and memory: our Ray Data pipeline vs the original research loop.
+
+Everything is measured side by side in one run, on the same generated shards, each variant in
+its own process (a private local Ray instance for ours) while this process samples the memory
+(PSS, so pages shared between Ray workers count once) of the variant's whole process tree:
+
+- original: ``datasets`` + torch DataLoader (4 workers, batch 64), PIL Resize((S, S)) +
+  ToTensor, a forward hook on ``head``, fp32 (DESIGN.md §2);
+- ours fp32 and ours bf16 (``galaxysae embed``), and ours fp32 on 1/8 of the images (memory);
+- model only: forward passes on ready tensors, fp32 and bf16: the ceiling without decoding.
+
+The encoder is a randomly initialised convnext_nano (the Zoobot architecture; weights do not
+change the cost). Throughput counts each variant from its start, with Ray already imported
+and initialised for ours (on a cluster it is already up), model loading and data loading
+included. Usage: ``python bench/embed.py [--images 2000] [--image-px 256] [--workdir DIR]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+ENCODER = "convnext_nano"
+
+
+# ----------------------------------------------------------------------------- variants (children)
+
+
+def variant_original(data: str, size: int, out: str) -> dict:
+    import numpy as np
+    import timm
+    import torch
+    from datasets import load_dataset
+    from torch.utils.data import DataLoader
+    from torchvision import transforms
+
+    t0 = time.perf_counter()
+    ds = load_dataset("parquet", data_files=sorted(glob.glob(f"{data}/data/train-*.parquet")),
+                      split="train", cache_dir=os.path.join(out, "hf_cache"))
+    tf = transforms.Compose([transforms.Resize((size, size)), transforms.ToTensor()])
+
+    class Galaxies(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(ds)
+
+        def __getitem__(self, i):
+            row = ds[i]
+            return tf(row["image"].convert("RGB")), row["id_str"]
+
+    torch.manual_seed(0)
+    model = timm.create_model(ENCODER, pretrained=False, num_classes=0).eval()
+    feats = []
+    model.head.register_forward_hook(lambda m, i, o: feats.append(o.detach().cpu().numpy()))
+    ids = []
+    with torch.no_grad():
+        for x, batch_ids in DataLoader(Galaxies(), batch_size=64, num_workers=4):
+            model(x)
+            ids += list(batch_ids)
+    np.save(os.path.join(out, "embeddings.npy"), np.concatenate(feats))
+    return {"images": len(ids), "seconds": time.perf_counter() - t0}
+
+
+def variant_ours(data: str, size: int, out: str, precision: str) -> dict:
+    import ray
+
+    os.environ.pop("RAY_ADDRESS", None)
+    ray.init(include_dashboard=False, log_to_driver=False)
+    from galaxysae import embed
+
+    t0 = time.perf_counter()
+    rc = embed.run(embed.Config(dataset=data, splits=["train"], output=os.path.join(out, "emb"),
+                                encoder=ENCODER, pretrained=False, image_size=size,
+                                precision=precision, progress_interval_s=60))
+    seconds = time.perf_counter() - t0
+    import pyarrow.parquet as pq
+
+    n = sum(pq.read_metadata(f).num_rows for f in glob.glob(os.path.join(out, "emb/train/*.parquet")))
+    ray.shutdown()
+    return {"images": n, "seconds": seconds, "rc": rc}
+
+
+def variant_model(size: int, precision: str, n: int) -> dict:
+    import timm
+    import torch
+
+    torch.manual_seed(0)
+    model = timm.create_model(ENCODER, pretrained=False, num_classes=0).eval()
+    x = torch.rand(64, 3, size, size)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        model(x[:8])  # warm-up
+        t0 = time.perf_counter()
+        done = 0
+        while done < n:
+            model(x)
+            done += len(x)
+    return {"images": done, "seconds": time.perf_counter() - t0}
+
+
+# ----------------------------------------------------------------------------- the parent
+
+
+def _children() -> dict[int, list[int]]:
+    kids: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                stat = Path(f"/proc/{d}/stat").read_text()
+            except OSError:
+                continue
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            kids.setdefault(ppid, []).append(int(d))
+    return kids
+
+
+def _tree_pss(pid: int) -> int:
+    """Bytes of PSS of ``pid`` and all its descendants (Linux /proc; no extra dependency)."""
+    kids, todo, total = _children(), [pid], 0
+    while todo:
+        p = todo.pop()
+        todo += kids.get(p, [])
+        try:
+            for line in Path(f"/proc/{p}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1]) * 1024
+                    break
+        except OSError:
+            pass
+    return total
+
+
+def measure(args: list[str], label: str) -> dict:
+    """Run one variant in a child process; sample its tree's PSS every 0.5 s."""
+    fd, result = tempfile.mkstemp(suffix=".json")
+    os.close(fd)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    proc = subprocess.Popen([sys.executable, __file__, "--child", result, *args], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    peak = [0]
+
+    def sample():
+        while proc.poll() is None:
+            peak[0] = max(peak[0], _tree_pss(proc.pid))
+            time.sleep(0.5)
+
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
+    _, err = proc.communicate()
+    t.join()
+    if proc.returncode != 0:
+        raise SystemExit(f"{label} failed ({proc.returncode}):\n{err[-4000:]}")
+    out = json.loads(Path(result).read_text())
+    os.unlink(result)
+    out["peak_mib"] = peak[0] / 2**20
+    out["rate"] = out["images"] / out["seconds"]
+    print(f"  {label:<22} {out['images']:>6} img {out['seconds']:>8.1f} s {out['rate']:>8.2f} img/s "
+          f"peak {out['peak_mib']:>8.0f} MiB", flush=True)
+    return out
+
+
+def bf16_supported() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(f in flags for f in ("avx512_bf16", "amx_bf16"))
+
+
+def make_data(workdir: Path, n: int, px: int) -> tuple[str, str]:
+    """Two datasets from the same generator: n images, and n/8 images (same shard size)."""
+    from galaxysae import synth
+
+    shard = max(8, n // 8)
+    paths = []
+    for label, count in (("full", n), ("eighth", max(8, n // 8))):
+        path = workdir / f"data_{label}_{count}_{px}"
+        if not (path / "README.md").exists():
+            synth.run(synth.Config(out=str(path), n_train=count, n_test=1, image_size=px,
+                                   shard_size=shard, seed=11))
+        paths.append(str(path))
+    return paths[0], paths[1]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--images", type=int, default=2000, help="images in the full run")
+    ap.add_argument("--image-px", type=int, default=256, help="side of the generated JPEGs")
+    ap.add_argument("--size", type=int, default=224, help="encoder input size")
+    ap.add_argument("--workdir", default="", help="where data and outputs go (default: a temp dir)")
+    ap.add_argument("--child", default="", help=argparse.SUPPRESS)
+    ap.add_argument("rest", nargs="*", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.child:
+        kind, *params = a.rest
+        if kind == "original":
+            res = variant_original(params[0], int(params[1]), params[2])
+        elif kind == "ours":
+            res = variant_ours(params[0], int(params[1]), params[2], params[3])
+        else:
+            res = variant_model(int(params[0]), params[1], int(params[2]))
+        Path(a.child).write_text(json.dumps(res))
+        return 0
+
+    work = Path(a.workdir or tempfile.mkdtemp(prefix="bench-embed-"))
+    work.mkdir(parents=True, exist_ok=True)
+    print(f"bench/embed.py: {a.images} images of {a.image_px} px -> {a.size} px, {os.cpu_count()} CPUs, "
+          f"workdir {work}", flush=True)
+    full, eighth = make_data(work, a.images, a.image_px)
+    bf16 = bf16_supported()
+
+    def out(name):
+        d = work / f"out_{name}"
+        subprocess.run(["rm", "-rf", str(d)], check=True)
+        d.mkdir()
+        return str(d)
+
+    print("variant                    images   seconds    img/s   peak memory (PSS)")
+    r = {}
+    r["original"] = measure(["original", full, str(a.size), out("original")], "original fp32")
+    r["ours"] = measure(["ours", full, str(a.size), out("ours"), "fp32"], "ours fp32")
+    if bf16:
+        r["ours_bf16"] = measure(["ours", full, str(a.size), out("ours_bf16"), "bf16"], "ours bf16")
+    r["ours_eighth"] = measure(["ours", eighth, str(a.size), out("eighth"), "fp32"], "ours fp32, 1/8 input")
+    n_model = min(a.images, 512)
+    r["model"] = measure(["model", str(a.size), "fp32", str(n_model)], "model only fp32")
+    if bf16:
+        r["model_bf16"] = measure(["model", str(a.size), "bf16", str(n_model)], "model only bf16")
+
+    base = r["original"]["rate"]
+    print()
+    print(f"ratio ours/original fp32: {r['ours']['rate'] / base:.3f}; "
+          f"ours/model-only fp32: {r['ours']['rate'] / r['model']['rate']:.3f}; "
+          f"original/model-only: {base / r['model']['rate']:.3f}")
+    rss_ratio = r["ours"]["peak_mib"] / r["ours_eighth"]["peak_mib"]
+    targets = [("throughput_fp32_vs_original", r["ours"]["rate"] / base, 0.95, ">=")]
+    if bf16:
+        targets.append(("throughput_bf16_vs_original_fp32", r["ours_bf16"]["rate"] / base, 1.8, ">="))
+    else:
+        print("bf16: this CPU has no avx512_bf16/amx_bf16; the bf16 target does not apply here")
+    targets.append(("peak_memory_8x_input", rss_ratio, 1.2, "<="))
+    for name, value, goal, op in targets:
+        ok = value >= goal if op == ">=" else value <= goal
+        print(f"target {name}: {value:.3f} (goal {op} {goal}) {'PASS' if ok else 'FAIL'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

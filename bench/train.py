@@ -1,0 +1,314 @@
+"""Benchmark: our SAE training step vs faithful re-implementations of the original loops.
+
+Side by side in one run, on the same embeddings, hyper-parameters and initial weights:
+- TopK (train_sae.py): 5120 latents, k=64, dense top-k scattered into a dense [B, M] code, dense
+  decoder matmuls for the main, multi-k (4k) and AuxK (k/4) reconstructions, batch 1024;
+- Matryoshka (train_matryoshka_sae.py): 2048 latents in groups [64, 64, 128, 256, 512, 1024],
+  BatchTopK k=64 scattered dense, one reconstruction per level built on a clone of the previous,
+  L1 1e-3, aux 0.03 with aux k = 16k, batch 256.
+Our step is the production one (``galaxysae.train.train_step``). The implementations alternate
+one epoch at a time so both see the same machine load. Test FVU is measured by the same code
+(``galaxysae.evaluation``) for both.
+
+    .venv/bin/python bench/train.py [--embeddings ROOT_OR_NPY] [--epochs 3] [--n-train 8192]
+
+Ends with ``target <name>: <measured> (goal <goal>) PASS|FAIL`` lines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from galaxysae import config, evaluation  # noqa: E402
+from galaxysae import train as train_job  # noqa: E402
+from galaxysae.sae import SparseAutoencoder  # noqa: E402
+
+SPEED_GOAL = 3.0
+FVU_SLACK = 1.01  # "equal or lower": within 1% of the original's test FVU counts as equal
+
+
+# ----------------------------------------------------------------------------- the originals
+
+
+class OriginalTopK(nn.Module):
+    """The k-sparse SAE loop of train_sae.py: dense codes, dense decoder, x[B, D] standardised."""
+
+    def __init__(self, d, m, k, auxk, multik, dead_steps):
+        super().__init__()
+        self.k, self.auxk, self.multik, self.dead_steps = k, auxk, multik, dead_steps
+        self.pre_bias = nn.Parameter(torch.zeros(d))
+        self.encoder = nn.Linear(d, m, bias=False)
+        self.latent_bias = nn.Parameter(torch.zeros(m))
+        self.decoder = nn.Linear(m, d, bias=False)  # weight [D, M]: columns are the atoms
+        self.register_buffer("stats_last_nonzero", torch.zeros(m, dtype=torch.long))
+
+    def topk_dense(self, pre, k):
+        vals, idx = torch.topk(pre, k, dim=-1)
+        return torch.zeros_like(pre).scatter_(-1, idx, F.relu(vals))
+
+    def forward(self, x):
+        pre = self.encoder(x - self.pre_bias) + self.latent_bias
+        latents = self.topk_dense(pre, self.k)
+        recons = self.decoder(latents) + self.pre_bias
+        self.stats_last_nonzero *= (latents == 0).all(dim=0).long()
+        self.stats_last_nonzero += 1
+        loss = (recons - x).pow(2).mean()
+        multik = self.decoder(self.topk_dense(pre, self.multik)) + self.pre_bias
+        loss = loss + 0.125 * (multik - x).pow(2).mean()
+        dead = self.stats_last_nonzero > self.dead_steps
+        aux_pre = torch.where(dead, pre, torch.full_like(pre, -math.inf))
+        aux_latents = self.topk_dense(aux_pre, self.auxk)
+        aux_recons = self.decoder(aux_latents)
+        aux = (aux_recons - (x - recons).detach()).pow(2).mean()
+        loss = loss + (1 / 32) * torch.nan_to_num(aux)
+        return loss
+
+    def step_fix(self):
+        w = self.decoder.weight  # [D, M]
+        if w.grad is not None:
+            w.grad -= (w.grad * w.data).sum(0, keepdim=True) * w.data
+
+    def renorm(self):
+        self.decoder.weight.data /= self.decoder.weight.data.norm(dim=0, keepdim=True)
+
+
+class OriginalMatryoshka(nn.Module):
+    """The Matryoshka BatchTopK loop of train_matryoshka_sae.py, x[B, D] standardised."""
+
+    def __init__(self, d, groups, k, l1, aux_penalty, aux_k, dead_batches):
+        super().__init__()
+        m = sum(groups)
+        self.groups, self.k, self.l1, self.aux_penalty = groups, k, l1, aux_penalty
+        self.aux_k, self.dead_batches = aux_k, dead_batches
+        self.W_enc = nn.Parameter(torch.empty(d, m))
+        self.b_enc = nn.Parameter(torch.zeros(m))
+        self.W_dec = nn.Parameter(torch.empty(m, d))
+        self.b_dec = nn.Parameter(torch.zeros(d))
+        self.register_buffer("num_batches_not_active", torch.zeros(m))
+        self.register_buffer("threshold", torch.tensor(0.0))
+        self.bounds = [0] + list(np.cumsum(groups))
+
+    def forward(self, x):
+        B = x.shape[0]
+        pre = F.relu((x - self.b_dec) @ self.W_enc + self.b_enc)
+        top = torch.topk(pre.flatten(), self.k * B, dim=-1)
+        acts = torch.zeros_like(pre.flatten()).scatter(-1, top.indices, top.values).view_as(pre)
+        x_rec = self.b_dec.expand_as(x)
+        losses = []
+        for i in range(len(self.groups)):
+            s, e = self.bounds[i], self.bounds[i + 1]
+            x_rec = x_rec.clone() + acts[:, s:e] @ self.W_dec[s:e]
+            losses.append((x_rec - x).pow(2).mean())
+        loss = torch.stack(losses).mean()
+        loss = loss + self.l1 * acts.abs().sum(-1).mean()
+        with torch.no_grad():
+            self.num_batches_not_active += (acts.sum(0) == 0).float()
+            self.num_batches_not_active[acts.sum(0) > 0] = 0
+            pos = acts[acts > 0]
+            if pos.numel():
+                # EMA of the smallest kept activation; started at the first batch's value, as
+                # ours is, so the inference comparison measures training, not the EMA warm-up.
+                if self.threshold == 0:
+                    self.threshold.copy_(pos.min())
+                else:
+                    self.threshold.mul_(0.99).add_(0.01 * pos.min())
+        dead = self.num_batches_not_active >= self.dead_batches
+        if dead.sum() > 0:
+            residual = (x - x_rec).detach()
+            k_aux = min(self.aux_k, int(dead.sum()))
+            aux_top = torch.topk(pre[:, dead], k_aux, dim=-1)
+            aux_acts = torch.zeros_like(pre[:, dead]).scatter(-1, aux_top.indices, aux_top.values)
+            aux_rec = aux_acts @ self.W_dec[dead]
+            loss = loss + self.aux_penalty * (aux_rec - residual).pow(2).mean()
+        return loss
+
+    def step_fix(self):
+        if self.W_dec.grad is not None:
+            w = self.W_dec.data / self.W_dec.data.norm(dim=-1, keepdim=True)
+            self.W_dec.grad -= (self.W_dec.grad * w).sum(-1, keepdim=True) * w
+
+    def renorm(self):
+        self.W_dec.data /= self.W_dec.data.norm(dim=-1, keepdim=True)
+
+
+# ----------------------------------------------------------------------------- setup
+
+
+def hyper(kind: str, d: int) -> dict:
+    if kind == "topk":
+        return dict(epochs=200, batch_size=1024, model=dict(
+            activation="topk", n_latents=5120, k=64, aux_k=16, aux_coeff=1 / 32, dead_steps=256,
+            multik=256, multik_coeff=0.125), optim=dict(lr=1e-4, weight_decay=1e-6,
+                                                         schedule="cosine", grad_clip=1.0))
+    return dict(epochs=200, batch_size=256, model=dict(
+        activation="batchtopk", n_latents=2048, matryoshka_groups=[64, 64, 128, 256, 512, 1024],
+        k=64, l1_coeff=1e-3, aux_k=1024, aux_coeff=0.03, dead_steps=256, multik=0),
+        optim=dict(lr=1e-4, weight_decay=0.0, schedule="constant", grad_clip=0.0))
+
+
+def build(kind: str, x_train: np.ndarray, epochs: int, device: str):
+    """(ours, original, cfg) with identical initial weights, stats and input bias."""
+    d = x_train.shape[1]
+    h = hyper(kind, d)
+    h["epochs"] = epochs
+    cfg = config.from_dict(train_job.Config, {"embeddings": "bench", "output": "bench", **h})
+    init = train_job.init_stats(cfg, x_train[:65536])
+    ours = SparseAutoencoder(train_job.sae_config(cfg, d))
+    ours.load_state_dict(init)
+    m = cfg.model
+    if kind == "topk":
+        orig = OriginalTopK(d, m.n_latents, m.k, m.aux_k, m.multik, m.dead_steps)
+        with torch.no_grad():
+            orig.encoder.weight.copy_(ours.W_enc)
+            orig.decoder.weight.copy_(ours.W_dec.t())
+            orig.pre_bias.copy_(ours.b_pre)
+    else:
+        orig = OriginalMatryoshka(d, m.matryoshka_groups, m.k, m.l1_coeff, m.aux_coeff, m.aux_k,
+                                  m.dead_steps)
+        with torch.no_grad():
+            orig.W_enc.copy_(ours.W_enc.t())
+            orig.W_dec.copy_(ours.W_dec)
+            orig.b_dec.copy_(ours.b_pre)
+    return ours.to(device), orig.to(device), cfg
+
+
+def original_to_ours(kind: str, orig, ours: SparseAutoencoder) -> SparseAutoencoder:
+    """The original's weights in our module, so both are evaluated by the same code."""
+    out = SparseAutoencoder(ours.cfg)
+    out.load_state_dict({k: v.cpu() for k, v in ours.state_dict().items()})
+    with torch.no_grad():
+        if kind == "topk":
+            out.W_enc.copy_(orig.encoder.weight)
+            out.W_dec.copy_(orig.decoder.weight.t())
+            out.b_pre.copy_(orig.pre_bias)
+            out.b_enc.copy_(orig.latent_bias)
+        else:
+            out.W_enc.copy_(orig.W_enc.t())
+            out.W_dec.copy_(orig.W_dec)
+            out.b_pre.copy_(orig.b_dec)
+            out.b_enc.copy_(orig.b_enc)
+            out.threshold.copy_(orig.threshold)
+    return out.cpu().eval()
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def compare(kind: str, x_train: np.ndarray, x_test: np.ndarray, epochs: int, device: str = "cpu",
+            seed: int = 0) -> list[dict]:
+    """Train ours and the original alternately, one epoch each; rows of the results table."""
+    from torch.optim.lr_scheduler import LambdaLR
+
+    torch.manual_seed(seed)
+    ours, orig, cfg = build(kind, x_train, epochs, device)
+    bs = cfg.batch_size
+    n = len(x_train)
+    per_epoch = n // bs
+    total = per_epoch * epochs
+    x_all = torch.as_tensor(x_train).to(device)
+    mean, std = ours.mean, ours.std
+    opt_ours = train_job.make_optimizer(cfg, ours)
+    sched_ours = LambdaLR(opt_ours, train_job.lr_lambda(cfg, total))
+    kw = dict(lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay)
+    opt_orig = torch.optim.AdamW(orig.parameters(), **kw)
+    sched_orig = LambdaLR(opt_orig, train_job.lr_lambda(cfg, total))
+    times = {"ours": 0.0, "original": 0.0}
+    gen = torch.Generator().manual_seed(seed)
+    for epoch in range(epochs):
+        perm = torch.randperm(n, generator=gen).to(device)
+        batches = [x_all[perm[i * bs:(i + 1) * bs]] for i in range(per_epoch)]
+        order = ("ours", "original") if epoch % 2 == 0 else ("original", "ours")
+        for impl in order:
+            _sync(device)
+            t0 = time.perf_counter()
+            if impl == "ours":
+                ours.train()
+                for x in batches:
+                    train_job.train_step(cfg, ours, opt_ours, sched_ours, x)
+            else:
+                orig.train()
+                for x in batches:
+                    z = (x - mean) / std  # the original standardised inputs up front
+                    loss = orig(z)
+                    opt_orig.zero_grad(set_to_none=True)
+                    loss.backward()
+                    orig.step_fix()
+                    if cfg.optim.grad_clip:
+                        torch.nn.utils.clip_grad_norm_(orig.parameters(), cfg.optim.grad_clip)
+                    opt_orig.step()
+                    sched_orig.step()
+                    orig.renorm()
+            _sync(device)
+            times[impl] += time.perf_counter() - t0
+    rows = []
+    for impl, model in (("original", original_to_ours(kind, orig, ours)), ("ours", ours.cpu().eval())):
+        m = evaluation.evaluate(model, x_test, x_train)
+        rows.append({"kind": kind, "impl": impl, "batch": bs, "steps": total,
+                     "samples_per_s": total * bs / times[impl], "fvu": m["fvu"], "l0": m["l0"]})
+    return rows
+
+
+def load_embeddings(args) -> tuple[np.ndarray, np.ndarray, str]:
+    if args.embeddings:
+        train, test = train_job.load_data(config.from_dict(train_job.Config, {
+            "embeddings": args.embeddings, "output": "bench"}))
+        return train.x[: args.n_train], test.x[: args.n_test], args.embeddings
+    from galaxysae.embeddings import planted
+
+    x, _ = planted(args.n_train + args.n_test, 640, 4096, 32, seed=0, noise=0.05, offset=0.2)
+    return x[: args.n_train], x[args.n_train:], "generated (planted 4096-atom dictionary, 640-d)"
+
+
+def report(rows: list[dict], source: str) -> list[str]:
+    print(f"embeddings: {source}; torch threads {torch.get_num_threads()}")
+    print(f"{'model':<11} {'impl':<9} {'batch':>5} {'steps':>6} {'samples/s':>10} {'test FVU':>9} {'L0':>6}")
+    for r in rows:
+        print(f"{r['kind']:<11} {r['impl']:<9} {r['batch']:>5} {r['steps']:>6} "
+              f"{r['samples_per_s']:>10.0f} {r['fvu']:>9.4f} {r['l0']:>6.1f}")
+    lines = []
+    for kind in dict.fromkeys(r["kind"] for r in rows):
+        o = next(r for r in rows if r["kind"] == kind and r["impl"] == "original")
+        s = next(r for r in rows if r["kind"] == kind and r["impl"] == "ours")
+        speed = s["samples_per_s"] / o["samples_per_s"]
+        print(f"ratio {kind}: {speed:.2f}x samples/s, FVU ours/original {s['fvu'] / o['fvu']:.4f}")
+        ok = speed >= SPEED_GOAL and s["fvu"] <= o["fvu"] * FVU_SLACK
+        lines.append(f"target {kind}_speedup_at_equal_fvu: {speed:.2f}x (FVU {s['fvu']:.4f} vs "
+                     f"{o['fvu']:.4f}) (goal >= {SPEED_GOAL:g}x at FVU <= original) "
+                     f"{'PASS' if ok else 'FAIL'}")
+    return lines
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--embeddings", default="", help="embed output root or .npy (default: generated)")
+    p.add_argument("--n-train", type=int, default=8192)
+    p.add_argument("--n-test", type=int, default=2048)
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--only", choices=["topk", "matryoshka"], default=None)
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args(argv)
+    x_train, x_test, source = load_embeddings(args)
+    rows = []
+    for kind in ("topk", "matryoshka"):
+        if args.only in (None, kind):
+            rows += compare(kind, x_train, x_test, args.epochs, args.device)
+    for line in report(rows, source):
+        print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

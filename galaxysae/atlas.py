@@ -1,0 +1,461 @@
+"""Job ``atlas``: a static HTML site over the results of render and compare.
+
+Data flow::
+
+    {results}/{name}/dictionary.json, activations/{split}/*.parquet, compare.parquet, grids/*.png
+    {results}/compare/*.png
+    --> {output}/index.html               dictionaries, metrics, per-level curves, comparison plots
+        {output}/{name}/index.html        sortable, filterable feature table
+        {output}/{name}/f/{feature}.html  grid, activation histogram, top galaxies, label alignment
+        {output}/assets/                  one CSS and one JS file (no external assets)
+
+Every page opens from disk (file://) or any static host: data is embedded in the pages, images
+are copied next to them, nothing is fetched at run time. Pages are written atomically; a rerun
+rewrites the HTML (cheap) and copies only images that are not there yet.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import logging
+import math
+import posixpath
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from galaxysae import config, storage
+
+log = logging.getLogger(__name__)
+
+ASSETS = Path(__file__).with_name("atlas_assets")
+COLOURS = {"pca": "#dd8452", "sae": "#4c72b0", "matryoshka_sae": "#55a868"}
+KIND_TEXT = {"pca": "PCA baseline", "sae": "TopK sparse autoencoder",
+             "matryoshka_sae": "Matryoshka sparse autoencoder (nested levels)"}
+GLOSSARY = [
+    ("FVU", "fraction of variance unexplained: how much of the (standardised) embedding the "
+            "dictionary fails to reconstruct on the test split; 0 is perfect."),
+    ("L0", "average number of features active per galaxy (PCA uses every component)."),
+    ("Dead fraction", "share of features that never activate on the test split."),
+    ("Frequency", "share of test galaxies on which a feature is active (PCA: score above zero)."),
+    ("Best Galaxy Zoo answer", "the vote fraction with the largest |Spearman ρ| with the feature, "
+                               "over galaxies whose volunteers were asked that question."),
+    ("Spearman ρ", "rank correlation between the feature and that vote fraction (sign kept): "
+                   "|ρ| near 1 means the feature tracks the volunteers' answer."),
+    ("Novelty", "1 − R² of a linear fit of the feature on all vote fractions (R² adjusted for the "
+                "number of fractions): near 1, the votes do not explain the feature (new, or noise); "
+                "near 0, it restates them."),
+    ("Level", "Matryoshka nesting level: level 1 is the smallest, coarsest prefix of the dictionary."),
+]
+
+
+@dataclass
+class Config:
+    """A static, self-contained HTML atlas of every dictionary under a results root."""
+
+    results: str = field(default="results", metadata={"help": "results root written by render/compare (local or s3://)"})
+    output: str = field(default="atlas", metadata={"help": "site folder (local or s3://)"})
+    title: str = field(default="Galaxy feature atlas", metadata={"help": "site title"})
+    top_rows: int = field(default=30, metadata={"help": "top galaxies listed on a feature page"})
+    bins: int = field(default=30, metadata={"help": "bins of a feature's activation histogram"})
+
+
+# ----------------------------------------------------------------------------- small helpers
+
+
+def esc(v) -> str:
+    return html.escape(str(v), quote=True)
+
+
+def fmt(v, digits: int = 3) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "–"
+    if isinstance(v, (int, np.integer)):
+        return f"{int(v):,}"
+    return f"{float(v):.{digits}g}" if abs(float(v)) >= 1e-3 or v == 0 else f"{float(v):.2e}"
+
+
+def pct(v) -> str:
+    return "–" if v is None or not math.isfinite(float(v)) else f"{100 * float(v):.1f}%"
+
+
+def page(title: str, crumbs: list[tuple[str, str | None]], body: str, depth: int) -> str:
+    up = "../" * depth
+    trail = " / ".join(f'<a href="{esc(h)}">{esc(t)}</a>' if h else esc(t) for t, h in crumbs)
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{esc(title)}</title>
+<link rel="icon" href="data:,">
+<link rel="stylesheet" href="{up}assets/atlas.css">
+</head><body>
+<header class="top"><h1>{esc(title)}</h1><div class="crumbs">{trail}</div></header>
+<main>
+{body}
+</main>
+<footer>galaxysae atlas · static pages, no server needed · generated {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}</footer>
+</body></html>
+"""
+
+
+def _subdirs(url: str) -> list[str]:
+    fs, path = storage.fsspec_fs(url)
+    try:
+        entries = fs.ls(path, detail=True)
+    except FileNotFoundError:
+        return []
+    return sorted(posixpath.basename(e["name"].rstrip("/")) for e in entries if e.get("type") == "directory")
+
+
+def _read_parquet(url: str):
+    import pyarrow.parquet as pq
+
+    fs, path = storage.arrow_fs(url)
+    return pq.read_table(path, filesystem=fs)
+
+
+def _copy(src: str, dst: str) -> None:
+    if not storage.exists(dst):
+        storage.write_bytes(dst, storage.read_bytes(src))
+
+
+# ----------------------------------------------------------------------------- SVG charts
+
+
+def svg_histogram(values: np.ndarray, bins: int, xlabel: str, width: int = 320, height: int = 200) -> str:
+    """A bar histogram of ``values[N]`` as inline SVG (counts on the y axis)."""
+    values = np.asarray(values, float)
+    values = values[np.isfinite(values)]
+    if len(values) == 0:
+        return '<p class="dead">no activations on the test split</p>'
+    lo, hi = float(values.min()), float(values.max())
+    if hi <= lo:
+        hi = lo + 1e-6
+    counts, edges = np.histogram(values, bins=bins, range=(lo, hi))
+    ml, mr, mt, mb = 36, 8, 8, 34
+    w, h = width - ml - mr, height - mt - mb
+    top = max(int(counts.max()), 1)
+    bw = w / bins
+    bars = "".join(
+        f'<rect x="{ml + i * bw:.1f}" y="{mt + h - h * c / top:.1f}" width="{max(bw - 1, 1):.1f}" '
+        f'height="{h * c / top:.1f}" fill="#3557c8"><title>{edges[i]:.3g} – {edges[i + 1]:.3g}: {c}</title></rect>'
+        for i, c in enumerate(counts) if c)
+    return (f'<svg width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" '
+            f'aria-label="activation histogram">'
+            f'<line x1="{ml}" y1="{mt + h}" x2="{ml + w}" y2="{mt + h}" stroke="#99a"/>'
+            f'<line x1="{ml}" y1="{mt}" x2="{ml}" y2="{mt + h}" stroke="#99a"/>{bars}'
+            f'<text x="{ml}" y="{mt + h + 14}">{lo:.3g}</text>'
+            f'<text x="{ml + w}" y="{mt + h + 14}" text-anchor="end">{hi:.3g}</text>'
+            f'<text x="{ml + w / 2}" y="{height - 4}" text-anchor="middle">{esc(xlabel)}</text>'
+            f'<text x="{ml - 4}" y="{mt + 10}" text-anchor="end">{top}</text>'
+            f'<text x="{ml - 4}" y="{mt + h}" text-anchor="end">0</text>'
+            f'<text x="10" y="{mt + h / 2}" transform="rotate(-90 10 {mt + h / 2})" text-anchor="middle">galaxies</text>'
+            "</svg>")
+
+
+def svg_levels(series: list[tuple[str, str, list[tuple[float, float]]]], width: int = 620,
+               height: int = 300) -> str:
+    """FVU against dictionary size (log2 x axis): one line per dictionary [(name, colour, [(n, fvu)])]."""
+    pts = [p for _, _, s in series for p in s if p[0] > 0 and math.isfinite(p[1])]
+    if not pts:
+        return ""
+    xs = [math.log2(p[0]) for p in pts]
+    x0, x1 = math.floor(min(xs)), math.ceil(max(xs))
+    if x1 == x0:
+        x1 = x0 + 1
+    ymax = min(1.0, max(p[1] for p in pts) * 1.1) or 1.0
+    ml, mr, mt, mb = 48, 150, 10, 40
+    w, h = width - ml - mr, height - mt - mb
+
+    def X(n):
+        return ml + w * (math.log2(n) - x0) / (x1 - x0)
+
+    def Y(v):
+        return mt + h - h * min(v, ymax) / ymax
+
+    parts = [f'<line x1="{ml}" y1="{mt + h}" x2="{ml + w}" y2="{mt + h}" stroke="#99a"/>',
+             f'<line x1="{ml}" y1="{mt}" x2="{ml}" y2="{mt + h}" stroke="#99a"/>']
+    for e in range(x0, x1 + 1):
+        parts.append(f'<line x1="{X(2 ** e):.1f}" y1="{mt}" x2="{X(2 ** e):.1f}" y2="{mt + h}" stroke="#eef0f5"/>'
+                     f'<text x="{X(2 ** e):.1f}" y="{mt + h + 14}" text-anchor="middle">{2 ** e}</text>')
+    for frac in (0, 0.25, 0.5, 0.75, 1.0):
+        v = ymax * frac
+        parts.append(f'<text x="{ml - 6}" y="{Y(v) + 4:.1f}" text-anchor="end">{v:.2f}</text>')
+    for i, (name, colour, s) in enumerate(series):
+        s = [p for p in s if p[0] > 0 and math.isfinite(p[1])]
+        if not s:
+            continue
+        path = " ".join(f"{'M' if j == 0 else 'L'}{X(n):.1f},{Y(v):.1f}" for j, (n, v) in enumerate(s))
+        parts.append(f'<path d="{path}" fill="none" stroke="{colour}" stroke-width="2"/>')
+        parts += [f'<circle cx="{X(n):.1f}" cy="{Y(v):.1f}" r="3" fill="{colour}"><title>{esc(name)}: '
+                  f'{int(n)} latents, FVU {v:.3f}</title></circle>' for n, v in s]
+        parts.append(f'<rect x="{ml + w + 14}" y="{mt + 8 + 18 * i}" width="10" height="10" fill="{colour}"/>'
+                     f'<text x="{ml + w + 30}" y="{mt + 17 + 18 * i}">{esc(name)}</text>')
+    parts.append(f'<text x="{ml + w / 2}" y="{height - 6}" text-anchor="middle">dictionary size '
+                 f'(latents or components, log scale)</text>')
+    parts.append(f'<text x="12" y="{mt + h / 2}" transform="rotate(-90 12 {mt + h / 2})" '
+                 f'text-anchor="middle">test FVU (lower is better)</text>')
+    return (f'<svg width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" '
+            f'aria-label="FVU per dictionary size">{"".join(parts)}</svg>')
+
+
+# ----------------------------------------------------------------------------- one dictionary
+
+
+@dataclass
+class Entry:
+    name: str
+    doc: dict
+    features: list[dict]
+    grids: set
+    histograms: dict
+    plots: list[str]
+
+
+def load_entry(results: str, name: str, cfg: Config) -> Entry | None:
+    folder = storage.join(results, name)
+    doc_url = storage.join(folder, "dictionary.json")
+    if not storage.exists(doc_url):
+        return None
+    doc = json.loads(storage.read_bytes(doc_url))
+    acts = storage.join(folder, "activations", doc.get("split", "test"))
+    stats = _read_parquet(storage.join(acts, "features.parquet")).to_pylist()
+    cmp_url = storage.join(folder, "compare.parquet")
+    if storage.exists(cmp_url):
+        cmp = {r["feature"]: r for r in _read_parquet(cmp_url).to_pylist()}
+        for r in stats:
+            c = cmp.get(r["feature"], {})
+            for k in ("best_column", "best_answer", "spearman", "abs_spearman", "novelty", "n_valid", "top_columns"):
+                r[k] = c.get(k)
+    grids = {int(posixpath.basename(u)[8:13]) for u in storage.listdir(storage.join(folder, "grids"), ".png")
+             if posixpath.basename(u).startswith("feature_")}
+    hist: dict[int, np.ndarray] = {}
+    act_url = storage.join(acts, "activations.parquet")
+    if storage.exists(act_url):
+        t = _read_parquet(act_url)
+        f = t.column("feature").to_numpy()
+        v = t.column("value").to_numpy()
+        order = np.argsort(f, kind="stable")
+        f, v = f[order], v[order]
+        cuts = np.searchsorted(f, np.arange(doc["n_latents"] + 1))
+        hist = {i: v[cuts[i]:cuts[i + 1]] for i in range(doc["n_latents"]) if cuts[i + 1] > cuts[i]}
+    plots = storage.listdir(storage.join(folder, "plots"), ".png")
+    return Entry(name, doc, stats, grids, hist, plots)
+
+
+def _metric_rows(doc: dict) -> str:
+    m = doc.get("metrics") or {}
+    rows = [("Latents" if doc["kind"] != "pca" else "Components", fmt(doc["n_latents"])),
+            ("Test galaxies", fmt(doc.get("n_galaxies")))]
+    if doc.get("kind") == "sae":
+        cfg = doc.get("cfg") or {}
+        rows.append(("k (active per galaxy)", f"{cfg.get('k', '–')} ({cfg.get('activation', '')})"))
+    rows += [("FVU", fmt(m.get("fvu"))), ("MSE", fmt(m.get("mse"))), ("L0", fmt(m.get("l0"))),
+             ("Dead fraction", pct(m["dead_fraction"]) if m.get("dead_fraction") is not None else "–")]
+    if isinstance(m.get("pca"), dict) and m["pca"].get("fvu") is not None:
+        rows.append((f"PCA FVU at {m['pca'].get('n_components')} comps", fmt(m["pca"]["fvu"])))
+    if len(doc.get("levels", [])) > 1:
+        rows.append(("Levels", " · ".join(str(v) for v in doc["levels"])))
+    return "".join(f"<dt>{esc(k)}</dt><dd>{esc(v)}</dd>" for k, v in rows)
+
+
+def feature_label(doc: dict, f: int) -> str:
+    return f"PC {f + 1}" if doc["kind"] == "pca" else f"feature {f}"
+
+
+def table_page(e: Entry, cfg: Config) -> str:
+    doc = e.doc
+    nested = len(doc.get("levels", [])) > 1
+    rows = []
+    for r in e.features:
+        f = int(r["feature"])
+        rows.append({"feature": f, "label": feature_label(doc, f), "level": r["level"],
+                     "frequency": r["frequency"],
+                     "mean_active": None if r["mean_active"] is None or not math.isfinite(r["mean_active"]) else round(r["mean_active"], 5),
+                     "max": None if r["max"] is None or not math.isfinite(r["max"]) else round(r["max"], 5),
+                     "best_answer": r.get("best_answer"), "best_column": r.get("best_column"),
+                     "spearman": _num(r.get("spearman")), "abs_spearman": _num(r.get("abs_spearman")),
+                     "novelty": _num(r.get("novelty")), "grid": f in e.grids})
+    data = json.dumps(rows, separators=(",", ":")).replace("</", "<\\/")
+    level_ctl = ""
+    if nested:
+        opts = "".join(f'<option value="{i}">level {i} (≤ {n} latents)</option>' for i, n in enumerate(doc["levels"], 1))
+        level_ctl = f'<label>Level <select id="level"><option value="">all</option>{opts}</select></label>'
+    sort = "feature" if doc["kind"] == "pca" else "frequency"
+    heads = [("feature", "Feature", ""), *([("level", "Level", "num")] if nested else []),
+             ("frequency", "Frequency", "num"), ("mean_active", "Mean when active", "num"),
+             ("max", "Max", "num"), ("best_answer", "Best Galaxy Zoo answer", ""),
+             ("spearman", "Spearman ρ", "num"), ("novelty", "Novelty", "num")]
+    th = "".join(f'<th data-key="{k}" class="{c}">{esc(t)}</th>' for k, t, c in heads)
+    alive = sum(1 for r in e.features if r["frequency"] > 0)
+    body = f"""
+<p class="lead">{esc(KIND_TEXT.get(doc['family'], doc['kind']))} with {doc['n_latents']:,} latents;
+{alive:,} active on the {esc(doc.get('split', 'test'))} split ({doc.get('n_galaxies', 0):,} galaxies).
+Click a column to sort, type an answer (e.g. <i>spiral</i>, <i>edge-on</i>, <i>merger</i>) to filter,
+open a feature for its galaxies. Spearman ρ is with the best-matching vote fraction; novelty = 1 − R²
+of a linear fit on all vote fractions.</p>
+<div class="controls">
+<label>Search <input type="search" id="search" placeholder="answer or feature id"></label>
+<label>min |ρ| <input type="number" id="min-rho" min="0" max="1" step="0.05" value="0"></label>
+{level_ctl}
+<label><input type="checkbox" id="only-grid"> with grid only</label>
+<label><input type="checkbox" id="hide-dead" checked> hide inactive</label>
+<span class="count" id="count"></span>
+</div>
+<table class="features"><thead><tr>{th}</tr></thead>
+<tbody id="feature-body" data-sort="{sort}"></tbody></table>
+<script id="feature-data" type="application/json">{data}</script>
+<script src="../assets/table.js"></script>
+"""
+    return page(f"{cfg.title}: {e.name}", [("atlas", "../index.html"), (e.name, None)], body, 1)
+
+
+def _num(v):
+    return None if v is None or (isinstance(v, float) and not math.isfinite(v)) else round(float(v), 4)
+
+
+def feature_page(e: Entry, r: dict, cfg: Config, prev_f, next_f) -> str:
+    doc = e.doc
+    f = int(r["feature"])
+    label = feature_label(doc, f)
+    if f in e.grids:
+        grid = (f'<img class="grid-img" src="../grids/feature_{f:05d}.png" alt="the {len(r["top_ids"][:cfg.top_rows])} '
+                f'galaxies that excite {esc(label)} most, with their activations">')
+    else:
+        grid = (f'<div class="missing">No grid rendered for {esc(label)} yet.<br>'
+                f'<code>galaxysae render --features {f} ...</code> renders it.</div>')
+    signed = doc["kind"] == "pca"
+    vals = e.histograms.get(f, np.array([]))
+    hist = svg_histogram(vals, cfg.bins, "score" if signed else "activation (non-zero only)")
+    stats = [("Frequency", f"{pct(r['frequency'])} of galaxies" + (" (score > 0)" if signed else "")),
+             ("Mean when active", fmt(r["mean_active"])), ("Max", fmt(r["max"]))]
+    if len(doc.get("levels", [])) > 1:
+        stats.append(("Matryoshka level", f"{r['level']} (first {doc['levels'][r['level'] - 1]:,} latents)"))
+    if r.get("best_answer"):
+        stats += [("Best Galaxy Zoo answer", r["best_answer"]),
+                  ("Spearman ρ", f"{fmt(r.get('spearman'), 2)} (over {fmt(r.get('n_valid'))} galaxies asked)"),
+                  ("Novelty (1 − adjusted R²)", fmt(r.get("novelty"), 2))]
+    dl = "".join(f"<dt>{esc(k)}</dt><dd>{esc(v)}</dd>" for k, v in stats)
+    top3 = json.loads(r.get("top_columns") or "[]")
+    corr = "".join(f"<tr><td>{esc(rd)}</td><td class='num'>{rho:+.2f}</td></tr>" for _, rd, rho in top3)
+    corr_html = (f"<h2>Closest Galaxy Zoo answers</h2><table class='plain'><tr><th>answer</th><th>ρ</th></tr>{corr}</table>"
+                 if corr else "")
+    tops = "".join(f"<tr><td>{i + 1}</td><td><code>{esc(i_)}</code></td><td class='num'>{v:.4g}</td></tr>"
+                   for i, (i_, v) in enumerate(zip(r["top_ids"][:cfg.top_rows], r["top_values"][:cfg.top_rows])))
+    nav = (f'<div class="nav"><span>{f"<a href={chr(34)}{prev_f}.html{chr(34)}>← {esc(feature_label(doc, prev_f))}</a>" if prev_f is not None else ""}</span>'
+           f'<a href="../index.html">all features of {esc(e.name)}</a>'
+           f'<span>{f"<a href={chr(34)}{next_f}.html{chr(34)}>{esc(feature_label(doc, next_f))} →</a>" if next_f is not None else ""}</span></div>')
+    body = f"""{nav}
+<div class="feature-layout">
+<div>{grid}</div>
+<div>
+<div class="card"><h3>{esc(label)}</h3><div class="kind">{esc(KIND_TEXT.get(doc['family'], doc['kind']))}</div>
+<dl class="metrics">{dl}</dl></div>
+<h2>Activation histogram</h2>
+<div class="card">{hist}</div>
+{corr_html}
+<h2>Top galaxies</h2>
+<table class="plain"><tr><th>#</th><th>id_str</th><th>activation</th></tr>{tops}</table>
+</div>
+</div>
+"""
+    return page(f"{e.name}: {label}", [("atlas", "../../index.html"), (e.name, "../index.html"), (label, None)], body, 2)
+
+
+def index_page(entries: list[Entry], results: str, compare_plots: list[str], cfg: Config) -> str:
+    cards, series = [], []
+    for e in entries:
+        colour = COLOURS.get(e.doc["family"], "#777")
+        m = e.doc.get("metrics") or {}
+        levels = [(lv.get("n_latents"), lv.get("fvu")) for lv in m.get("levels", []) if lv.get("fvu") is not None]
+        if not levels and m.get("fvu") is not None:
+            levels = [(e.doc["n_latents"], m["fvu"])]
+        if levels:
+            series.append((e.name, colour, [(float(n), float(v)) for n, v in levels]))
+        alive = sum(1 for r in e.features if r["frequency"] > 0)
+        aligned = sum(1 for r in e.features if (r.get("abs_spearman") or 0) >= 0.5)
+        plots = "".join(f'<div class="figure"><a href="{esc(e.name)}/plots/{esc(posixpath.basename(p))}">'
+                        f'<img src="{esc(e.name)}/plots/{esc(posixpath.basename(p))}" '
+                        f'alt="{esc(posixpath.basename(p))}"></a></div>' for p in e.plots)
+        cards.append(f"""<div class="card"><div class="kind"><span class="swatch" style="background:{colour}"></span>{esc(KIND_TEXT.get(e.doc['family'], e.doc['kind']))}</div>
+<h3><a href="{esc(e.name)}/index.html">{esc(e.name)}</a></h3>
+<dl class="metrics">{_metric_rows(e.doc)}
+<dt>Active features</dt><dd>{alive:,} of {e.doc['n_latents']:,}</dd>
+<dt>|ρ| ≥ 0.5 with a GZ answer</dt><dd>{aligned:,}</dd>
+<dt>Grids rendered</dt><dd>{len(e.grids):,}</dd></dl>
+<a href="{esc(e.name)}/index.html">Browse the features →</a>{plots}</div>""")
+    curve = svg_levels(series)
+    curve_html = (f'<h2>Reconstruction vs dictionary size</h2><div class="figure">{curve}<div class="caption">'
+                  "Test FVU of each nested Matryoshka prefix, of PCA with its first k components, and of each "
+                  "TopK SAE (one point). Lower is better.</div></div>") if curve else ""
+    captions = {"distributions.png": "Left: how strongly each feature tracks a Galaxy Zoo answer. Middle: "
+                                     "how much of each feature the votes cannot explain. Right: both, per feature."}
+    figs = "".join(f'<div class="figure"><img src="compare/{esc(p)}" alt="{esc(p)}"><div class="caption">'
+                   f'{esc(captions.get(p, "Per Matryoshka level: level 1 is the coarsest prefix; dashed: PCA median."))}'
+                   f"</div></div>" for p in compare_plots)
+    figs_html = f"<h2>Alignment with Galaxy Zoo votes</h2>{figs}" if figs else ""
+    gloss = "".join(f"<dt>{esc(k)}</dt><dd>{esc(v)}</dd>" for k, v in GLOSSARY)
+    prov = next((e.doc.get("provenance") for e in entries if e.doc.get("provenance")), {}) or {}
+    note = ""
+    if prov.get("encoder"):
+        rev = f" @ {prov['encoder_revision'][:10]}" if prov.get("encoder_revision") else ""
+        note += (f'<p class="lead">Embeddings: <code>{esc(prov["encoder"])}{esc(rev)}</code>, '
+                 f'{esc(prov.get("image_size", "?"))} px, {esc(prov.get("precision", ""))}.</p>')
+    stand_in = {e.doc.get("provenance", {}).get("encoder_stand_in") for e in entries} - {None, ""}
+    if stand_in:
+        note += (f'<p class="note">These embeddings come from a stand-in encoder ({esc(", ".join(sorted(stand_in)))}): '
+                 "the features describe it, not Zoobot.</p>")
+    body = f"""<p class="lead">Sparse dictionaries of galaxy image embeddings, side by side with a PCA baseline.
+Each feature's page shows the galaxies that excite it most, its activation histogram and the Galaxy
+Zoo answers it tracks. Results from <code>{esc(results)}</code>.</p>{note}
+<h2>Dictionaries</h2><div class="cards">{''.join(cards)}</div>
+{curve_html}
+{figs_html}
+<h2>How to read the numbers</h2><dl class="glossary">{gloss}</dl>
+"""
+    return page(cfg.title, [("atlas", None)], body, 0)
+
+
+def run(cfg: Config) -> str:
+    t0 = time.time()
+    out = cfg.output.rstrip("/")
+    names = [n for n in _subdirs(cfg.results) if not n.startswith(("_", ".")) and n != "compare"]
+    entries = [e for e in (load_entry(cfg.results, n, cfg) for n in names) if e is not None]
+    if not entries:
+        raise FileNotFoundError(f"{cfg.results}: no dictionary results found (run `galaxysae render` "
+                                "and `galaxysae compare` first)")
+    order = {"sae": 0, "matryoshka_sae": 1, "pca": 2}
+    entries.sort(key=lambda e: (order.get(e.doc["family"], 9), e.name))
+    for asset in ("atlas.css", "table.js"):
+        storage.write_bytes(storage.join(out, "assets", asset), (ASSETS / asset).read_bytes())
+    compare_dir = storage.join(cfg.results, "compare")
+    compare_plots = [posixpath.basename(u) for u in storage.listdir(compare_dir, ".png")]
+    compare_plots.sort(key=lambda p: (p != "distributions.png", p))
+    for p in compare_plots:
+        storage.write_bytes(storage.join(out, "compare", p), storage.read_bytes(storage.join(compare_dir, p)))
+    n_pages = 0
+    for e in entries:
+        folder = storage.join(cfg.results, e.name)
+        site = storage.join(out, e.name)
+        for f in sorted(e.grids):
+            _copy(storage.join(folder, "grids", f"feature_{f:05d}.png"), storage.join(site, "grids", f"feature_{f:05d}.png"))
+        for p in e.plots:
+            storage.write_bytes(storage.join(site, "plots", posixpath.basename(p)), storage.read_bytes(p))
+        storage.write_bytes(storage.join(site, "index.html"), table_page(e, cfg).encode())
+        alive = [r for r in e.features if r["frequency"] > 0 or int(r["feature"]) in e.grids]
+        for i, r in enumerate(alive):
+            prev_f = int(alive[i - 1]["feature"]) if i > 0 else None
+            next_f = int(alive[i + 1]["feature"]) if i + 1 < len(alive) else None
+            storage.write_bytes(storage.join(site, "f", f"{int(r['feature'])}.html"),
+                                feature_page(e, r, cfg, prev_f, next_f).encode())
+            n_pages += 1
+    index = storage.join(out, "index.html")
+    storage.write_bytes(index, index_page(entries, cfg.results, compare_plots, cfg).encode())
+    config.save(cfg, out, "atlas.toml")
+    log.info("atlas: %d dictionaries, %d feature pages in %.1f s", len(entries), n_pages, time.time() - t0)
+    where = index if storage.is_remote(index) else str(Path(index).resolve())
+    print(f"atlas: {where}")
+    return where

@@ -1,0 +1,256 @@
+# Data flow of `galaxysae embed`:
+#
+#   sources.resolve(--dataset)  -> parquet shards per split (hf:// snapshot, local dir, s3://)
+#   scan (driver)               -> id_str of every pending shard: row counts, duplicate check
+#   ray.data.read_parquet       -> id_str, image, path            (CPU tasks, in parallel)
+#   decode.decode_batch         -> pixels [N,3,S,S] float, reason (same CPU tasks, fused)
+#   encoder.EncodeBatch         -> embedding [N,D]                (actor pool, model loaded once)
+#   shard_writer (driver)      -> {output}/{split}/{shard}.parquet + {output}/_failures/...,
+#                                  each written atomically once every row of its shard is back
+#
+# A shard's output file is its completion marker: a rerun skips shards whose file exists, and a
+# run killed at any moment leaves only whole files, so a rerun ends with the same row set.
+"""`galaxysae embed`: Zoobot embeddings of every galaxy, streamed with Ray Data."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Literal
+
+from galaxysae import config, sources, storage
+from galaxysae.shard_writer import ShardWriter, scan_shards
+
+log = logging.getLogger("galaxysae.embed")
+
+
+@dataclass
+class Config:
+    """Embed every galaxy image of a dataset with a Zoobot-style encoder (Ray Data)."""
+
+    dataset: str = field(default="hf://datasets/mwalmsley/gz_euclid", metadata={
+        "help": "hf://datasets/OWNER/NAME[@REV], a local directory or an s3:// prefix (HF layout)"})
+    dataset_config: str = field(default="default", metadata={"help": "dataset config (default, tiny)"})
+    splits: list[str] = field(default_factory=lambda: ["train", "test"],
+                              metadata={"help": "splits to embed"})
+    output: str = field(default="embeddings", metadata={"help": "output directory or s3:// prefix"})
+    encoder: str = field(default="hf_hub:mwalmsley/zoobot-encoder-euclid", metadata={
+        "help": "timm name, hf_hub:OWNER/NAME or local-dir:PATH (PATH may be an s3:// prefix)"})
+    encoder_cache: str = field(default="", metadata={
+        "help": "local folder for encoders fetched from s3:// (default $GALAXYSAE_CACHE or "
+                "~/.cache/galaxysae)"})
+    pretrained: bool = field(default=True, metadata={
+        "help": "load trained weights (false: seeded random init, flagged as a stand-in)"})
+    image_size: int = field(default=224, metadata={"help": "pixels per side fed to the encoder"})
+    image_column: str = field(default="image", metadata={"help": "column holding the image"})
+    device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata={
+        "help": "auto: cuda when the cluster has GPUs"})
+    precision: Literal["auto", "fp32", "bf16"] = field(default="auto", metadata={
+        "help": "auto: bf16 autocast on CUDA, fp32 on CPU"})
+    batch_size: int = field(default=0, metadata={"help": "images per encoder batch (0: auto)"})
+    num_encoders: int = field(default=0, metadata={"help": "encoder actors (0: one per GPU, else 1)"})
+    encoder_cpus: float = field(default=0.0, metadata={
+        "help": "CPUs reserved per encoder actor (0: auto)"})
+    encoder_threads: int = field(default=0, metadata={
+        "help": "torch threads per encoder actor (0: auto, see embed.plan)"})
+    decode_cpus: float = field(default=0.0, metadata={"help": "CPUs per decode task (0: auto)"})
+    object_store_mib: int = field(default=0, metadata={
+        "help": "object store budget of the pipeline, MiB (0: auto, 512 per encoder on CPU, "
+                "2048 per GPU encoder): decoded images wait here, so it bounds memory"})
+    read_unit_bytes: int = field(default=1 << 20, metadata={
+        "help": "compressed parquet bytes per read task (smaller: finer streaming, more tasks)"})
+    decode_tasks: int = field(default=0, metadata={
+        "help": "most read+decode tasks at once: bounds decoded images held in memory (0: auto)"})
+    max_failure_fraction: float = field(default=0.01, metadata={
+        "help": "exit non-zero when more than this fraction of images fails to decode"})
+    overwrite: bool = field(default=False, metadata={"help": "redo shards whose output exists"})
+    progress_interval_s: float = field(default=30.0, metadata={
+        "help": "seconds between progress lines in the log"})
+
+    def validate(self) -> None:
+        if not self.splits:
+            raise ValueError("splits must name at least one split")
+        if self.image_size < 16:
+            raise ValueError(f"image_size must be >= 16, got {self.image_size}")
+        if self.read_unit_bytes < 1:
+            raise ValueError(f"read_unit_bytes must be >= 1, got {self.read_unit_bytes}")
+        if not 0.0 <= self.max_failure_fraction <= 1.0:
+            raise ValueError(f"max_failure_fraction must be in [0, 1], got {self.max_failure_fraction}")
+        for key in ("batch_size", "num_encoders", "encoder_cpus", "encoder_threads", "decode_cpus",
+                    "decode_tasks", "object_store_mib"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"{key} must be >= 0 (0 = auto), got {getattr(self, key)}")
+
+
+def plan(cfg: Config, nodes: list[dict]) -> Config:
+    """Fill the auto (0) settings from the resources of the cluster's alive nodes.
+
+    GPU: one encoder actor per GPU with 2 CPUs of host work each, 128-image batches, every other
+    CPU decoding. CPU only: one actor per node reserving all but one CPU (Ray Data's file-listing
+    tasks need one whole CPU: reserving them all would deadlock), with torch threads for every
+    CPU of the node, because decoding costs a few percent of a forward pass and a core left to
+    it would idle; decode tasks take a quarter CPU so several fit in the spare one.
+    """
+    cpus = [float(n.get("CPU", 0)) for n in nodes if n.get("CPU", 0) > 0] or [1.0]
+    gpus = sum(float(n.get("GPU", 0)) for n in nodes)
+    device = cfg.device
+    if device == "auto":
+        device = "cuda" if gpus >= 1 else "cpu"
+    c = dataclasses.replace(cfg, device=device)
+    if device == "cuda":
+        c.num_encoders = c.num_encoders or max(1, int(gpus))
+        c.encoder_cpus = c.encoder_cpus or 2.0
+        c.decode_cpus = c.decode_cpus or 1.0
+        c.batch_size = c.batch_size or 128
+        c.precision = "bf16" if c.precision == "auto" else c.precision
+        c.encoder_threads = c.encoder_threads or max(1, math.ceil(c.encoder_cpus))
+        spare = sum(cpus) - c.num_encoders * c.encoder_cpus
+        c.decode_tasks = c.decode_tasks or max(2, int(spare // c.decode_cpus))
+        c.object_store_mib = c.object_store_mib or 2048 * c.num_encoders
+    else:
+        node = max(cpus)
+        per_node = max(1, c.num_encoders // len(cpus)) if c.num_encoders else 1
+        c.num_encoders = c.num_encoders or len(cpus)
+        c.decode_cpus = c.decode_cpus or (0.25 if node <= 8 else 1.0)
+        c.encoder_cpus = c.encoder_cpus or max(1.0, (node - 1.0) / per_node)
+        c.batch_size = c.batch_size or 32
+        c.precision = "fp32" if c.precision == "auto" else c.precision
+        c.encoder_threads = c.encoder_threads or max(1, math.ceil(node / per_node))
+        # Decoding is ~20x cheaper than encoding on a CPU: two tasks per encoder keep it fed,
+        # and more would only pile decoded float images up in memory.
+        c.decode_tasks = c.decode_tasks or 2 * c.num_encoders
+        c.object_store_mib = c.object_store_mib or 512 * c.num_encoders
+    return c
+
+
+def _absolute(cfg: Config) -> Config:
+    """Workers run in other directories: local paths must be absolute before they travel."""
+    c = dataclasses.replace(cfg)
+    if not storage.is_remote(c.dataset):
+        c.dataset = os.path.abspath(c.dataset)
+    if not storage.is_remote(c.output):
+        c.output = os.path.abspath(c.output)
+    if c.encoder_cache:
+        c.encoder_cache = os.path.abspath(c.encoder_cache)
+    if c.encoder.startswith("local-dir:") and not storage.is_remote(c.encoder[len("local-dir:"):]):
+        c.encoder = "local-dir:" + os.path.abspath(c.encoder[len("local-dir:"):])
+    return c
+
+
+def build_dataset(cfg: Config, shards: list[sources.Shard], min_blocks: int = 1):
+    """The Ray Data pipeline over the pending shards: read -> decode -> encode."""
+    import ray.data
+
+    from galaxysae.decode import decode_batch
+    from galaxysae.encoder import EncodeBatch
+
+    # Ray Data's parquet reader bin-packs row groups into read tasks of up to 128 MiB of
+    # compressed bytes: for JPEGs that is thousands of images (30x more once decoded) in one
+    # block, and small shards all land in one task, committed together at the very end.
+    # Smaller read units keep memory flat and let shards finish one by one.
+    os.environ["RAY_DATA_PARQUET_BIN_PACKING_BYTES"] = str(cfg.read_unit_bytes)
+    fs, _ = storage.arrow_fs(shards[0].url)
+    paths = [storage.arrow_fs(s.url)[1] for s in shards]
+    # decode_tasks bounds read tasks too: each holds a block of images until it is decoded.
+    ds = ray.data.read_parquet(paths, filesystem=fs, include_paths=True, num_cpus=cfg.decode_cpus,
+                               override_num_blocks=max(len(paths), min_blocks),
+                               concurrency=cfg.decode_tasks or None)
+    # Only the columns we need leave the files (gz_euclid has ~150 label columns).
+    ds = ds.select_columns(["id_str", cfg.image_column, "path"])
+    ds = ds.map_batches(decode_batch, batch_size=cfg.batch_size, batch_format="pyarrow",
+                        num_cpus=cfg.decode_cpus, concurrency=cfg.decode_tasks or None,
+                        fn_kwargs={"image_size": cfg.image_size, "image_column": cfg.image_column})
+    return ds.map_batches(
+        EncodeBatch, batch_size=cfg.batch_size, batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=cfg.num_encoders),
+        num_cpus=cfg.encoder_cpus, num_gpus=1 if cfg.device == "cuda" else 0,
+        fn_constructor_kwargs={
+            "name": cfg.encoder, "pretrained": cfg.pretrained, "image_size": cfg.image_size,
+            "device": cfg.device, "precision": cfg.precision,
+            "threads": cfg.encoder_threads,
+            "localize": functools.partial(sources.localize_encoder, cache=cfg.encoder_cache or None),
+        })
+
+
+def run(cfg: Config) -> int:
+    from galaxysae import cluster, encoder
+
+    cfg = _absolute(cfg)
+    shards = sources.resolve(cfg.dataset, cfg.dataset_config, cfg.splits)
+    revision, _, stand_in = encoder.describe(
+        sources.localize_encoder(cfg.encoder, cfg.encoder_cache or None), cfg.pretrained)
+    if stand_in:
+        log.warning("STAND-IN ENCODER %s: %s", cfg.encoder, stand_in)
+    writer = ShardWriter(cfg.output, provenance={
+        "encoder": cfg.encoder, "encoder_revision": revision, "encoder_stand_in": stand_in,
+        "image_size": str(cfg.image_size), "source": config.redact(cfg.dataset),
+    })
+    pending = [s for s in shards if cfg.overwrite or not writer.done(s)]
+    skipped = len(shards) - len(pending)
+    # Every shard of a split is scanned (done ones too): a duplicate id_str anywhere in a split
+    # is an error before any work starts.
+    expected = scan_shards(shards, pending)
+    log.info("%d shards (%d to embed, %d already done), %d rows to embed", len(shards),
+             len(pending), skipped, sum(len(v) for v in expected.values()))
+
+    cluster.connect()
+    import ray
+
+    cfg = plan(cfg, [n["Resources"] for n in ray.nodes() if n.get("Alive")])
+    writer.provenance["precision"] = cfg.precision
+    config.save(cfg, cfg.output)
+    log.info("plan: device=%s precision=%s encoders=%d x (%.3g CPU, %d threads) batch=%d "
+             "decode=%d tasks x %.3g CPU", cfg.device, cfg.precision, cfg.num_encoders,
+             cfg.encoder_cpus, cfg.encoder_threads, cfg.batch_size, cfg.decode_tasks, cfg.decode_cpus)
+
+    todo = [s for s in pending if expected[s]]
+    stats = writer.stats
+    start = time.monotonic()
+    if todo:
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = sys.stderr.isatty()
+        ctx.execution_options.preserve_order = False
+        # Without a budget Ray Data lets decoded images (30x their JPEG size) queue up to a
+        # share of the whole object store in front of a slower encoder: memory would then grow
+        # with the input instead of staying flat.
+        ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(
+            object_store_memory=cfg.object_store_mib * 2**20)
+        writer.expect(todo, expected)
+        last = start
+        ds = build_dataset(cfg, todo, min_blocks=int(ray.cluster_resources().get("CPU", 1)))
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            writer.add(batch)
+            now = time.monotonic()
+            if now - last >= cfg.progress_interval_s:
+                last = now
+                log.info("progress: %d/%d rows (%d failed), %d/%d shards written, %.1f img/s",
+                         stats.rows_done, stats.rows_in, stats.failed, stats.shards_written,
+                         len(pending), stats.rows_done / max(now - start, 1e-9))
+        writer.finish()
+    empty = [s for s in pending if not expected[s]]
+    if empty and "width" not in writer.provenance:
+        _, info = encoder.load(sources.localize_encoder(cfg.encoder, cfg.encoder_cache or None),
+                               cfg.pretrained, cfg.image_size)
+        writer.provenance["width"] = str(info.width)
+    for s in empty:
+        writer.commit_empty(s)
+    elapsed = time.monotonic() - start
+    rate = stats.rows_done / elapsed if elapsed > 0 else 0.0
+    log.info("summary: rows in %d, embedded %d, failed %d, shards written %d, skipped shards %d "
+             "(already done), %.1f s, %.1f img/s", stats.rows_in, stats.embedded, stats.failed,
+             stats.shards_written, skipped, elapsed, rate)
+    if stand_in:
+        log.warning("these embeddings come from a STAND-IN encoder (%s)", stand_in)
+    fraction = stats.failed / stats.rows_in if stats.rows_in else 0.0
+    if fraction > cfg.max_failure_fraction:
+        log.error("%d of %d images (%.2f%%) failed to decode, more than max_failure_fraction=%g; "
+                  "see %s", stats.failed, stats.rows_in, 100 * fraction, cfg.max_failure_fraction,
+                  storage.join(cfg.output, "_failures"))
+        return 3
+    return 0

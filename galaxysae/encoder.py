@@ -1,0 +1,181 @@
+"""The image encoder: any timm model with its classifier removed, as a pure torch module.
+
+Names: a timm architecture (``convnext_nano``), a Hub repo (``hf_hub:mwalmsley/zoobot-encoder-euclid``)
+or a local folder (``local-dir:/path/to/encoder`` holding timm's ``config.json`` and weights).
+The output width is read from the model. A folder or repo whose ``config.json`` carries the
+marker key ``galaxysae_stand_in`` is a stand-in for real weights: loading it warns loudly and the
+marker travels into every output's provenance. No Ray and no storage code here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+__all__ = ["EncoderInfo", "describe", "load", "embed", "resolve_device", "resolve_precision", "EncodeBatch"]
+
+STAND_IN_KEY = "galaxysae_stand_in"
+STAGE_FILE = "galaxysae_stage.json"  # written by `galaxysae stage` beside a copied encoder
+
+
+@dataclass
+class EncoderInfo:
+    """Provenance of a loaded encoder (recorded in every embeddings file)."""
+
+    name: str
+    revision: str
+    width: int
+    stand_in: str  # "" for real weights, else why they are not real
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _hub_snapshot(repo: str) -> tuple[Path | None, str]:
+    """(snapshot folder, revision) of a Hub model repo; works offline from the cache."""
+    from huggingface_hub import snapshot_download
+
+    repo_id, _, revision = repo.partition("@")
+    try:
+        path = Path(snapshot_download(repo_id, revision=revision or None,
+                                      allow_patterns=["config.json", "*.md"]))
+    except Exception as exc:  # noqa: BLE001 - timm will raise the real error when loading
+        log.debug("could not resolve %s through huggingface_hub: %s", repo_id, type(exc).__name__)
+        return None, revision or "unknown"
+    return path, path.name
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def describe(name: str, pretrained: bool = True) -> tuple[str, dict, str]:
+    """(revision, config.json contents, stand-in text) for an encoder name, before loading."""
+    if name.startswith("hf_hub:"):
+        folder, revision = _hub_snapshot(name[len("hf_hub:"):])
+        cfg = _read_json(folder / "config.json") if folder else {}
+    elif name.startswith("local-dir:"):
+        folder = Path(name[len("local-dir:"):])
+        if not folder.is_dir():
+            raise FileNotFoundError(f"encoder {name}: folder {folder} does not exist")
+        cfg = _read_json(folder / "config.json")
+        staged = _read_json(folder / STAGE_FILE)
+        revision = staged.get("revision") or "local"
+        if staged.get("source"):
+            revision = f"{staged['source']}@{revision}"
+    else:
+        cfg, revision = {}, "timm-" + __import__("timm").__version__
+    stand_in = str(cfg.get(STAND_IN_KEY) or "")
+    if not pretrained and not stand_in:
+        stand_in = f"randomly initialised {name} (pretrained=false), NOT trained weights"
+    return revision, cfg, stand_in
+
+
+def load(name: str, pretrained: bool = True, image_size: int = 224,
+         device: str = "cpu", seed: int = 0):
+    """Load an encoder -> (model in eval mode on ``device``, :class:`EncoderInfo`).
+
+    The model maps float images [B, 3, H, W] in [0, 1] to embeddings [B, width].
+    ``pretrained=False`` gives a seeded random init (tests, benchmarks), flagged as a stand-in.
+    """
+    import timm
+    import torch
+
+    revision, _, stand_in = describe(name, pretrained)
+    if not pretrained:
+        torch.manual_seed(seed)
+    try:
+        model = timm.create_model(name, pretrained=pretrained, num_classes=0)
+    except Exception as exc:
+        offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+        hint = (" (HF_HUB_OFFLINE is set: stage the encoder with `galaxysae stage` or use "
+                "local-dir:PATH)") if offline else ""
+        raise RuntimeError(f"cannot load encoder {name!r}: {type(exc).__name__}: {exc}{hint}") from None
+    model.eval().to(device)
+    with torch.inference_mode():
+        probe = torch.zeros(1, 3, image_size, image_size, device=device)
+        width = int(model(probe).shape[-1])
+    if stand_in:
+        log.warning("ENCODER %s IS A STAND-IN: %s. Embeddings from it are not Zoobot's; "
+                    "the flag is recorded in every output file.", name, stand_in)
+    return model, EncoderInfo(name=name, revision=revision, width=width, stand_in=stand_in)
+
+
+def resolve_device(device: str = "auto") -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' asked for, but torch sees no CUDA device")
+    return device
+
+
+def resolve_precision(precision: str, device: str) -> str:
+    """"auto" -> bf16 on CUDA, fp32 on CPU (bf16 on CPU only when asked: it changes the numbers)."""
+    if precision == "auto":
+        return "bf16" if device.startswith("cuda") else "fp32"
+    return precision
+
+
+def embed(model, pixels, device: str = "cpu", precision: str = "fp32"):
+    """One forward pass: float32 [B, 3, S, S] (numpy or tensor, in [0, 1]) -> float32 [B, D] numpy."""
+    import torch
+
+    x = torch.as_tensor(np.require(pixels, requirements="W"))  # object-store views are read-only
+    cuda = device.startswith("cuda")
+    if cuda:
+        # Pinned host memory lets the copy overlap with the previous batch's kernels.
+        x = x.pin_memory().to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        if precision == "bf16":
+            with torch.autocast(device_type="cuda" if cuda else "cpu", dtype=torch.bfloat16):
+                out = model(x)
+        else:
+            out = model(x)
+    return out.float().cpu().numpy()
+
+
+class EncodeBatch:
+    """Ray Data callable class: loads the encoder once per actor, then embeds batches.
+
+    In: ``id_str``, ``path``, ``reason``, ``pixels`` [N, 3, S, S] (from ``decode.decode_batch``).
+    Out: ``id_str``, ``path``, ``reason`` and ``embedding`` float32 [N, D]; rows whose decode
+    failed are not encoded and keep NaN embeddings, dropped by the writer.
+    """
+
+    def __init__(self, name: str, pretrained: bool = True, image_size: int = 224,
+                 device: str = "auto", precision: str = "auto", threads: int = 0,
+                 localize: Optional[Callable[[str], str]] = None):
+        import torch
+
+        if threads > 0:
+            torch.set_num_threads(threads)
+        self.device = resolve_device(device)
+        self.precision = resolve_precision(precision, self.device)
+        if localize is not None:
+            name = localize(name)  # e.g. an s3://-staged encoder fetched to a local cache
+        self.model, self.info = load(name, pretrained=pretrained, image_size=image_size,
+                                     device=self.device)
+        if self.device.startswith("cuda"):
+            self.model = self.model.to(memory_format=torch.channels_last)
+
+    def __call__(self, batch: dict) -> dict:
+        reason = batch["reason"]
+        ok = np.asarray([r == "" for r in reason], dtype=bool)
+        out = np.full((len(reason), self.info.width), np.nan, dtype=np.float32)
+        if ok.any():
+            pixels = batch["pixels"] if ok.all() else batch["pixels"][ok]
+            out[ok] = embed(self.model, np.ascontiguousarray(pixels), self.device, self.precision)
+        return {"id_str": batch["id_str"], "path": batch["path"], "reason": reason, "embedding": out}

@@ -1,0 +1,285 @@
+"""Job ``render``: for chosen features, a PNG grid of the galaxies that excite them most.
+
+Data flow::
+
+    dictionary artifact + {embeddings}/{split}  --activations (Ray Data, cached)-->  top-N ids per feature
+    dataset shards --image index (id_str -> shard, row; built once)--> Ray tasks, one per shard:
+        read only the needed row groups, decode, make thumbnails (bad images recorded, not blanked)
+    --> Ray tasks, one per chunk of features: compose grids
+    --> {results}/{name}/grids/feature_NNNNN.png (atomic; a rerun skips finished grids)
+
+``name`` is ``sae``, ``matryoshka_sae`` or ``pca`` by default (the original code's folders).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+
+from galaxysae import config, storage
+
+log = logging.getLogger(__name__)
+
+GAP, HEADER = 4, 34
+
+
+@dataclass
+class Config:
+    """Grids of each feature's most exciting galaxies, for SAE features and principal components."""
+
+    dictionaries: list[str] = field(default_factory=list, metadata={"help": "artifact dirs (SAE or PCA), local or s3://"})
+    embeddings: str = field(default="", metadata={"help": "embed output (dir or s3:// prefix)"})
+    dataset: str = field(default="", metadata={"help": "dataset the images come from (dir, s3:// or hf://datasets/...)"})
+    split: str = field(default="test", metadata={"help": "split whose galaxies are ranked"})
+    results: str = field(default="results", metadata={"help": "results root (local or s3://)"})
+    names: list[str] = field(default_factory=list, metadata={"help": "results folder per dictionary (default: sae/matryoshka_sae/pca)"})
+    features: list[int] = field(default_factory=list, metadata={"help": "feature ids to render (overrides 'select')"})
+    select: Literal["frequent", "all", "first"] = field(default="frequent", metadata={"help": "which features: most frequent, all, or the first n_features"})
+    n_features: int = field(default=64, metadata={"help": "how many features 'frequent'/'first' pick"})
+    top_n: int = field(default=30, metadata={"help": "galaxies per grid"})
+    columns: int = field(default=6, metadata={"help": "galaxies per grid row"})
+    tile: int = field(default=128, metadata={"help": "thumbnail size in pixels"})
+    features_per_task: int = field(default=16, metadata={"help": "grids composed by one Ray task"})
+    batch_size: int = field(default=1024, metadata={"help": "embeddings per encode batch"})
+    actors: int = field(default=1, metadata={"help": "encode actors (activations)"})
+    cpus_per_actor: int = field(default=1, metadata={"help": "CPUs (torch threads) per encode actor"})
+    overwrite: bool = field(default=False, metadata={"help": "redo grids and activations that exist"})
+
+    def validate(self) -> None:
+        for key in ("embeddings", "dataset"):
+            if not getattr(self, key):
+                raise ValueError(f"key '{key}' is required")
+        if not self.dictionaries:
+            raise ValueError("key 'dictionaries' needs at least one artifact directory")
+        if self.names and len(self.names) != len(self.dictionaries):
+            raise ValueError(f"key 'names' has {len(self.names)} entries for {len(self.dictionaries)} dictionaries")
+        for key in ("n_features", "top_n", "columns", "tile", "features_per_task"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"key '{key}' must be >= 1, got {getattr(self, key)}")
+
+
+# ----------------------------------------------------------------------------- shared with compare
+
+
+def folder_names(dicts, names: list[str] | None = None) -> list[str]:
+    """Results folder per dictionary: the family name, made unique with the artifact's name."""
+    if names:
+        return list(names)
+    fams = [d.family for d in dicts]
+    return [f if fams.count(f) == 1 else f"{f}-{d.name}" for f, d in zip(fams, dicts)]
+
+
+def provenance(embeddings: str, split: str) -> dict:
+    """Encoder provenance the embed job wrote into the embeddings' parquet metadata."""
+    import pyarrow.parquet as pq
+
+    from galaxysae.activations import embedding_files
+
+    fs, path = storage.arrow_fs(embedding_files(embeddings, split)[0])
+    meta = pq.read_schema(path, filesystem=fs).metadata or {}
+    keys = ("encoder", "encoder_revision", "encoder_stand_in", "image_size", "precision", "code_version")
+    return {k: meta[k.encode()].decode("utf-8", "replace") for k in keys if k.encode() in meta}
+
+
+def write_summary(d, folder_url: str, split: str, n_galaxies: int, embeddings: str) -> None:
+    """``dictionary.json``: what the atlas needs to present a dictionary, beside its results."""
+    doc = {"name": folder_url.rstrip("/").rsplit("/", 1)[-1], "url": d.url, "kind": d.kind,
+           "family": d.family, "n_latents": d.n_latents, "d_in": d.d_in, "levels": d.levels,
+           "split": split, "n_galaxies": n_galaxies, "cfg": d.cfg, "metrics": d.metrics,
+           "embeddings": embeddings, "provenance": provenance(embeddings, split)}
+    storage.write_bytes(storage.join(folder_url, "dictionary.json"), json.dumps(doc, indent=1).encode())
+    # the artifact's own plots (PCA explained variance, SAE training curves) travel with it
+    for url in storage.listdir(d.url, ".png"):
+        target = storage.join(folder_url, "plots", url.rstrip("/").rsplit("/", 1)[-1])
+        if not storage.exists(target):
+            storage.write_bytes(target, storage.read_bytes(url))
+
+
+def activations_for(d, folder_url: str, cfg) -> "object":
+    from galaxysae import activations
+
+    return activations.compute(
+        d, cfg.embeddings, cfg.split, storage.join(folder_url, "activations", cfg.split),
+        top_n=max(cfg.top_n, 30) if hasattr(cfg, "top_n") else 30, batch_size=cfg.batch_size,
+        actors=cfg.actors, cpus_per_actor=cfg.cpus_per_actor, overwrite=cfg.overwrite)
+
+
+# ----------------------------------------------------------------------------- drawing
+
+
+def grid_size(top_n: int, columns: int, tile: int) -> tuple[int, int]:
+    """(width, height) in pixels of a grid of ``top_n`` thumbnails, ``columns`` per row."""
+    rows = math.ceil(top_n / columns)
+    return columns * tile + (columns + 1) * GAP, HEADER + rows * tile + (rows + 1) * GAP
+
+
+def _font(size: int):
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # pragma: no cover - Pillow built without FreeType
+        return ImageFont.load_default()
+
+
+def thumbnail(data: bytes, tile: int) -> bytes:
+    """Encoded image -> a ``tile`` x ``tile`` PNG (aspect kept, centred). Raises on a bad image."""
+    from PIL import Image, ImageOps
+
+    with Image.open(io.BytesIO(data)) as img:
+        img.load()
+        img = ImageOps.exif_transpose(img)
+        if img.mode not in ("RGB", "L"):
+            img = img.convert("RGBA") if "A" in img.getbands() else img.convert("RGB")
+        img = img.convert("RGB")
+        img.thumbnail((tile, tile), Image.Resampling.BILINEAR)
+        canvas = Image.new("RGB", (tile, tile), (0, 0, 0))
+        canvas.paste(img, ((tile - img.width) // 2, (tile - img.height) // 2))
+    buf = io.BytesIO()
+    canvas.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def draw_grid(title: str, items: list[tuple[str, float]], thumbs: dict[str, bytes],
+              failures: dict[str, str], top_n: int, columns: int, tile: int) -> bytes:
+    """One grid PNG: a title bar, then ``top_n`` slots (rank and activation on each thumbnail)."""
+    from PIL import Image, ImageDraw
+
+    w, h = grid_size(top_n, columns, tile)
+    img = Image.new("RGB", (w, h), (24, 26, 33))
+    draw = ImageDraw.Draw(img)
+    draw.text((GAP + 2, 8), title, fill=(235, 235, 240), font=_font(16))
+    small = _font(max(10, tile // 11))
+    for slot in range(top_n):
+        r, c = divmod(slot, columns)
+        x, y = GAP + c * (tile + GAP), HEADER + GAP + r * (tile + GAP)
+        if slot >= len(items):
+            draw.rectangle([x, y, x + tile - 1, y + tile - 1], outline=(60, 62, 70))
+            continue
+        id_str, value = items[slot]
+        if id_str in thumbs:
+            with Image.open(io.BytesIO(thumbs[id_str])) as t:
+                img.paste(t.convert("RGB"), (x, y))
+        else:
+            # never a silent blank: the slot says the image could not be read
+            draw.rectangle([x, y, x + tile - 1, y + tile - 1], fill=(70, 20, 24))
+            draw.text((x + 6, y + tile // 2 - 8), "unreadable image", fill=(255, 180, 180), font=small)
+            draw.text((x + 6, y + tile // 2 + 6), failures.get(id_str, "")[:24], fill=(255, 180, 180), font=small)
+        label = f"#{slot + 1}  {value:.3g}"
+        box = draw.textbbox((x + 3, y + 2), label, font=small)
+        draw.rectangle([box[0] - 2, box[1] - 1, box[2] + 2, box[3] + 1], fill=(0, 0, 0))
+        draw.text((x + 3, y + 2), label, fill=(255, 214, 102), font=small)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", optimize=False)
+    return buf.getvalue()
+
+
+def grid_url(folder_url: str, feature: int) -> str:
+    return storage.join(folder_url, "grids", f"feature_{feature:05d}.png")
+
+
+# ----------------------------------------------------------------------------- Ray tasks
+
+
+def _thumbs_task(shard: str, rows: list[tuple[int, str]], tile: int):
+    """(thumbnails {id: png}, failures {id: reason}) for rows of one shard."""
+    from galaxysae.image_index import read_rows
+
+    raw = read_rows(shard, rows)
+    thumbs, failures = {}, {}
+    for id_str, data in raw.items():
+        try:
+            thumbs[id_str] = thumbnail(data, tile)
+        except Exception as exc:  # noqa: BLE001 - any decoder error is a bad image, recorded
+            failures[id_str] = f"{type(exc).__name__}: {exc}"[:200]
+    return thumbs, failures
+
+
+def _grids_task(jobs: list[dict], thumbs: dict, failures: dict, top_n: int, columns: int, tile: int) -> list[int]:
+    done = []
+    for job in jobs:
+        png = draw_grid(job["title"], job["items"], thumbs, failures, top_n, columns, tile)
+        storage.write_bytes(job["url"], png)
+        done.append(job["feature"])
+    return done
+
+
+def select_features(stats, kind: str, cfg: Config) -> list[int]:
+    n = stats.num_rows
+    if cfg.features:
+        bad = [f for f in cfg.features if not 0 <= f < n]
+        if bad:
+            raise ValueError(f"key 'features': ids {bad} are outside 0..{n - 1}")
+        return list(dict.fromkeys(int(f) for f in cfg.features))
+    if cfg.select == "all":
+        return list(range(n))
+    if cfg.select == "first" or kind == "pca":
+        # principal components are already ordered by explained variance
+        return list(range(min(cfg.n_features, n)))
+    freq = stats.column("frequency").to_numpy()
+    order = np.argsort(-freq, kind="stable")
+    return [int(f) for f in order[: cfg.n_features] if freq[f] > 0]
+
+
+def _title(d, f: int, row: dict) -> str:
+    if d.kind == "pca":
+        return f"{d.name} · principal component {f + 1} (feature {f}) · max score {row['max']:.3g}"
+    lvl = f" · level {row['level']}" if len(d.levels) > 1 else ""
+    return f"{d.name} · feature {f}{lvl} · active in {row['frequency']:.1%} · max {row['max']:.3g}"
+
+
+def run(cfg: Config) -> dict:
+    import ray
+
+    from galaxysae import cluster, dictionary, image_index
+
+    t0 = time.time()
+    cluster.connect()
+    dicts = [dictionary.load(u) for u in cfg.dictionaries]
+    index = image_index.load_or_build(cfg.dataset, cfg.split,
+                                      storage.join(cfg.results, "_image_index", f"{cfg.split}.parquet"))
+    thumbs_remote = ray.remote(num_cpus=1)(_thumbs_task)
+    grids_remote = ray.remote(num_cpus=1)(_grids_task)
+    summary: dict = {}
+    for d, name in zip(dicts, folder_names(dicts, cfg.names)):
+        folder = storage.join(cfg.results, name)
+        acts = activations_for(d, folder, cfg)
+        write_summary(d, folder, cfg.split, acts.n_galaxies, cfg.embeddings)
+        stats = acts.features.to_pylist()
+        chosen = select_features(acts.features, d.kind, cfg)
+        todo = [f for f in chosen if cfg.overwrite or not storage.exists(grid_url(folder, f))]
+        jobs = [{"feature": f, "url": grid_url(folder, f), "title": _title(d, f, stats[f]),
+                 "items": list(zip(stats[f]["top_ids"][: cfg.top_n], stats[f]["top_values"][: cfg.top_n]))}
+                for f in todo]
+        needed = {i for j in jobs for i, _ in j["items"]}
+        thumbs: dict[str, bytes] = {}
+        failures: dict[str, str] = {}
+        for t, fl in ray.get([thumbs_remote.remote(shard, rows, cfg.tile)
+                              for shard, rows in index.by_shard(sorted(needed)).items()]):
+            thumbs.update(t)
+            failures.update(fl)
+        if failures:
+            rows = [{"id_str": i, "shard": index.locate(i)[0], "reason": r} for i, r in sorted(failures.items())]
+            storage.write_bytes(storage.join(folder, "render_failures.json"), json.dumps(rows, indent=1).encode())
+            log.warning("%s: %d images could not be decoded (listed in %s/render_failures.json): %s",
+                        name, len(rows), folder, ", ".join(r["id_str"] for r in rows[:5]))
+        thumbs_ref, failures_ref = ray.put(thumbs), ray.put(failures)
+        chunks = [jobs[i:i + cfg.features_per_task] for i in range(0, len(jobs), cfg.features_per_task)]
+        done = sum(ray.get([grids_remote.remote(c, thumbs_ref, failures_ref, cfg.top_n, cfg.columns, cfg.tile)
+                            for c in chunks]), [])
+        summary[name] = {"rendered": len(done), "skipped": len(chosen) - len(todo), "features": chosen,
+                         "failed_images": len(failures)}
+        storage.write_bytes(storage.join(folder, "grids", "_rendered.json"),
+                            json.dumps({"features": chosen, "top_n": cfg.top_n}, indent=1).encode())
+        log.info("%s: %d grids rendered, %d already done -> %s/grids", name, len(done),
+                 len(chosen) - len(todo), folder)
+    config.save(cfg, cfg.results, "render.toml")
+    log.info("render finished in %.1f s", time.time() - t0)
+    return summary

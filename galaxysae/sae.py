@@ -1,0 +1,530 @@
+"""Sparse autoencoders in pure torch: TopK, BatchTopK and Matryoshka as options of one module.
+
+Shapes: B samples, D = ``d_in`` embedding width, M = ``n_latents``, k active latents per sample,
+L Matryoshka levels (nested prefixes of the dictionary).
+
+The model takes RAW embeddings: per-dimension standardisation statistics (``mean``, ``std``) are
+buffers stored in the artifact, so ``encode(x_raw)`` needs nothing but the artifact. Losses are
+measured in the standardised space, where every embedding dimension weighs the same.
+
+Training path (``forward``) is sparse end to end:
+- the encoder pre-activations ``pre[B, M]`` are one dense matmul without autograd; the latents
+  chosen (top-k, the 4k of the multi-k loss, the aux-k dead latents) are gathered through
+  ``_SparseEncode``, whose backward touches only the chosen entries (a CSR matmul instead of a
+  dense ``[M, B] @ [B, D]``);
+- decoding is ``embedding_bag`` over the chosen latents (``B*k*D`` work instead of ``B*M*D``), and
+  Matryoshka levels are bags of (sample, level) summed then prefix-summed over levels.
+``forward(x, dense=True)`` is the plain dense reference of the same maths (tests check equality).
+
+No Ray, no storage: ``save``/``load`` write local directories; an ``s3://`` URL is handed to
+``galaxysae.storage`` imported only then, so loading an artifact needs no training code.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from dataclasses import asdict, dataclass, field, fields
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["SAEConfig", "SparseAutoencoder", "Output", "fvu"]
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class SAEConfig:
+    """Everything needed to rebuild a model (written as ``cfg.json``)."""
+
+    d_in: int
+    n_latents: int
+    k: int
+    activation: str = "topk"  # "topk" (per sample) or "batchtopk" (k*B over the batch)
+    matryoshka_groups: list[int] = field(default_factory=list)  # sizes summing to n_latents
+    matryoshka_weights: list[float] = field(default_factory=list)  # per level; empty = equal
+    aux_k: int = 0  # dead latents used by the AuxK loss; 0 = off
+    aux_coeff: float = 0.0
+    dead_steps: int = 256  # a latent is dead after this many training steps without firing
+    multik: int = 0  # the multi-k auxiliary reconstruction with this many latents; 0 = off
+    multik_coeff: float = 0.0
+    l1_coeff: float = 0.0
+    threshold_decay: float = 0.99  # EMA of the BatchTopK inference threshold
+
+    def __post_init__(self) -> None:
+        self.matryoshka_groups = [int(g) for g in self.matryoshka_groups]
+        self.matryoshka_weights = [float(w) for w in self.matryoshka_weights]
+        self.validate()
+
+    def validate(self) -> None:
+        if self.activation not in ("topk", "batchtopk"):
+            raise ValueError(f"activation must be 'topk' or 'batchtopk', got {self.activation!r}")
+        if self.d_in <= 0 or self.n_latents <= 0:
+            raise ValueError(f"d_in and n_latents must be positive, got {self.d_in}, {self.n_latents}")
+        if not 0 < self.k <= self.n_latents:
+            raise ValueError(f"k must be in 1..n_latents={self.n_latents}, got {self.k}")
+        if self.matryoshka_groups:
+            if any(g <= 0 for g in self.matryoshka_groups):
+                raise ValueError(f"matryoshka_groups must be positive, got {self.matryoshka_groups}")
+            if sum(self.matryoshka_groups) != self.n_latents:
+                raise ValueError(
+                    f"matryoshka_groups {self.matryoshka_groups} sum to {sum(self.matryoshka_groups)}"
+                    f", not n_latents={self.n_latents}")
+        if self.matryoshka_weights and len(self.matryoshka_weights) != self.n_levels:
+            raise ValueError(f"matryoshka_weights has {len(self.matryoshka_weights)} entries for "
+                             f"{self.n_levels} levels")
+        if self.multik and not self.k <= self.multik <= self.n_latents:
+            raise ValueError(f"multik must be in k..n_latents, got {self.multik}")
+        if self.multik and self.activation != "topk":
+            raise ValueError("multik applies to activation='topk' only")
+        if not 0 <= self.aux_k <= self.n_latents:
+            raise ValueError(f"aux_k must be in 0..n_latents, got {self.aux_k}")
+
+    @property
+    def n_levels(self) -> int:
+        return max(1, len(self.matryoshka_groups))
+
+    @property
+    def level_ends(self) -> list[int]:
+        """Dictionary size of each nested level, e.g. [64, 128, 256, 512, 1024, 2048]."""
+        if not self.matryoshka_groups:
+            return [self.n_latents]
+        out, total = [], 0
+        for g in self.matryoshka_groups:
+            total += g
+            out.append(total)
+        return out
+
+    def to_json(self) -> dict:
+        return {"kind": "sae", "format_version": FORMAT_VERSION, **asdict(self)}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "SAEConfig":
+        if data.get("kind") != "sae":
+            raise ValueError(f"cfg.json: kind is {data.get('kind')!r}, expected 'sae'")
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - names - {"kind", "format_version"})
+        if unknown:
+            raise ValueError(f"cfg.json: unknown keys {unknown}")
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+class Output(NamedTuple):
+    """Loss terms of one training batch (scalars unless noted)."""
+
+    loss: Tensor
+    recon: Tensor  # MSE of the full reconstruction (standardised space)
+    level_mse: Tensor  # [L] MSE of each nested prefix (L = 1 without Matryoshka)
+    multik: Tensor
+    aux: Tensor
+    l1: Tensor
+    l0: Tensor  # mean active latents per sample
+    x_hat: Tensor  # [B, D] full reconstruction, standardised space
+
+
+def fvu(x: Tensor, x_hat: Tensor) -> Tensor:
+    """Fraction of variance unexplained, 1 - R^2 pooled over dims; x, x_hat: [N, D]."""
+    resid = (x - x_hat).pow(2).sum()
+    total = (x - x.mean(0, keepdim=True)).pow(2).sum().clamp_min(1e-12)
+    return resid / total
+
+
+class _SparseEncode(torch.autograd.Function):
+    """vals[n] = pre[rows[n], cols[n]] with pre = (z - b_pre) @ W_enc^T + b_enc, given ``pre``.
+
+    The forward reuses the dense ``pre`` computed without autograd; the backward only touches the
+    N chosen entries: grad W_enc = G^T z as a sparse CSR [B, M] matmul, grad b_enc a bincount,
+    grad b_pre = -(column sums of G) @ W_enc.
+    """
+
+    @staticmethod
+    def forward(ctx, pre, z, b_pre, w_enc, b_enc, rows, cols, crow):  # noqa: D401
+        ctx.save_for_backward(z, b_pre, w_enc, rows, cols, crow)
+        return pre[rows, cols]
+
+    @staticmethod
+    def backward(ctx, g):
+        z, b_pre, w_enc, rows, cols, crow = ctx.saved_tensors
+        B, M = z.shape[0], w_enc.shape[0]
+        g = g.contiguous()
+        col_sum = torch.zeros(M, dtype=g.dtype, device=g.device).index_add_(0, cols, g)
+        grad_w = grad_b_pre = None
+        if ctx.needs_input_grad[3]:
+            with warnings.catch_warnings():  # "CSR is beta": the one op used here is tested
+                warnings.simplefilter("ignore", UserWarning)
+                G = torch.sparse_csr_tensor(crow, cols, g, (B, M), check_invariants=False)
+            # (z - b_pre) folded in: G^T z - col_sum outer b_pre.
+            grad_w = (G.t() @ z) - col_sum[:, None] * b_pre[None, :]
+        if ctx.needs_input_grad[2]:
+            grad_b_pre = -(col_sum @ w_enc)
+        grad_b_enc = col_sum if ctx.needs_input_grad[4] else None
+        return None, None, grad_b_pre, grad_w, grad_b_enc, None, None, None
+
+
+class _SparseDecode(torch.autograd.Function):
+    """out[j] = sum over entries n of bag j of vals[n] * W[cols[n]]: [n_bags, D].
+
+    Entries are grouped by bag (``bags`` sorted, ``ptr`` [n_bags + 1] its CSR row pointer). The
+    forward is ``embedding_bag``; the backward avoids its slow dense-gradient path: grad W is a
+    CSR [M, n_bags] matmul with the output gradient, grad vals a sampled matmul (SDDMM) that
+    only computes the N needed dot products.
+    """
+
+    @staticmethod
+    def forward(ctx, vals, w, bags, cols, ptr):  # noqa: D401
+        ctx.save_for_backward(vals, w, bags, cols, ptr)
+        return F.embedding_bag(cols, w, ptr, mode="sum", per_sample_weights=vals,
+                               include_last_offset=True)
+
+    @staticmethod
+    def backward(ctx, g):
+        vals, w, bags, cols, ptr = ctx.saved_tensors
+        g = g.contiguous()
+        n_bags, M = ptr.numel() - 1, w.shape[0]
+        grad_vals = grad_w = None
+        with warnings.catch_warnings():  # "CSR is beta": the ops used here are tested
+            warnings.simplefilter("ignore", UserWarning)
+            if ctx.needs_input_grad[1]:
+                G = torch.sparse_csr_tensor(ptr, cols, vals, (n_bags, M), check_invariants=False)
+                grad_w = G.t() @ g
+            if ctx.needs_input_grad[0]:
+                mask = torch.sparse_csr_tensor(ptr, cols, torch.ones_like(vals), (n_bags, M),
+                                               check_invariants=False)
+                grad_vals = torch.sparse.sampled_addmm(mask, g, w.t(), beta=0.0).values()
+        return grad_vals, grad_w, None, None, None
+
+
+class SparseAutoencoder(nn.Module):
+    """TopK / BatchTopK / Matryoshka sparse autoencoder on raw embeddings x[B, D]."""
+
+    def __init__(self, cfg: SAEConfig):
+        super().__init__()
+        self.cfg = cfg
+        D, M = cfg.d_in, cfg.n_latents
+        w_dec = torch.randn(M, D)
+        w_dec = w_dec / w_dec.norm(dim=1, keepdim=True)
+        self.W_dec = nn.Parameter(w_dec)  # [M, D], unit-norm rows
+        self.W_enc = nn.Parameter(w_dec.clone())  # [M, D], tied init: encoder = decoder^T
+        self.b_enc = nn.Parameter(torch.zeros(M))
+        self.b_pre = nn.Parameter(torch.zeros(D))  # input bias, standardised space
+        self.register_buffer("mean", torch.zeros(D))
+        self.register_buffer("std", torch.ones(D))
+        self.register_buffer("threshold", torch.zeros(()))  # BatchTopK inference threshold
+        self.register_buffer("threshold_updates", torch.zeros((), dtype=torch.long))
+        self.register_buffer("steps_since_active", torch.zeros(M, dtype=torch.long))
+        self.register_buffer("level_ends", torch.tensor(cfg.level_ends, dtype=torch.long))
+        w = cfg.matryoshka_weights or [1.0] * cfg.n_levels
+        self.register_buffer("level_weights", torch.tensor(w) / sum(w))
+        self._aux_step, self._aux_until, self._aux_k = 0, 0, cfg.aux_k  # see _aux_k_now
+
+    # ------------------------------------------------------------------ properties and init
+
+    @property
+    def d_in(self) -> int:
+        return self.cfg.d_in
+
+    @property
+    def n_latents(self) -> int:
+        return self.cfg.n_latents
+
+    @torch.no_grad()
+    def init_from_data(self, x: Tensor, b_pre: str = "median", standardize: bool = True) -> None:
+        """Standardisation stats and input bias from a sample of raw embeddings x[N, D]."""
+        x = x.to(self.mean.device, torch.float32)
+        if standardize:
+            self.mean.copy_(x.mean(0))
+            self.std.copy_(x.std(0).clamp_min(1e-6))
+        z = self.standardize(x)
+        if b_pre == "median":
+            self.b_pre.copy_(z.median(0).values)
+        elif b_pre == "geometric_median":
+            self.b_pre.copy_(_geometric_median(z))
+        elif b_pre == "mean":
+            self.b_pre.copy_(z.mean(0))
+        elif b_pre == "zero":
+            self.b_pre.zero_()
+        else:
+            raise ValueError(f"b_pre init must be median, geometric_median, mean or zero, got {b_pre!r}")
+
+    def standardize(self, x: Tensor) -> Tensor:
+        """Raw x[B, D] -> standardised z[B, D]."""
+        return (x.to(self.mean.dtype) - self.mean) / self.std
+
+    def destandardize(self, z: Tensor) -> Tensor:
+        return z * self.std + self.mean
+
+    # ------------------------------------------------------------------ inference API
+
+    def pre_acts(self, x: Tensor) -> Tensor:
+        """Raw x[B, D] -> encoder pre-activations [B, M]."""
+        return torch.addmm(self.b_enc, self.standardize(x) - self.b_pre, self.W_enc.t())
+
+    def encode(self, x: Tensor) -> Tensor:
+        """Raw embeddings x[B, D] -> codes[B, M] (non-negative; about k non-zero per sample).
+
+        ``topk`` keeps each sample's k largest; ``batchtopk`` keeps pre-activations above the
+        learned threshold, so a sample's code never depends on the rest of its batch.
+        """
+        pre = self.pre_acts(x)
+        if self.cfg.activation == "batchtopk":
+            return torch.where(pre > self.threshold.clamp_min(0), pre, torch.zeros_like(pre))
+        vals, idx = pre.topk(self.cfg.k, dim=-1)
+        return torch.zeros_like(pre).scatter_(-1, idx, vals.clamp_min(0))
+
+    def decode(self, codes: Tensor, level: Optional[int] = None) -> Tensor:
+        """codes[B, M] -> raw-space reconstruction x_hat[B, D]; ``level`` uses that prefix only."""
+        if level is not None:
+            end = int(self.level_ends[level])
+            z = codes[:, :end] @ self.W_dec[:end] + self.b_pre
+        else:
+            z = codes @ self.W_dec + self.b_pre
+        return self.destandardize(z)
+
+    # ------------------------------------------------------------------ training
+
+    def forward(self, x: Tensor, dense: bool = False) -> Output:
+        """Loss terms for a batch of raw embeddings x[B, D].
+
+        In training mode this also updates the dead-latent counters and the BatchTopK threshold
+        (like BatchNorm's running statistics). ``dense=True`` is the dense reference path.
+        """
+        cfg = self.cfg
+        B, M = x.shape[0], cfg.n_latents
+        z = self.standardize(x)
+        dev = z.device
+        with torch.no_grad():
+            pre_ng = torch.addmm(self.b_enc, z - self.b_pre, self.W_enc.t())  # [B, M]
+            # Selection (no autograd). Each selection is (rows, cols, crow) sorted by row, so
+            # its gradient is one CSR matmul: topk (+ multi-k) and aux are regular [B, n].
+            if cfg.activation == "topk":
+                kk = max(cfg.k, cfg.multik)
+                top_i = pre_ng.topk(kk, dim=-1).indices  # sorted: the first k are the top-k
+                sel = _regular(top_i)
+                rows = torch.arange(B, device=dev).repeat_interleave(cfg.k)
+                cols = top_i[:, : cfg.k].reshape(-1)
+            else:
+                flat_v, flat_i = pre_ng.clamp_min(0).flatten().topk(cfg.k * B)
+                flat_i = flat_i.sort().values  # group by sample for CSR / bags
+                rows, cols = flat_i // M, flat_i % M
+                crow = torch.zeros(B + 1, dtype=torch.long, device=dev)
+                crow[1:] = torch.bincount(rows, minlength=B).cumsum(0)
+                sel = (rows, cols, crow)
+            aux_k = self._aux_k_now() if cfg.aux_k else 0
+            if aux_k:
+                dead = self.steps_since_active >= cfg.dead_steps  # [M]
+                aux_i = pre_ng.masked_fill(~dead, float("-inf")).topk(aux_k, dim=-1).indices
+                aux_alive = dead[aux_i]  # [B, aux_k]; False where fewer than aux_k are dead
+
+        if dense:
+            pre = torch.addmm(self.b_enc, z - self.b_pre, self.W_enc.t())
+
+        def gather(rows_, cols_, crow_):
+            if dense:
+                return F.relu(pre[rows_, cols_])
+            return F.relu(_SparseEncode.apply(pre_ng, z, self.b_pre, self.W_enc, self.b_enc,
+                                              rows_, cols_, crow_))
+
+        sel_vals = gather(*sel)
+        if cfg.activation == "topk":
+            vals_2d = sel_vals.view(B, -1)  # [B, max(k, multik)]
+            vals = vals_2d[:, : cfg.k].reshape(-1)
+        else:
+            vals = sel_vals
+
+        # Main (and Matryoshka nested) reconstructions.
+        L = cfg.n_levels
+        if dense:
+            codes = torch.zeros(B, M, device=dev, dtype=vals.dtype).index_put((rows, cols), vals)
+            recons = []
+            for end in cfg.level_ends:
+                recons.append(codes[:, :end] @ self.W_dec[:end] + self.b_pre)
+            level_hat = torch.stack(recons, 1)  # [B, L, D]
+        else:
+            if L > 1:
+                level = torch.bucketize(cols, self.level_ends, right=True)
+                key = rows * L + level
+                if cfg.activation == "batchtopk":
+                    # flat indices were sorted: rows ascending, columns ascending within a
+                    # row, so (row, level) keys are already in order
+                    bag_cols, bag_vals = cols, vals
+                else:
+                    key, order = key.sort(stable=True)
+                    bag_cols, bag_vals = cols[order], vals[order]
+            else:
+                key, bag_cols, bag_vals = rows, cols, vals
+            ptr = torch.zeros(B * L + 1, dtype=torch.long, device=dev)
+            ptr[1:] = torch.bincount(key, minlength=B * L).cumsum(0)
+            parts = _SparseDecode.apply(bag_vals, self.W_dec, key, bag_cols, ptr)  # [B*L, D]
+            level_hat = parts.view(B, L, -1).cumsum(1) + self.b_pre
+        level_mse = (level_hat - z[:, None, :]).pow(2).mean(dim=(0, 2))  # [L]
+        x_hat = level_hat[:, -1]
+        recon = level_mse[-1]
+        loss = (level_mse * self.level_weights).sum()
+        zero = torch.zeros((), device=dev)
+
+        multik = zero
+        if cfg.multik:
+            # the multi-k code is the top-k code plus the next (multik - k) latents
+            mk_hat = x_hat + self._bag_decode(top_i[:, cfg.k: cfg.multik], vals_2d[:, cfg.k:], dense)
+            multik = (mk_hat - z).pow(2).mean()
+            loss = loss + cfg.multik_coeff * multik
+
+        aux = zero
+        if aux_k:
+            aux_vals = gather(*_regular(aux_i)).view(B, aux_k) * aux_alive
+            residual = (z - x_hat).detach()
+            aux_hat = self._bag_decode(aux_i, aux_vals, dense)
+            aux = (aux_hat - residual).pow(2).mean()
+            loss = loss + cfg.aux_coeff * aux
+
+        l1 = zero
+        if cfg.l1_coeff:
+            l1 = vals.sum() / B  # vals >= 0; decoder rows are unit norm
+            loss = loss + cfg.l1_coeff * l1
+
+        l0 = (vals > 0).sum().to(torch.float32) / B
+        if self.training:
+            self._update_state(cols, vals, flat_v if cfg.activation == "batchtopk" else None)
+        return Output(loss, recon, level_mse, multik, aux, l1, l0, x_hat)
+
+    def _aux_k_now(self) -> int:
+        """How many dead latents the AuxK loss needs now: min(aux_k, latents that can be dead).
+
+        In training, one host sync every R = dead_steps/4 steps reads the activity counters: a
+        latent R steps or more from being dead cannot die before the next look, so the aux path
+        is skipped while none can be dead and sized to the candidates otherwise. The selection
+        is exactly the plain rule's (top aux_k of the dead latents); only wasted work goes.
+        """
+        cfg = self.cfg
+        if not self.training:
+            return cfg.aux_k
+        if self._aux_step >= self._aux_until:
+            r = max(1, cfg.dead_steps // 4)
+            near = int((self.steps_since_active >= cfg.dead_steps - r).sum())
+            self._aux_k, self._aux_until = min(cfg.aux_k, near), self._aux_step + r
+        self._aux_step += 1
+        return self._aux_k
+
+    def _bag_decode(self, cols: Tensor, vals: Tensor, dense: bool) -> Tensor:
+        """cols[B, n], vals[B, n] -> sum_j vals[b, j] * W_dec[cols[b, j]]: [B, D]."""
+        if dense:
+            codes = torch.zeros(cols.shape[0], self.cfg.n_latents, device=cols.device,
+                                dtype=vals.dtype).scatter_add(1, cols, vals)
+            return codes @ self.W_dec
+        bags, flat_cols, ptr = _regular(cols)
+        return _SparseDecode.apply(vals.reshape(-1), self.W_dec, bags, flat_cols, ptr)
+
+    @torch.no_grad()
+    def _update_state(self, cols, vals, batch_vals) -> None:
+        fired = torch.zeros(self.cfg.n_latents, dtype=torch.bool, device=cols.device)
+        fired[cols[vals > 0]] = True
+        self.steps_since_active.add_(1).masked_fill_(fired, 0)
+        if batch_vals is not None:
+            positive = torch.where(batch_vals > 0, batch_vals, torch.full_like(batch_vals, math.inf))
+            batch_min = positive.min()
+            batch_min = torch.where(torch.isfinite(batch_min), batch_min, self.threshold)
+            d = self.cfg.threshold_decay
+            first = self.threshold_updates == 0
+            self.threshold.copy_(torch.where(first, batch_min, d * self.threshold + (1 - d) * batch_min))
+            self.threshold_updates.add_(1)
+
+    @torch.no_grad()
+    def remove_parallel_grads(self) -> None:
+        """Drop the component of each decoder row's gradient along the row (rows stay unit norm)."""
+        if self.W_dec.grad is None:
+            return
+        w, g = self.W_dec.data, self.W_dec.grad
+        g.sub_((g * w).sum(1, keepdim=True) * w)
+
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        self.W_dec.data.div_(self.W_dec.data.norm(dim=1, keepdim=True).clamp_min(1e-8))
+
+    def dead_fraction(self) -> Tensor:
+        return (self.steps_since_active >= self.cfg.dead_steps).float().mean()
+
+    # ------------------------------------------------------------------ artifact
+
+    def save(self, directory: str) -> None:
+        """Write ``sae.safetensors`` and ``cfg.json`` into ``directory`` (local or s3://)."""
+        from safetensors.torch import save as st_save
+
+        tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        _write(directory, "sae.safetensors", st_save(tensors, metadata={"format": "pt"}))
+        _write(directory, "cfg.json", json.dumps(self.cfg.to_json(), indent=2).encode())
+
+    @classmethod
+    def load(cls, directory: str, device: str | torch.device = "cpu") -> "SparseAutoencoder":
+        """Rebuild a model from an artifact directory (local or s3://) written by ``save``."""
+        from safetensors.torch import load as st_load
+
+        try:
+            cfg = SAEConfig.from_json(json.loads(_read(directory, "cfg.json")))
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"{directory}/cfg.json: {exc}") from None
+        model = cls(cfg)
+        state = st_load(_read(directory, "sae.safetensors"))
+        missing = set(model.state_dict()) - set(state)
+        if missing:
+            raise ValueError(f"{directory}/sae.safetensors lacks tensors {sorted(missing)}")
+        model.load_state_dict(state)
+        return model.to(device).eval()
+
+
+def _regular(idx: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """idx[B, n] -> (rows, cols, crow) of the CSR pattern with n entries in every row."""
+    B, n = idx.shape
+    dev = idx.device
+    rows = torch.arange(B, device=dev).repeat_interleave(n)
+    return rows, idx.reshape(-1), torch.arange(0, B * n + 1, n, device=dev)
+
+
+def _geometric_median(z: Tensor, iters: int = 100, eps: float = 1e-6) -> Tensor:
+    """Weiszfeld iterations on z[N, D] -> [D]."""
+    y = z.median(0).values
+    for _ in range(iters):
+        d = (z - y).norm(dim=1).clamp_min(eps)
+        w = 1 / d
+        y_new = (w[:, None] * z).sum(0) / w.sum()
+        if (y_new - y).norm() < eps * (1 + y.norm()):
+            return y_new
+        y = y_new
+    return y
+
+
+def _is_url(path: str) -> bool:
+    return "://" in str(path) and not str(path).startswith("file://")
+
+
+def _write(directory: str, name: str, data: bytes) -> None:
+    if _is_url(directory):
+        from galaxysae import storage  # only for URLs: the model itself knows no storage
+
+        storage.write_bytes(storage.join(directory, name), data)
+        return
+    import os
+
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, name)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+    os.replace(tmp, path)
+
+
+def _read(directory: str, name: str) -> bytes:
+    if _is_url(directory):
+        from galaxysae import storage
+
+        return storage.read_bytes(storage.join(directory, name))
+    import os
+
+    path = os.path.join(str(directory).removeprefix("file://"), name)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} does not exist (not an SAE artifact directory?)")
+    with open(path, "rb") as fh:
+        return fh.read()

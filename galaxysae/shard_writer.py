@@ -1,0 +1,195 @@
+"""The embed job's writer: one embeddings parquet per input shard, committed when it is whole.
+
+Rows come back from the Ray Data pipeline in any order and from any shard. The writer knows
+each pending shard's ids (scanned up front), places every returned row at its input position,
+and the moment a shard's last row is back writes ``{output}/{split}/{shard}`` (and its failures
+to ``{output}/_failures/{split}/{shard}``) atomically. The embeddings file is the shard's
+completion marker, so it is written last.
+
+Output contract (DESIGN.md §3): ``id_str`` string, ``split`` string, ``embedding``
+fixed_size_list<float32>[D]; provenance in the parquet file metadata.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+import galaxysae
+from galaxysae import storage
+from galaxysae.sources import Shard
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ShardWriter", "scan_shards", "Stats"]
+
+
+def _read_ids(shard: Shard) -> list:
+    import pyarrow.parquet as pq
+
+    fs, path = storage.arrow_fs(shard.url)
+    try:
+        table = pq.read_table(path, filesystem=fs, columns=["id_str"])
+    except KeyError:
+        raise ValueError(f"shard {shard.url}: no id_str column") from None
+    except Exception as exc:  # noqa: BLE001 - name the file that is at fault
+        raise ValueError(f"shard {shard.url}: unreadable parquet ({type(exc).__name__}: {exc})") from None
+    ids = table.column("id_str").to_pylist()
+    if any(i is None for i in ids):
+        raise ValueError(f"shard {shard.url}: null id_str in row {ids.index(None)}")
+    return [str(i) for i in ids]
+
+
+def scan_shards(shards: list[Shard], pending: list[Shard]) -> dict[Shard, list[str]]:
+    """id_str of every shard; raises naming the ids when one appears twice within a split.
+
+    Returns the ids of the ``pending`` shards (their rows, in input order).
+    """
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        ids = dict(zip(shards, pool.map(_read_ids, shards)))
+    by_split: dict[str, dict[str, list[str]]] = collections.defaultdict(lambda: collections.defaultdict(list))
+    for shard, shard_ids in ids.items():
+        for i in shard_ids:
+            by_split[shard.split][i].append(shard.rel)
+    for split, where in by_split.items():
+        dups = {i: w for i, w in where.items() if len(w) > 1}
+        if dups:
+            shown = "; ".join(f"{i!r} in {', '.join(w)}" for i, w in list(dups.items())[:10])
+            more = f" (and {len(dups) - 10} more)" if len(dups) > 10 else ""
+            raise ValueError(f"duplicate id_str in split {split!r}: {len(dups)} ids appear more "
+                             f"than once: {shown}{more}")
+    return {s: ids[s] for s in pending}
+
+
+@dataclass
+class Stats:
+    rows_in: int = 0
+    rows_done: int = 0
+    embedded: int = 0
+    failed: int = 0
+    shards_written: int = 0
+
+
+def _failure_schema():
+    import pyarrow as pa
+
+    return pa.schema([("id_str", pa.string()), ("split", pa.string()), ("shard", pa.string()),
+                      ("reason", pa.string())])
+
+
+class _Buffer:
+    def __init__(self, shard: Shard, ids: list[str]):
+        self.shard = shard
+        self.ids = ids
+        self.pos = {i: n for n, i in enumerate(ids)}
+        self.seen = np.zeros(len(ids), dtype=bool)
+        self.reasons: list[str] = [""] * len(ids)
+        self.emb: np.ndarray | None = None
+        self.count = 0
+
+
+class ShardWriter:
+    def __init__(self, output: str, provenance: dict[str, str]):
+        self.output = output
+        self.provenance = dict(provenance)
+        self.stats = Stats()
+        self._open: dict[str, _Buffer] = {}
+
+    # -- paths
+    def embeddings_url(self, shard: Shard) -> str:
+        return storage.join(self.output, shard.split, shard.name)
+
+    def failures_url(self, shard: Shard) -> str:
+        return storage.join(self.output, "_failures", shard.split, shard.name)
+
+    def done(self, shard: Shard) -> bool:
+        return storage.exists(self.embeddings_url(shard))
+
+    # -- streaming
+    def expect(self, shards: list[Shard], ids: dict[Shard, list[str]]) -> None:
+        for s in shards:
+            # Ray Data reports paths without a scheme (bucket/key on S3, absolute locally).
+            self._open[storage.arrow_fs(s.url)[1]] = _Buffer(s, ids[s])
+            self.stats.rows_in += len(ids[s])
+
+    def add(self, batch: dict) -> None:
+        """Place a batch of pipeline rows (id_str, path, reason, embedding [N, D])."""
+        paths = batch["path"]
+        emb = np.asarray(batch["embedding"], dtype=np.float32)
+        for n, (path, id_str, reason) in enumerate(zip(paths, batch["id_str"], batch["reason"])):
+            buf = self._open.get(str(path))
+            if buf is None:
+                raise RuntimeError(f"row {id_str!r} came back from an unexpected shard {path}")
+            p = buf.pos.get(str(id_str))
+            if p is None or buf.seen[p]:
+                raise RuntimeError(f"row {id_str!r} of shard {buf.shard.url} came back "
+                                   f"{'twice' if p is not None else 'but is not in the shard'}")
+            if buf.emb is None:
+                buf.emb = np.full((len(buf.ids), emb.shape[1]), np.nan, dtype=np.float32)
+            buf.seen[p] = True
+            buf.reasons[p] = str(reason)
+            if not reason:
+                buf.emb[p] = emb[n]
+            buf.count += 1
+            self.stats.rows_done += 1
+            if buf.count == len(buf.ids):
+                self._commit(buf)
+                del self._open[str(path)]
+
+    def finish(self) -> None:
+        if self._open:
+            missing = {b.shard.url: len(b.ids) - b.count for b in self._open.values()}
+            raise RuntimeError(f"the pipeline ended with rows missing (shard: rows): {missing}")
+
+    def commit_empty(self, shard: Shard) -> None:
+        self._commit(_Buffer(shard, []))
+
+    # -- writing
+    def _commit(self, buf: _Buffer) -> None:
+        import pyarrow as pa
+
+        shard = buf.shard
+        reasons = np.asarray(buf.reasons, dtype=object)
+        ok = reasons == ""
+        ids = np.asarray(buf.ids, dtype=object)
+        width = buf.emb.shape[1] if buf.emb is not None else int(self.provenance.get("width", 0))
+        good = buf.emb[ok] if buf.emb is not None else np.zeros((0, width), np.float32)
+        if good.size and not np.isfinite(good).all():
+            bad = ids[ok][~np.isfinite(good).all(axis=1)]
+            raise RuntimeError(f"shard {shard.url}: the encoder returned NaN/Inf for ids {list(bad[:10])}")
+        if width:
+            self.provenance.setdefault("width", str(width))
+        failures = ids[~ok]
+        furl = self.failures_url(shard)
+        if len(failures):
+            ftable = pa.table({
+                "id_str": pa.array(list(failures), pa.string()),
+                "split": pa.array([shard.split] * len(failures), pa.string()),
+                "shard": pa.array([shard.rel] * len(failures), pa.string()),
+                "reason": pa.array(list(reasons[~ok]), pa.string()),
+            }, schema=_failure_schema())
+            storage.write_parquet(ftable, furl)
+            for i, r in zip(failures[:5], reasons[~ok][:5]):
+                log.warning("shard %s: image %s failed: %s", shard.rel, i, r)
+        elif storage.exists(furl):
+            storage.remove(furl)  # a redo (--overwrite) with no failures left
+        flat = pa.array(good.reshape(-1), pa.float32())
+        table = pa.table({
+            "id_str": pa.array(list(ids[ok]), pa.string()),
+            "split": pa.array([shard.split] * int(ok.sum()), pa.string()),
+            "embedding": pa.FixedSizeListArray.from_arrays(flat, width),
+        })
+        meta = {**self.provenance, "code_version": galaxysae.__version__,
+                "source_shard": shard.rel, "split": shard.split,
+                "rows": str(int(ok.sum())), "failed": str(len(failures))}
+        table = table.replace_schema_metadata({k: str(v) for k, v in meta.items()})
+        storage.write_parquet(table, self.embeddings_url(shard))
+        self.stats.embedded += int(ok.sum())
+        self.stats.failed += len(failures)
+        self.stats.shards_written += 1
+        log.info("wrote %s (%d embedded, %d failed)", self.embeddings_url(shard), int(ok.sum()),
+                 len(failures))

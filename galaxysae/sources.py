@@ -1,0 +1,230 @@
+"""Where the galaxies come from: ``--dataset`` -> the parquet shards of each split.
+
+Three kinds of source, one layout (the Hugging Face one of ``mwalmsley/gz_euclid``):
+
+- ``hf://datasets/owner/name[@revision]``: resolved with ``huggingface_hub.snapshot_download``,
+  fetching only the README and the shards of the chosen config and splits. It honours
+  ``HF_HUB_OFFLINE`` (served from the local cache) and ``HF_TOKEN`` (read by huggingface_hub
+  itself: the token never passes through this code, so it cannot reach a log).
+- a local directory in the same layout;
+- an ``s3://`` prefix in the same layout (endpoint and keys from the standard AWS variables).
+
+Shards are found from the dataset README's YAML ``configs:`` header when there is one, else by
+the usual file patterns (``data/{split}-*.parquet`` for ``default``, ``{config}/{split}-*``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import posixpath
+import re
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from galaxysae import storage
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Shard", "SourceError", "resolve", "hf_repo", "localize_encoder", "encoder_cache_dir"]
+
+
+class SourceError(ValueError):
+    """A dataset source cannot be resolved; the message names the source, config and split."""
+
+
+@dataclass(frozen=True)
+class Shard:
+    split: str
+    url: str   # local path or s3:// URL of the parquet file
+    rel: str   # path relative to the dataset root, e.g. data/train-00000-of-00002.parquet
+
+    @property
+    def name(self) -> str:
+        return posixpath.basename(self.rel)
+
+
+def hf_repo(dataset: str) -> tuple[str, str | None]:
+    """``hf://datasets/owner/name[@rev]`` -> (``owner/name``, revision or None)."""
+    m = re.fullmatch(r"hf://datasets/([^/@]+/[^/@]+)(?:@([^/]+))?/?", dataset)
+    if not m:
+        raise SourceError(f"dataset {dataset!r}: expected hf://datasets/OWNER/NAME[@REVISION]")
+    return m.group(1), m.group(2)
+
+
+def _front_matter(text: str) -> dict:
+    if not text.startswith("---"):
+        return {}
+    end = text.find("\n---", 3)
+    if end < 0:
+        return {}
+    import yaml
+
+    try:
+        data = yaml.safe_load(text[3:end])
+    except yaml.YAMLError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _readme_patterns(readme: str, config: str) -> dict[str, list[str]] | None:
+    """split -> glob patterns from the README's ``configs:`` header, or None when it has none."""
+    configs = _front_matter(readme).get("configs")
+    if not isinstance(configs, list):
+        return None
+    for entry in configs:
+        if not isinstance(entry, dict) or entry.get("config_name", "default") != config:
+            continue
+        files = entry.get("data_files")
+        out: dict[str, list[str]] = {}
+        if isinstance(files, str):
+            return {"train": [files]}
+        if isinstance(files, dict):
+            files = [{"split": k, "path": v} for k, v in files.items()]
+        for item in files or []:
+            paths = item.get("path")
+            out.setdefault(item.get("split", "train"), []).extend(
+                [paths] if isinstance(paths, str) else list(paths or []))
+        return out
+    known = [e.get("config_name", "default") for e in configs if isinstance(e, dict)]
+    raise SourceError(f"config {config!r} is not declared in the dataset README (configs: {known})")
+
+
+def _default_patterns(config: str, split: str) -> list[str]:
+    base = ["data"] if config == "default" else [config]
+    if config == "default":
+        base.append("")
+    out = []
+    for b in base:
+        pre = f"{b}/" if b else ""
+        out += [f"{pre}{split}-*.parquet", f"{pre}{split}/*.parquet"]
+    return out
+
+
+def _glob(root: str, patterns: list[str]) -> list[str]:
+    """Relative paths under ``root`` matching any pattern (sorted, unique)."""
+    fs, base = storage.fsspec_fs(root)
+    found: set[str] = set()
+    for pat in patterns:
+        for hit in fs.glob(posixpath.join(base.rstrip("/"), pat)):
+            rel = posixpath.relpath(hit, base.rstrip("/"))
+            if rel.endswith(".parquet"):
+                found.add(rel)
+    return sorted(found)
+
+
+def _shards_under(root: str, readme: str, config: str, splits: list[str], what: str) -> list[Shard]:
+    declared = _readme_patterns(readme, config) if readme else None
+    shards: list[Shard] = []
+    for split in splits:
+        if declared is not None:
+            if split not in declared:
+                raise SourceError(f"{what}: split {split!r} is not in config {config!r} "
+                                  f"(splits: {sorted(declared)})")
+            patterns = declared[split]
+        else:
+            patterns = _default_patterns(config, split)
+        rels = _glob(root, patterns)
+        if not rels:
+            raise SourceError(f"{what}: no parquet shards for config {config!r}, split {split!r} "
+                              f"(looked for {patterns})")
+        shards += [Shard(split, storage.join(root, rel), rel) for rel in rels]
+    return shards
+
+
+def _hf_allow_patterns(readme: str, config: str, splits: list[str]) -> list[str]:
+    declared = _readme_patterns(readme, config) if readme else None
+    pats = ["README.md"]
+    for split in splits:
+        pats += declared.get(split, []) if declared else _default_patterns(config, split)
+    return pats
+
+
+def hf_snapshot(dataset: str, config: str, splits: list[str]) -> str:
+    """Download (or find in the offline cache) the README and chosen shards; -> snapshot folder."""
+    from huggingface_hub import snapshot_download
+
+    repo_id, revision = hf_repo(dataset)
+    try:
+        head = snapshot_download(repo_id, repo_type="dataset", revision=revision,
+                                 allow_patterns=["README.md"])
+        readme_path = Path(head) / "README.md"
+        readme = readme_path.read_text() if readme_path.is_file() else ""
+        # fnmatch-style patterns: huggingface_hub matches allow_patterns the same way
+        allow = _hf_allow_patterns(readme, config, splits)
+        return snapshot_download(repo_id, repo_type="dataset", revision=revision,
+                                 allow_patterns=allow)
+    except SourceError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - re-raised with the dataset named, token-free
+        offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+        hint = " (HF_HUB_OFFLINE is set and the dataset is not in the local cache)" if offline else ""
+        raise SourceError(f"dataset {dataset}: cannot resolve from the Hugging Face Hub: "
+                          f"{type(exc).__name__}{hint}") from None
+
+
+def resolve(dataset: str, config: str = "default", splits: list[str] | tuple = ("train", "test")) -> list[Shard]:
+    """``--dataset`` -> the shards of each split, in (split, file name) order."""
+    splits = list(splits)
+    if dataset.startswith("hf://"):
+        root = hf_snapshot(dataset, config, splits)
+        what = f"dataset {dataset} (snapshot {root})"
+    elif dataset.startswith("s3://") or not storage.is_remote(dataset):
+        root = dataset.rstrip("/") if storage.is_remote(dataset) else os.path.abspath(dataset)
+        if not storage.exists(root):
+            raise SourceError(f"dataset {dataset}: does not exist")
+        what = f"dataset {dataset}"
+    else:
+        raise SourceError(f"dataset {dataset!r}: expected hf://datasets/OWNER/NAME, a local "
+                          "directory or an s3:// prefix")
+    readme_url = storage.join(root, "README.md")
+    readme = storage.read_bytes(readme_url).decode("utf-8", "replace") if storage.exists(readme_url) else ""
+    return _shards_under(root, readme, config, splits, what)
+
+
+# ----------------------------------------------------------------------------- staged encoders
+
+
+def encoder_cache_dir(cache: str | None = None) -> Path:
+    if cache:
+        return Path(cache) / "encoders"
+    base = os.environ.get("GALAXYSAE_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "galaxysae")
+    return Path(base) / "encoders"
+
+
+def localize_encoder(name: str, cache: str | None = None) -> str:
+    """``local-dir:s3://bucket/prefix`` (an encoder staged on S3) -> ``local-dir:`` a local copy.
+
+    The copy is made once per machine (a temp folder renamed into place, so a crash never leaves a
+    half copy that a later run would trust). Other names are returned unchanged.
+    """
+    url = name[len("local-dir:"):] if name.startswith("local-dir:") else name
+    if not url.startswith("s3://"):
+        return name
+    target = encoder_cache_dir(cache) / hashlib.sha256(url.encode()).hexdigest()[:16]
+    if (target / "config.json").is_file():
+        return f"local-dir:{target}"
+    fs, path = storage.fsspec_fs(url)
+    files = [f for f in fs.find(path) if not posixpath.basename(f).startswith(".")]
+    if not any(posixpath.basename(f) == "config.json" for f in files):
+        raise SourceError(f"encoder {url}: no config.json under that prefix (stage it with "
+                          "`galaxysae stage`)")
+    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}")
+    tmp.mkdir(parents=True)
+    try:
+        for f in files:
+            rel = posixpath.relpath(f, path.rstrip("/"))
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            fs.get_file(f, str(tmp / rel))
+        try:
+            tmp.rename(target)
+        except OSError:  # another worker on this machine won the race: use its copy
+            pass
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("fetched encoder %s to %s", url, target)
+    return f"local-dir:{target}"

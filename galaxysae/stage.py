@@ -1,0 +1,134 @@
+"""`galaxysae stage`: copy a Hub dataset and encoder to a shared folder or s3:// prefix.
+
+Compute nodes without internet (common on HPC) then run ``embed`` from the staged copy::
+
+    galaxysae stage --output s3://bucket/staged
+    galaxysae embed --dataset s3://bucket/staged/gz_euclid \\
+                    --encoder local-dir:s3://bucket/staged/zoobot-encoder-euclid ...
+
+The dataset keeps its Hub layout (README.md with its configs header, ``data/...`` shards); the
+encoder folder keeps timm's files plus ``galaxysae_stage.json`` (source repo and revision, which
+embed records as the encoder's provenance). Each file is written atomically (temp + rename on
+disk; S3 uploads appear only when complete) and a file already there with the same size is
+skipped, so a rerun after a crash finishes the copy.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from galaxysae import config, sources, storage
+
+log = logging.getLogger("galaxysae.stage")
+
+
+@dataclass
+class Config:
+    """Stage a Hub dataset and encoder for offline compute nodes."""
+
+    output: str = field(default="", metadata={"help": "shared folder or s3:// prefix (required)"})
+    dataset: str = field(default="hf://datasets/mwalmsley/gz_euclid", metadata={
+        "help": "hf://datasets/OWNER/NAME[@REV] to copy ('' to skip)"})
+    dataset_config: str = field(default="default", metadata={"help": "dataset config to copy"})
+    splits: list[str] = field(default_factory=lambda: ["train", "test"],
+                              metadata={"help": "splits to copy"})
+    encoder: str = field(default="hf_hub:mwalmsley/zoobot-encoder-euclid", metadata={
+        "help": "hf_hub:OWNER/NAME[@REV] to copy ('' to skip)"})
+    overwrite: bool = field(default=False, metadata={"help": "copy files even when already there"})
+
+    def validate(self) -> None:
+        if not self.output:
+            raise ValueError("key 'output' is required (a shared folder or s3:// prefix)")
+        if self.dataset and not self.dataset.startswith("hf://datasets/"):
+            raise ValueError(f"key 'dataset' must be hf://datasets/OWNER/NAME, got {self.dataset!r}")
+        if self.encoder and not self.encoder.startswith("hf_hub:"):
+            raise ValueError(f"key 'encoder' must be hf_hub:OWNER/NAME, got {self.encoder!r}")
+
+
+def _same_size(src: Path, dest: str) -> bool:
+    fs, path = storage.fsspec_fs(dest)
+    try:
+        return fs.size(path) == src.stat().st_size
+    except (FileNotFoundError, OSError):
+        return False
+
+
+def copy_file(src: Path, dest: str, overwrite: bool = False) -> bool:
+    """Copy one local file to a local path or s3:// URL atomically; False when skipped."""
+    if not overwrite and _same_size(src, dest):
+        return False
+    if storage.is_remote(dest):
+        fs, path = storage.fsspec_fs(dest)
+        fs.put_file(str(src), path)  # single PUT or a completed multipart upload
+    else:
+        target = Path(dest)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
+        try:
+            shutil.copyfile(src, tmp)
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+    return True
+
+
+def stage_dataset(cfg: Config) -> str:
+    repo_id, _ = sources.hf_repo(cfg.dataset)
+    snapshot = Path(sources.hf_snapshot(cfg.dataset, cfg.dataset_config, cfg.splits))
+    shards = sources.resolve(cfg.dataset, cfg.dataset_config, cfg.splits)
+    dest_root = storage.join(cfg.output, repo_id.split("/")[-1])
+    rels = [s.rel for s in shards] + (["README.md"] if (snapshot / "README.md").is_file() else [])
+    copied = 0
+    for rel in rels:
+        copied += copy_file(snapshot / rel, storage.join(dest_root, rel), cfg.overwrite)
+    log.info("dataset %s: %d files at %s (%d copied, %d already there)", cfg.dataset, len(rels),
+             dest_root, copied, len(rels) - copied)
+    return dest_root
+
+
+def stage_encoder(cfg: Config) -> str:
+    from huggingface_hub import snapshot_download
+
+    repo_id, _, revision = cfg.encoder[len("hf_hub:"):].partition("@")
+    try:
+        snapshot = Path(snapshot_download(repo_id, revision=revision or None))
+    except Exception as exc:  # noqa: BLE001 - named, token-free
+        raise RuntimeError(f"encoder {cfg.encoder}: cannot resolve from the Hugging Face Hub "
+                           f"({type(exc).__name__})") from None
+    dest_root = storage.join(cfg.output, repo_id.split("/")[-1])
+    files = sorted(p for p in snapshot.rglob("*") if p.is_file() and not p.name.startswith("."))
+    copied = 0
+    for f in files:
+        rel = f.relative_to(snapshot).as_posix()
+        copied += copy_file(f, storage.join(dest_root, rel), cfg.overwrite)
+    stage_info = {"source": f"hf_hub:{repo_id}", "revision": snapshot.name}
+    storage.write_bytes(storage.join(dest_root, "galaxysae_stage.json"),
+                        json.dumps(stage_info, indent=2).encode())
+    cfg_json = json.loads((snapshot / "config.json").read_text()) if (snapshot / "config.json").is_file() else {}
+    if cfg_json.get("galaxysae_stand_in"):
+        log.warning("encoder %s is a STAND-IN (%s); staged as is", cfg.encoder, cfg_json["galaxysae_stand_in"])
+    log.info("encoder %s@%s: %d files at %s (%d copied)", cfg.encoder, snapshot.name, len(files),
+             dest_root, copied)
+    return dest_root
+
+
+def run(cfg: Config) -> dict:
+    out: dict = {}
+    if cfg.dataset:
+        out["dataset"] = stage_dataset(cfg)
+    if cfg.encoder:
+        out["encoder"] = "local-dir:" + stage_encoder(cfg)
+    config.save(cfg, cfg.output, name="stage_config.toml")
+    args = []
+    if "dataset" in out:
+        args.append(f"--dataset {out['dataset']} --dataset-config {cfg.dataset_config}")
+    if "encoder" in out:
+        args.append(f"--encoder {out['encoder']}")
+    log.info("staged; on the compute nodes run: galaxysae embed %s --output ...", " ".join(args))
+    return out

@@ -1,0 +1,258 @@
+"""Job `sweep`: a Ray Tune search over SAE trainings (k, dictionary size, learning rate, groups).
+
+Data flow:
+  sweep TOML (search space + a base train TOML) -> Ray Tune (grid or random, ASHA on the
+  per-epoch train MSE) -> one trial = one function trainable that builds its own TorchTrainer
+  (Train V2) under a unique run name, training into {output}/trials/{trial}/ (checkpoints,
+  artifact, metrics.json on the test split) -> results.csv + fvu_vs_l0.png in {output}.
+
+Resources are explicit so a 2-CPU machine cannot deadlock: a trial's driver asks for 0.01 CPU,
+its Train workers ask for ``cpus_per_worker`` each, data is read by the workers themselves
+(``data_loading = "memory"``: no Ray Data tasks competing for CPUs), and at most
+``max_concurrent_trials`` run at once. A rerun restores the experiment (``Tuner.restore``):
+finished trials are kept, unfinished ones resume from their checkpoints.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import json
+import logging
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from galaxysae import config, storage
+from galaxysae import train as train_job
+
+log = logging.getLogger("galaxysae.sweep")
+
+
+@dataclass
+class Space:
+    """Values to search; an empty list keeps the base train config's value."""
+
+    k: list[int] = field(default_factory=list)
+    n_latents: list[int] = field(default_factory=list)
+    lr: list[float] = field(default_factory=list)
+    matryoshka_groups: list[list[int]] = field(
+        default_factory=list, metadata={"help": "each entry a group list; sets n_latents to its sum"})
+
+
+@dataclass
+class Asha:
+    grace_period: int = field(default=2, metadata={
+        "help": "epochs before a trial may be stopped; >= epochs: never stopped"})
+    reduction_factor: int = 2
+
+
+@dataclass
+class Config:
+    """A Ray Tune sweep of SAE trainings: galaxysae sweep --config S.toml."""
+
+    train_config: str = field(default="", metadata={"help": "base train TOML (our or the original layout)"})
+    embeddings: str = field(default="", metadata={"help": "as for train (overrides the base config)"})
+    output: str = field(default="", metadata={"help": "sweep directory, local or s3://"})
+    search: Literal["grid", "random"] = "grid"
+    num_samples: int = field(default=1, metadata={"help": "random: trials; grid: repeats of the grid"})
+    seed: int = 0
+    epochs: int = field(default=0, metadata={"help": "epochs per trial; 0 = the base config's"})
+    max_concurrent_trials: int = field(default=2, metadata={"help": "trials running at once"})
+    num_workers: int = field(default=1, metadata={"help": "Train workers per trial"})
+    cpus_per_worker: int = 1
+    use_gpu: bool = False
+    data_loading: Literal["stream", "memory"] = "memory"
+    space: Space = field(default_factory=Space)
+    asha: Asha = field(default_factory=Asha)
+
+    def validate(self) -> None:
+        for key in ("train_config", "embeddings", "output"):
+            if not getattr(self, key):
+                raise ValueError(f"'{key}' is required")
+        if self.max_concurrent_trials <= 0 or self.num_samples <= 0:
+            raise ValueError("'max_concurrent_trials' and 'num_samples' must be positive")
+        for groups in self.space.matryoshka_groups:
+            if not groups or any(g <= 0 for g in groups):
+                raise ValueError(f"'space.matryoshka_groups' entry {groups} must be positive sizes")
+
+
+def base_train_config(cfg: Config) -> dict:
+    """The base train config as data, with the sweep's overrides applied."""
+    path = Path(cfg.train_config)
+    if not path.is_file():
+        raise config.ConfigError(f"train_config {cfg.train_config} does not exist")
+    data = train_job.preprocess_toml(tomllib.loads(path.read_text()), str(path))
+    data.update(embeddings=cfg.embeddings, mode="ray", num_workers=cfg.num_workers,
+                cpus_per_worker=cfg.cpus_per_worker, use_gpu=cfg.use_gpu,
+                data_loading=cfg.data_loading)
+    if cfg.epochs:
+        data["epochs"] = cfg.epochs
+    data.setdefault("output", cfg.output)
+    config.from_dict(train_job.Config, data, str(path))  # fail now, naming the key, not per trial
+    return data
+
+
+def trial_config(base: dict, params: dict, output: str) -> dict:
+    """One trial's train config data: the base with the sampled ``params`` applied."""
+    data = copy.deepcopy(base)
+    model = data.setdefault("model", {})
+    optim = data.setdefault("optim", {})
+    if "k" in params:
+        model["k"] = params["k"]
+    if "n_latents" in params:
+        model["n_latents"] = params["n_latents"]
+        if model.get("matryoshka_groups") and "matryoshka_groups" not in params:
+            model["matryoshka_groups"] = []  # the base's groups no longer fit this size
+    if params.get("matryoshka_groups"):
+        model["matryoshka_groups"] = list(params["matryoshka_groups"])
+        model["n_latents"] = sum(params["matryoshka_groups"])
+    if "lr" in params:
+        optim["lr"] = params["lr"]
+    n = model.get("n_latents", 5120)
+    model["aux_k"] = min(model.get("aux_k", 16), n)
+    if model.get("multik"):  # keep the base's multi-k ratio meaningful at every size
+        model["multik"] = max(model.get("k", 64), min(model["multik"], n))
+    data["output"] = output
+    return data
+
+
+def _trial(params: dict, base: dict, sweep_output: str) -> None:
+    """A Tune function trainable: one TorchTrainer run, then the test metrics."""
+    import torch
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    torch.set_num_threads(1)  # the driver holds no CPU: its evaluation stays light
+    ctx = tune.get_context()
+    name = ctx.get_trial_id()
+    out = storage.join(sweep_output, "trials", name)
+    data = trial_config(base, params, out)
+    data["run_name"] = f"sweep-{name}"  # unique Train run per trial
+    cfg = config.from_dict(train_job.Config, data, f"trial {name}")
+    metrics = train_job.run(cfg, callbacks=[TuneReportCallback()])
+    # epoch stays below ASHA's max_t (epochs + 1): this last report must not be cut short
+    tune.report({"epoch": cfg.epochs, "mse": metrics["levels"][-1]["mse"], "fvu": metrics["fvu"],
+                 "l0": metrics["l0"], "dead": metrics["dead_fraction"], "done": True})
+
+
+def _space(cfg: Config):
+    from ray import tune
+
+    pick = tune.grid_search if cfg.search == "grid" else tune.choice
+    space = {}
+    for key in ("k", "n_latents", "lr", "matryoshka_groups"):
+        values = getattr(cfg.space, key)
+        if values:
+            space[key] = pick(values)
+    if not space:
+        raise config.ConfigError("sweep: the [space] table names no values to search")
+    return space
+
+
+def run(cfg: Config) -> dict:
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    from galaxysae import cluster
+
+    base = base_train_config(cfg)
+    epochs = base.get("epochs", 200)
+    cluster.connect()
+    fs, path = storage.arrow_fs(storage.join(cfg.output, "tune"))
+    exp_path = f"{path.rstrip('/')}/sweep"
+    trainable = tune.with_resources(
+        # Tune refuses an empty request; a sliver of CPU keeps the drivers from competing with
+        # the Train workers they start (which ask for whole CPUs of their own).
+        tune.with_parameters(_trial, base=base, sweep_output=cfg.output), {"CPU": 0.01})
+    if tune.Tuner.can_restore(exp_path, storage_filesystem=fs):
+        log.info("restoring the sweep from %s", storage.join(cfg.output, "tune", "sweep"))
+        tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_errored=True,
+                                   storage_filesystem=fs)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space=_space(cfg),
+            tune_config=tune.TuneConfig(
+                num_samples=cfg.num_samples, max_concurrent_trials=cfg.max_concurrent_trials,
+                scheduler=ASHAScheduler(time_attr="epoch", metric="mse", mode="min", max_t=epochs + 1,
+                                        grace_period=min(cfg.asha.grace_period, epochs + 1),
+                                        reduction_factor=cfg.asha.reduction_factor)),
+            run_config=tune.RunConfig(name="sweep", storage_path=path, storage_filesystem=fs),
+        )
+    grid = tuner.fit()
+    rows = collect(cfg, grid)
+    write_results(cfg.output, rows)
+    done = sum(r["status"] == "finished" for r in rows)
+    log.info("sweep: %d trials (%d finished, %d stopped early) -> %s", len(rows), done,
+             len(rows) - done, storage.join(cfg.output, "results.csv"))
+    return {"trials": len(rows), "finished": done}
+
+
+COLUMNS = ["trial", "status", "k", "n_latents", "lr", "matryoshka_groups", "epochs", "train_mse",
+           "fvu", "mse", "l0", "dead_fraction", "pca_fvu", "output"]
+
+
+def collect(cfg: Config, grid) -> list[dict]:
+    """One row per trial: its parameters, how far it got, and its test metrics if finished."""
+    rows = []
+    for result in grid:
+        params = result.config or {}
+        name = (result.metrics or {}).get("trial_id", "")
+        out = storage.join(cfg.output, "trials", name)
+        metrics_url = storage.join(out, "metrics.json")
+        m = json.loads(storage.read_bytes(metrics_url)) if storage.exists(metrics_url) else {}
+        last = result.metrics or {}
+        groups = params.get("matryoshka_groups") or []
+        rows.append({
+            "trial": name, "status": "finished" if m else ("error" if result.error else "stopped"),
+            "k": params.get("k", ""), "n_latents": sum(groups) if groups else params.get("n_latents", ""),
+            "lr": params.get("lr", ""), "matryoshka_groups": "-".join(map(str, groups)),
+            "epochs": last.get("epoch", ""), "train_mse": last.get("mse", ""),
+            "fvu": m.get("fvu", ""), "mse": m.get("mse", ""), "l0": m.get("l0", ""),
+            "dead_fraction": m.get("dead_fraction", ""), "pca_fvu": m.get("pca", {}).get("fvu", ""),
+            "output": out,
+        })
+        if m and rows[-1]["n_latents"] == "":
+            rows[-1]["n_latents"] = m["n_latents"]
+        if m and rows[-1]["k"] == "":
+            rows[-1]["k"] = m["k"]
+    return sorted(rows, key=lambda r: r["trial"])
+
+
+def write_results(output: str, rows: list[dict]) -> None:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=COLUMNS)
+    w.writeheader()
+    w.writerows(rows)
+    storage.write_bytes(storage.join(output, "results.csv"), buf.getvalue().encode())
+    storage.write_bytes(storage.join(output, "fvu_vs_l0.png"), plot(rows))
+
+
+def plot(rows: list[dict]) -> bytes:
+    """Test FVU against L0, one series per dictionary size, PCA (components = L0) dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    done = [r for r in rows if r["fvu"] != ""]
+    for size in sorted({r["n_latents"] for r in done}):
+        pts = sorted((r["l0"], r["fvu"]) for r in done if r["n_latents"] == size)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=f"SAE, {size} latents")
+    pca = sorted({(r["l0"], r["pca_fvu"]) for r in done})
+    if pca:
+        ax.plot([p[0] for p in pca], [p[1] for p in pca], "k--", alpha=0.6, label="PCA")
+    ax.set_xlabel("L0 (active latents per galaxy)")
+    ax.set_ylabel("test FVU")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(f"sweep: {len(done)} finished of {len(rows)} trials")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()

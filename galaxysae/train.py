@@ -1,0 +1,631 @@
+"""Job `train`: a TopK or Matryoshka sparse autoencoder on Zoobot embeddings.
+
+Data flow:
+  embeddings (parquet {root}/{split}/*.parquet, or research .npy + ids)
+    -> standardisation stats + input-bias init from a train sample (driver)
+    -> training loop (plain local loop, or Ray Train TorchTrainer workers streaming parquet
+       through ``get_dataset_shard``), checkpoints under {output}/checkpoints/ every epoch
+    -> SAE artifact {output}/: sae.safetensors, cfg.json, config.toml
+    -> evaluation on the test split: metrics.json (written last: the completion marker) + eval.png
+
+A rerun with the same output resumes from the last checkpoint, or does nothing when
+metrics.json already exists. ``--eval-only`` re-evaluates an existing artifact.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Literal
+
+from galaxysae import config, storage
+
+log = logging.getLogger("galaxysae.train")
+
+_CKPT = re.compile(r"^epoch-(\d{6})\.pt$")
+
+
+@dataclass
+class ModelConfig:
+    activation: Literal["topk", "batchtopk"] = field(
+        default="topk", metadata={"help": "topk: k per sample; batchtopk: k*B over the batch"})
+    n_latents: int = field(default=5120, metadata={"help": "dictionary size M"})
+    k: int = field(default=64, metadata={"help": "active latents per sample"})
+    matryoshka_groups: list[int] = field(
+        default_factory=list, metadata={"help": "nested group sizes summing to n_latents; [] = plain"})
+    matryoshka_weights: list[float] = field(
+        default_factory=list, metadata={"help": "loss weight per nested level; [] = equal (mean)"})
+    aux_k: int = field(default=16, metadata={"help": "AuxK: dead latents reconstructing the residual"})
+    aux_coeff: float = field(default=1 / 32, metadata={"help": "AuxK loss weight"})
+    dead_steps: int = field(default=256, metadata={"help": "steps without firing before a latent is dead"})
+    multik: int = field(default=256, metadata={"help": "multi-k auxiliary reconstruction k; 0 = off"})
+    multik_coeff: float = field(default=0.125, metadata={"help": "multi-k loss weight"})
+    l1_coeff: float = field(default=0.0, metadata={"help": "L1 penalty on active latents"})
+    b_pre_init: Literal["median", "geometric_median", "mean", "zero"] = "median"
+    standardize: bool = field(default=True, metadata={"help": "per-dimension standardised inputs"})
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    weight_decay: float = 1e-6
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    schedule: Literal["cosine", "constant"] = field(
+        default="cosine", metadata={"help": "cosine decays to lr * final_lr_ratio"})
+    final_lr_ratio: float = 0.1
+    warmup_steps: int = 0
+    grad_clip: float = field(default=1.0, metadata={"help": "max grad norm; 0 = off"})
+
+
+@dataclass
+class Config:
+    """Train a sparse autoencoder: galaxysae train --config C.toml --embeddings PATH --output DIR."""
+
+    embeddings: str = field(default="", metadata={"help": (
+        "embed output root ({root}/{split}/*.parquet, local or s3://) or a research .npy file "
+        "[N, D]; its ids: sibling with 'embeddings'->'ids' in the name, else ids.npy; test split: "
+        "the file with 'train'->'test' in the name, else a held-out test_fraction")})
+    ids: str = field(default="", metadata={"help": ".npy ids file (default: found beside the embeddings)"})
+    test_embeddings: str = field(default="", metadata={"help": ".npy test file (default: see embeddings)"})
+    test_ids: str = field(default="", metadata={"help": "ids of test_embeddings (default: beside it)"})
+    input_dim: int = field(default=0, metadata={"help": "expected embedding width; 0 = any"})
+    output: str = field(default="", metadata={"help": "artifact directory, local or s3://"})
+    train_split: str = "train"
+    test_split: str = "test"
+    test_fraction: float = field(default=0.1, metadata={"help": ".npy input without a test file"})
+    epochs: int = 200
+    batch_size: int = 1024
+    max_steps: int = field(default=0, metadata={"help": "stop after this many steps; 0 = all epochs"})
+    seed: int = 0
+    mode: Literal["auto", "local", "ray"] = field(
+        default="auto", metadata={"help": "ray: TorchTrainer; local: plain loop; auto: ray if RAY_ADDRESS"})
+    num_workers: int = field(default=1, metadata={"help": "Ray Train workers (data parallel)"})
+    use_gpu: bool = False
+    cpus_per_worker: int = field(default=1, metadata={"help": "CPUs reserved per worker = torch threads"})
+    data_loading: Literal["stream", "memory"] = field(
+        default="stream", metadata={"help": "ray mode: stream parquet via Ray Data, or read per worker"})
+    device: str = field(default="auto", metadata={"help": "local mode: auto, cpu, cuda"})
+    checkpoint_every: int = field(default=1, metadata={"help": "epochs between checkpoints"})
+    keep_checkpoints: int = 2
+    log_every: int = field(default=50, metadata={"help": "steps between progress lines"})
+    eval_only: bool = field(default=False, metadata={"help": "evaluate the artifact in output"})
+    eval_batch_size: int = 4096
+    run_name: str = field(default="", metadata={"help": "Ray Train run name (default: from output)"})
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+    def validate(self) -> None:
+        if not self.embeddings:
+            raise ValueError("'embeddings' is required (embed output root or a .npy file)")
+        if not self.output:
+            raise ValueError("'output' is required (artifact directory, local or s3://)")
+        for name in ("epochs", "batch_size", "num_workers", "cpus_per_worker", "checkpoint_every",
+                     "log_every"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"'{name}' must be positive, got {getattr(self, name)}")
+        m = self.model
+        if m.matryoshka_groups and sum(m.matryoshka_groups) != m.n_latents:
+            raise ValueError(f"'model.matryoshka_groups' {m.matryoshka_groups} sum to "
+                             f"{sum(m.matryoshka_groups)}, not model.n_latents={m.n_latents}")
+        if not 0 < m.k <= m.n_latents:
+            raise ValueError(f"'model.k' must be in 1..{m.n_latents}, got {m.k}")
+        if m.multik and m.activation == "topk" and not m.k <= m.multik <= m.n_latents:
+            raise ValueError(f"'model.multik' must be 0 or in k..n_latents, got {m.multik}")
+
+
+# ----------------------------------------------------------------------------- the original layout
+
+_ORIGINAL_MODEL = {"input_dim", "group_sizes", "top_k", "l1_coeff", "aux_penalty",
+                   "n_batches_to_dead", "aux_k_multiplier", "dict_size", "n_latents"}
+_ORIGINAL_TABLES = {"model", "training", "data", "output", "visualization"}
+# [data] keys of the research scripts -> our key ("" = known, not needed here).
+_ORIGINAL_DATA = {"embeddings_path": "embeddings", "train_embeddings": "embeddings",
+                  "embeddings": "embeddings", "ids_path": "ids", "train_ids": "ids", "ids": "ids",
+                  "test_embeddings": "test_embeddings", "test_ids": "test_ids",
+                  "embeddings_dir": "", "dataset": "", "dataset_name": "", "dataset_config": ""}
+_ORIGINAL_OUTPUT = {"results_dir", "output_dir", "save_dir", "dir", "model_path", "plot_path",
+                    "model_name"}
+
+
+def preprocess_toml(data: dict, path: str) -> dict:
+    """Accept the research code's Matryoshka TOML as is; pass our own layout through.
+
+    Original layout: [model] input_dim, group_sizes, top_k, l1_coeff, aux_penalty,
+    n_batches_to_dead, aux_k_multiplier; [training] epochs, learning_rate, batch_size, device;
+    [data] (embedding paths); [output] (results dir); [visualization] (ignored: rendering is
+    the render job's). Unknown keys inside these tables are errors naming the key.
+    """
+    model = data.get("model", {})
+    original = "training" in data or (isinstance(model, dict) and ("group_sizes" in model or "top_k" in model))
+    if not original:
+        return data
+    out: dict = {k: v for k, v in data.items() if k not in _ORIGINAL_TABLES}
+    unknown_tables = set(out) - {f for f in Config.__dataclass_fields__}
+    if unknown_tables:
+        raise config.ConfigError(f"{path}: unknown table or key {sorted(unknown_tables)} in the "
+                                 f"original layout (known tables: {sorted(_ORIGINAL_TABLES)})")
+    m: dict = {}
+    for key, value in model.items():
+        if key not in _ORIGINAL_MODEL:
+            raise config.ConfigError(f"{path}: unknown key 'model.{key}' in the original layout "
+                                     f"(known: {sorted(_ORIGINAL_MODEL)})")
+    groups = model.get("group_sizes")
+    if groups:
+        m["matryoshka_groups"] = list(groups)
+        m["n_latents"] = int(sum(groups))
+        m["activation"] = "batchtopk"  # the original Matryoshka SAE is BatchTopK
+        m["multik"] = 0  # the original Matryoshka loop has no multi-k term
+    elif "dict_size" in model or "n_latents" in model:
+        m["n_latents"] = model.get("dict_size", model.get("n_latents"))
+    if "top_k" in model:
+        m["k"] = model["top_k"]
+    if "l1_coeff" in model:
+        m["l1_coeff"] = model["l1_coeff"]
+    if "aux_penalty" in model:
+        m["aux_coeff"] = model["aux_penalty"]
+    if "n_batches_to_dead" in model:
+        m["dead_steps"] = model["n_batches_to_dead"]
+    if "aux_k_multiplier" in model:
+        m["aux_k"] = int(model["aux_k_multiplier"] * model.get("top_k", 64))
+    if groups:
+        m["aux_k"] = min(m.get("aux_k", 0), m["n_latents"])
+    training = data.get("training", {})
+    known_training = {"epochs", "learning_rate", "batch_size", "device", "weight_decay", "seed"}
+    for key in training:
+        if key not in known_training:
+            raise config.ConfigError(f"{path}: unknown key 'training.{key}' in the original layout "
+                                     f"(known: {sorted(known_training)})")
+    o: dict = {}
+    if "learning_rate" in training:
+        o["lr"] = training["learning_rate"]
+    if "weight_decay" in training:
+        o["weight_decay"] = training["weight_decay"]
+    if groups:
+        # The original Matryoshka loop: AdamW at a constant rate, default weight decay off.
+        o.setdefault("weight_decay", 0.0)
+        o["schedule"] = "constant"
+    for key in ("epochs", "batch_size", "seed"):
+        if key in training:
+            out[key] = training[key]
+    if "device" in training:
+        out["device"] = training["device"]
+    data_t = data.get("data", {})
+    for key in data_t:
+        if key not in _ORIGINAL_DATA:
+            raise config.ConfigError(f"{path}: unknown key 'data.{key}' in the original layout "
+                                     f"(known: {sorted(_ORIGINAL_DATA)})")
+    for key, target in _ORIGINAL_DATA.items():
+        if key in data_t and target and target not in out:
+            out[target] = data_t[key]
+    out_t = data.get("output", {})
+    for key in out_t:
+        if key not in _ORIGINAL_OUTPUT:
+            raise config.ConfigError(f"{path}: unknown key 'output.{key}' in the original layout "
+                                     f"(known: {sorted(_ORIGINAL_OUTPUT)})")
+    for key in ("results_dir", "output_dir", "save_dir", "dir"):
+        if key in out_t and "output" not in out:
+            out["output"] = out_t[key]
+    if data.get("visualization"):
+        log.info("%s: [visualization] is the render job's business here; ignored by train", path)
+    if "input_dim" in model:
+        out["input_dim"] = model["input_dim"]
+    out["model"] = {**out.get("model", {}), **m}
+    out["optim"] = {**out.get("optim", {}), **o}
+    return out
+
+
+# ----------------------------------------------------------------------------- model + optimiser
+
+
+def sae_config(cfg: Config, d_in: int):
+    from galaxysae.sae import SAEConfig
+
+    m = cfg.model
+    return SAEConfig(
+        d_in=d_in, n_latents=m.n_latents, k=m.k, activation=m.activation,
+        matryoshka_groups=m.matryoshka_groups, matryoshka_weights=m.matryoshka_weights,
+        aux_k=min(m.aux_k, m.n_latents), aux_coeff=m.aux_coeff, dead_steps=m.dead_steps,
+        multik=m.multik if m.activation == "topk" else 0, multik_coeff=m.multik_coeff,
+        l1_coeff=m.l1_coeff)
+
+
+def lr_lambda(cfg: Config, total_steps: int):
+    o = cfg.optim
+
+    def f(step: int) -> float:
+        if o.warmup_steps and step < o.warmup_steps:
+            return (step + 1) / o.warmup_steps
+        if o.schedule == "constant":
+            return 1.0
+        t = min(1.0, step / max(1, total_steps))
+        return o.final_lr_ratio + (1 - o.final_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+
+    return f
+
+
+def make_optimizer(cfg: Config, model):
+    import torch
+
+    kw = dict(lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay)
+    try:  # the fused kernel saves several passes over the dense [M, D] weights per step
+        return torch.optim.AdamW(model.parameters(), fused=True, **kw)
+    except (RuntimeError, TypeError):
+        return torch.optim.AdamW(model.parameters(), foreach=True, **kw)
+
+
+def init_stats(cfg: Config, x_sample):
+    """Standardisation stats and input bias from a raw sample x[N, D] -> dict of tensors."""
+    import torch
+
+    from galaxysae.sae import SparseAutoencoder
+
+    torch.manual_seed(cfg.seed)
+    model = SparseAutoencoder(sae_config(cfg, x_sample.shape[1]))
+    model.init_from_data(torch.as_tensor(x_sample), cfg.model.b_pre_init, cfg.model.standardize)
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def checkpoint_dir(output: str) -> str:
+    return storage.join(output, "checkpoints")
+
+
+def latest_checkpoint(output: str) -> str | None:
+    names = [u for u in storage.listdir(checkpoint_dir(output), suffix=".pt")
+             if _CKPT.match(os.path.basename(u.rstrip("/")))]
+    return names[-1] if names else None
+
+
+def save_checkpoint(cfg: Config, state: dict, epoch: int) -> str:
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    url = storage.join(checkpoint_dir(cfg.output), f"epoch-{epoch:06d}.pt")
+    storage.write_bytes(url, buf.getvalue())
+    old = [u for u in storage.listdir(checkpoint_dir(cfg.output), suffix=".pt")
+           if _CKPT.match(os.path.basename(u))]
+    for u in old[: max(0, len(old) - cfg.keep_checkpoints)]:
+        storage.remove(u)
+    return url
+
+
+def load_checkpoint(url: str) -> dict:
+    import torch
+
+    return torch.load(io.BytesIO(storage.read_bytes(url)), map_location="cpu", weights_only=False)
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+class Progress:
+    """Periodic progress lines: loss, L0, dead fraction, samples/s (one host sync per line)."""
+
+    def __init__(self, every: int, total_steps: int, prefix: str = ""):
+        self.every, self.total, self.prefix = every, total_steps, prefix
+        self.t0, self.n0, self.k = time.perf_counter(), 0, 0
+        self.acc = None
+
+    def update(self, step: int, epoch: int, out, model, n_samples: int) -> dict | None:
+        import torch
+
+        terms = torch.stack([out.loss.detach(), out.recon.detach(), out.l0.detach()])
+        self.acc = terms if self.acc is None else self.acc + terms
+        self.n0 += n_samples
+        self.k += 1
+        if step % self.every and step != self.total:
+            return None
+        loss, recon, l0 = (self.acc / self.k).tolist()
+        dead = float(model.dead_fraction())
+        dt = time.perf_counter() - self.t0
+        rate = self.n0 / max(dt, 1e-9)
+        log.info("%sstep %d/%d epoch %d loss %.4f mse %.4f L0 %.1f dead %.3f %.0f samples/s",
+                 self.prefix, step, self.total, epoch, loss, recon, l0, dead, rate)
+        self.acc, self.t0, self.n0, self.k = None, time.perf_counter(), 0, 0
+        return {"step": step, "epoch": epoch, "loss": loss, "mse": recon, "l0": l0, "dead": dead,
+                "samples_per_s": rate}
+
+
+def train_step(cfg: Config, model, opt, sched, x):
+    """One optimiser step on raw x[B, D]; returns the model's Output (no host sync)."""
+    import torch
+
+    raw = getattr(model, "module", model)
+    out = model(x)
+    opt.zero_grad(set_to_none=True)
+    out.loss.backward()
+    raw.remove_parallel_grads()
+    if cfg.optim.grad_clip:
+        torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.optim.grad_clip, foreach=True)
+    opt.step()
+    sched.step()
+    raw.normalize_decoder()
+    return out
+
+
+def train_steps(cfg: Config, model, opt, sched, batches, state: dict, progress: Progress,
+                on_epoch_end) -> dict:
+    """Run the epochs left in ``state`` (epoch, step). ``batches(epoch)`` yields x[B, D] tensors.
+
+    ``on_epoch_end(epoch, metrics)`` checkpoints/reports with the epoch's mean loss, mse, L0 and
+    the dead fraction (one host sync per epoch); returns the last epoch's metrics.
+    """
+    import torch
+
+    raw = getattr(model, "module", model)  # DDP-wrapped in Ray mode
+    last: dict = {}
+    t_start, n_seen = time.perf_counter(), 0
+    for epoch in range(state["epoch"], cfg.epochs):
+        model.train()
+        acc, n_steps = None, 0
+        for x in batches(epoch):
+            out = train_step(cfg, model, opt, sched, x)
+            terms = torch.stack([out.loss.detach(), out.recon.detach(), out.l0.detach()])
+            acc = terms if acc is None else acc + terms
+            n_steps += 1
+            state["step"] += 1
+            n_seen += x.shape[0]
+            progress.update(state["step"], epoch, out, raw, x.shape[0])
+            if cfg.max_steps and state["step"] >= cfg.max_steps:
+                break
+        state["epoch"] = epoch + 1
+        loss, mse, l0 = (acc / max(1, n_steps)).tolist() if acc is not None else (math.nan,) * 3
+        last = {"epoch": epoch + 1, "step": state["step"], "loss": loss, "mse": mse, "l0": l0,
+                "dead": float(raw.dead_fraction())}
+        on_epoch_end(epoch + 1, last)
+        if cfg.max_steps and state["step"] >= cfg.max_steps:
+            break
+    last["train_samples_per_s"] = n_seen / max(time.perf_counter() - t_start, 1e-9)
+    return last
+
+
+def _resume(cfg: Config, model, opt, sched, state: dict) -> None:
+    url = latest_checkpoint(cfg.output)
+    if url is None:
+        return
+    ck = load_checkpoint(url)
+    model.load_state_dict(ck["model"])
+    opt.load_state_dict(ck["optim"])
+    sched.load_state_dict(ck["sched"])
+    state.update(epoch=ck["epoch"], step=ck["step"])
+    log.info("resuming from %s (epoch %d, step %d)", url, ck["epoch"], ck["step"])
+
+
+def _checkpoint_state(model, opt, sched, state) -> dict:
+    return {"model": model.state_dict(), "optim": opt.state_dict(), "sched": sched.state_dict(),
+            "epoch": state["epoch"], "step": state["step"]}
+
+
+def _steps_per_epoch(n: int, batch: int) -> int:
+    return max(1, n // batch)
+
+
+def run_local(cfg: Config, train_x, init: dict, checkpoints: bool = True):
+    """The plain loop, no Ray: train_x[N, D] float32 numpy. Returns (model, last line).
+
+    ``checkpoints=False`` neither resumes nor writes checkpoints (in-memory use: tests, benches).
+    """
+    import torch
+    from torch.optim.lr_scheduler import LambdaLR
+
+    from galaxysae.sae import SparseAutoencoder
+
+    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        log.warning("device %r asked for but no GPU is visible: training on the CPU", device)
+        device = "cpu"
+    torch.manual_seed(cfg.seed)
+    model = SparseAutoencoder(sae_config(cfg, train_x.shape[1]))
+    model.load_state_dict(init)
+    model.to(device)
+    x_all = torch.as_tensor(train_x).to(device)
+    n = x_all.shape[0]
+    bs = min(cfg.batch_size, n)
+    per_epoch = _steps_per_epoch(n, bs)
+    total = per_epoch * cfg.epochs if not cfg.max_steps else min(cfg.max_steps, per_epoch * cfg.epochs)
+    opt = make_optimizer(cfg, model)
+    sched = LambdaLR(opt, lr_lambda(cfg, total))
+    state = {"epoch": 0, "step": 0}
+    if checkpoints:
+        _resume(cfg, model, opt, sched, state)
+    gen = torch.Generator(device="cpu")
+
+    def batches(epoch: int):
+        gen.manual_seed(cfg.seed * 100003 + epoch)  # a resumed epoch sees the same order
+        perm = torch.randperm(n, generator=gen).to(device)
+        for i in range(per_epoch):
+            yield x_all[perm[i * bs:(i + 1) * bs]]
+
+    def on_epoch_end(epoch: int, last: dict) -> None:
+        if checkpoints and (epoch % cfg.checkpoint_every == 0 or epoch == cfg.epochs):
+            save_checkpoint(cfg, _checkpoint_state(model, opt, sched, state), epoch)
+
+    progress = Progress(cfg.log_every, total)
+    last = train_steps(cfg, model, opt, sched, batches, state, progress, on_epoch_end)
+    last["steps"], last["epochs"] = state["step"], state["epoch"]
+    return model.cpu().eval(), last
+
+
+def ray_train_loop(loop_cfg: dict) -> None:
+    """Ray Train worker loop (Train V2): same steps as local mode, data from the dataset shard."""
+    import ray.train
+    import ray.train.torch
+    import torch
+    from torch.optim.lr_scheduler import LambdaLR
+
+    from galaxysae.sae import SparseAutoencoder
+
+    cfg: Config = config.from_dict(Config, loop_cfg["cfg"], "train loop")
+    torch.set_num_threads(max(1, cfg.cpus_per_worker))  # Ray gives each worker one thread otherwise
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(cfg.seed)
+    model = SparseAutoencoder(sae_config(cfg, loop_cfg["d_in"]))
+    model.load_state_dict(loop_cfg["init"])
+    model.to(device)
+    bs = loop_cfg["batch_size"]
+    per_epoch = loop_cfg["steps_per_epoch"]
+    total = loop_cfg["total_steps"]
+    opt = make_optimizer(cfg, model)
+    sched = LambdaLR(opt, lr_lambda(cfg, total))
+    state = {"epoch": 0, "step": 0}
+    _resume(cfg, model, opt, sched, state)
+    ddp = ray.train.torch.prepare_model(model, move_to_device=False) if world > 1 else model
+
+    if cfg.data_loading == "stream":
+        shard = ray.train.get_dataset_shard("train")
+
+        def batches(epoch: int):
+            it = shard.iter_torch_batches(batch_size=bs, dtypes=torch.float32, device=device,
+                                          drop_last=True, local_shuffle_buffer_size=4 * bs,
+                                          local_shuffle_seed=cfg.seed + epoch)
+            for i, b in enumerate(it):
+                if i >= per_epoch:  # every rank takes the same number of steps (DDP)
+                    break
+                yield b["x"]
+    else:
+        train = load_data(cfg)[0]
+        x_all = torch.as_tensor(train.x[rank::world]).to(device)
+        gen = torch.Generator()
+
+        def batches(epoch: int):
+            gen.manual_seed(cfg.seed * 100003 + epoch)
+            perm = torch.randperm(x_all.shape[0], generator=gen).to(device)
+            for i in range(per_epoch):
+                yield x_all[perm[i * bs:(i + 1) * bs]]
+
+    def on_epoch_end(epoch: int, metrics: dict) -> None:
+        if rank == 0 and (epoch % cfg.checkpoint_every == 0 or epoch == cfg.epochs):
+            save_checkpoint(cfg, _checkpoint_state(model, opt, sched, state), epoch)
+        ray.train.report(metrics)
+
+    progress = Progress(cfg.log_every, total, prefix=f"[rank {rank}] ")
+    last = train_steps(cfg, ddp, opt, sched, batches, state, progress, on_epoch_end)
+    if rank == 0:
+        model.cpu().save(cfg.output)
+        state_line = {k: v for k, v in last.items() if isinstance(v, (int, float))}
+        state_line.update(steps=state["step"], epochs=state["epoch"])
+        storage.write_bytes(storage.join(cfg.output, "train_state.json"),
+                            json.dumps(state_line).encode())
+
+
+def run_ray(cfg: Config, d_in: int, n_train: int, init: dict, callbacks=None) -> dict:
+    """Train with a Ray Train V2 TorchTrainer; the model lands in cfg.output. Returns last line."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from galaxysae import cluster, embeddings
+
+    cluster.connect()
+    per_worker = n_train // cfg.num_workers
+    bs = min(cfg.batch_size, max(1, per_worker))
+    per_epoch = _steps_per_epoch(per_worker, bs)
+    total = per_epoch * cfg.epochs if not cfg.max_steps else min(cfg.max_steps, per_epoch * cfg.epochs)
+    datasets = {}
+    if cfg.data_loading == "stream" and not embeddings.is_npy(cfg.embeddings):
+        datasets["train"] = embeddings.ray_dataset(cfg.embeddings, cfg.train_split, d_in)
+    elif cfg.data_loading == "stream":
+        log.info("%s is a .npy file: each worker reads it (data_loading = memory)", cfg.embeddings)
+        cfg = config.from_dict(Config, {**config.to_dict(cfg), "data_loading": "memory"})
+    loop_cfg = {"cfg": config.to_dict(cfg), "d_in": d_in, "init": init, "batch_size": bs,
+                "steps_per_epoch": per_epoch, "total_steps": total}
+    fs, path = storage.arrow_fs(storage.join(cfg.output, "ray"))
+    name = cfg.run_name or re.sub(r"[^A-Za-z0-9_.-]", "_", cfg.output.rstrip("/").split("/")[-1]) or "train"
+    trainer = TorchTrainer(
+        ray_train_loop,
+        train_loop_config=loop_cfg,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+            resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}),
+        run_config=ray.train.RunConfig(
+            name=name, storage_path=path, storage_filesystem=fs, callbacks=callbacks or None,
+            failure_config=ray.train.FailureConfig(max_failures=2)),
+        datasets=datasets or None,
+    )
+    trainer.fit()
+    return json.loads(storage.read_bytes(storage.join(cfg.output, "train_state.json")))
+
+
+# ----------------------------------------------------------------------------- the job
+
+
+def load_data(cfg: Config):
+    """(train, test) Splits named by the config."""
+    from galaxysae import embeddings
+
+    return embeddings.load(cfg.embeddings, cfg.train_split, cfg.test_split, cfg.ids,
+                           cfg.test_fraction, cfg.seed, test_path=cfg.test_embeddings,
+                           test_ids=cfg.test_ids)
+
+
+def use_ray(cfg: Config) -> bool:
+    if cfg.mode == "auto":
+        return bool(os.environ.get("RAY_ADDRESS")) or cfg.num_workers > 1 or cfg.use_gpu
+    return cfg.mode == "ray"
+
+
+def _check_width(cfg: Config, d_in: int, source: str) -> None:
+    if cfg.input_dim and cfg.input_dim != d_in:
+        raise ValueError(f"input_dim (the config's [model] input_dim) is {cfg.input_dim}, but "
+                         f"{source} has embeddings of width {d_in}")
+
+
+def run(cfg: Config, callbacks=None) -> dict:
+    """Train (or with eval_only, evaluate) one SAE; ``callbacks``: Ray Train callbacks (sweeps)."""
+    from galaxysae import evaluation
+    from galaxysae.sae import SparseAutoencoder
+
+    metrics_url = storage.join(cfg.output, "metrics.json")
+    train, test = load_data(cfg)
+    _check_width(cfg, train.x.shape[1], train.source)
+    if cfg.eval_only:
+        model = SparseAutoencoder.load(cfg.output)
+        metrics = evaluation.evaluate(model, test.x, train.x, cfg.eval_batch_size)
+        old = _read_json(metrics_url)
+        if old and "train" in old:
+            metrics["train"] = old["train"]
+        evaluation.write(metrics, model, cfg.output)
+        return metrics
+    if storage.exists(metrics_url) and storage.exists(storage.join(cfg.output, "sae.safetensors")):
+        log.info("%s already holds a trained SAE (metrics.json): nothing to do", cfg.output)
+        return _read_json(metrics_url)
+    log.info("training on %d x %d embeddings from %s; test %d rows", len(train), train.x.shape[1],
+             train.source, len(test))
+    config.save(cfg, cfg.output)
+    import numpy as np
+
+    rng = np.random.default_rng(cfg.seed)
+    sample = train.x[rng.permutation(len(train))[:65536]]
+    init = init_stats(cfg, sample)
+    t0 = time.perf_counter()
+    if use_ray(cfg):
+        last = run_ray(cfg, train.x.shape[1], len(train), init, callbacks)
+        model = SparseAutoencoder.load(cfg.output)
+    else:
+        model, last = run_local(cfg, train.x, init)
+        model.save(cfg.output)
+    wall = time.perf_counter() - t0
+    metrics = evaluation.evaluate(model, test.x, train.x, cfg.eval_batch_size)
+    metrics["train"] = {**last, "wall_s": wall, "mode": "ray" if use_ray(cfg) else "local",
+                        "n_train": len(train), "n_test": len(test)}
+    evaluation.write(metrics, model, cfg.output)
+    log.info("test FVU %.4f (PCA with %d components: %.4f), L0 %.1f, dead %.3f -> %s",
+             metrics["fvu"], metrics["pca"]["n_components"], metrics["pca"]["fvu"], metrics["l0"],
+             metrics["dead_fraction"], cfg.output)
+    return metrics
+
+
+def _read_json(url: str) -> dict:
+    if not storage.exists(url):
+        return {}
+    return json.loads(storage.read_bytes(url))

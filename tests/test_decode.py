@@ -1,0 +1,125 @@
+"""The decode operator: odd but valid images are converted, undecodable ones are failures."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from PIL import Image
+
+from galaxysae.decode import DecodeError, decode_batch, decode_image
+
+S = 32
+
+
+def encode(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def galaxy(w=64, h=64) -> np.ndarray:
+    y, x = np.mgrid[0:h, 0:w]
+    r2 = ((x - w / 2) / (w / 4)) ** 2 + ((y - h / 2) / (h / 4)) ** 2
+    return np.exp(-r2)  # [h, w] in [0, 1]
+
+
+def rgb(w=64, h=64) -> Image.Image:
+    g = galaxy(w, h)
+    return Image.fromarray((np.stack([g, 0.8 * g, 0.6 * g], -1) * 255).astype(np.uint8), "RGB")
+
+
+def check(arr: np.ndarray) -> None:
+    assert arr.shape == (3, S, S) and arr.dtype == np.float32
+    assert np.isfinite(arr).all() and arr.min() >= 0.0 and arr.max() <= 1.0
+    assert arr.max() > 0.5, "a bright galaxy must stay bright after conversion"
+
+
+def test_rgb_jpeg_matches_pil_resize_over_255():
+    data = encode(rgb(), "JPEG", quality=95)
+    arr = decode_image(data, S)
+    check(arr)
+    # Zoobot's convention: bilinear resize, /255, no ImageNet normalisation
+    ref = np.asarray(Image.open(io.BytesIO(data)).convert("RGB").resize((S, S), Image.BILINEAR),
+                     dtype=np.float32).transpose(2, 0, 1) / 255
+    np.testing.assert_array_equal(arr, ref)
+
+
+ODD = {
+    "greyscale": lambda: encode(rgb().convert("L"), "PNG"),
+    "rgba": lambda: encode(rgb().convert("RGBA"), "PNG"),
+    "palette": lambda: encode(rgb().convert("P"), "PNG"),
+    "palette_transparent": lambda: encode(rgb().convert("P"), "PNG", transparency=0),
+    "cmyk_jpeg": lambda: encode(rgb().convert("CMYK"), "JPEG"),
+    "one_bit": lambda: encode(rgb().convert("1"), "PNG"),
+    "sixteen_bit": lambda: encode(Image.fromarray((galaxy() * 65535).astype(np.uint16)), "PNG"),
+    "float_tiff": lambda: encode(Image.fromarray(galaxy().astype(np.float32)), "TIFF"),
+    "non_square": lambda: encode(rgb(96, 40), "JPEG"),
+    "huge": lambda: encode(rgb(4000, 3000), "JPEG", quality=70),
+    "gif": lambda: encode(rgb(), "GIF"),
+    "webp": lambda: encode(rgb(), "WEBP"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(ODD))
+def test_odd_but_valid_images_are_converted(kind):
+    check(decode_image(ODD[kind](), S))
+
+
+def test_grey_and_sixteen_bit_become_equal_channels_with_full_range():
+    grey = decode_image(ODD["greyscale"](), S)
+    assert np.array_equal(grey[0], grey[1]) and np.array_equal(grey[1], grey[2])
+    deep = decode_image(ODD["sixteen_bit"](), S)
+    assert np.array_equal(deep[0], deep[2])
+    # 16-bit scaled by 65535 (not clipped at 255): the same picture as its 8-bit version
+    eight = decode_image(encode(Image.fromarray((galaxy() * 255).astype(np.uint8)), "PNG"), S)
+    assert np.abs(deep - eight).max() < 0.01
+
+
+def test_transparent_pixels_become_black_sky():
+    img = rgb().convert("RGBA")
+    img.putalpha(0)
+    arr = decode_image(encode(img, "PNG"), S)
+    assert arr.max() == 0.0  # fully transparent -> sky (a real image, legitimately dark)
+
+
+def truncated() -> bytes:
+    data = encode(rgb(256, 256), "JPEG")
+    return data[: len(data) // 3]
+
+
+BAD = {
+    "truncated": (truncated, "truncated"),
+    "zero_bytes": (lambda: b"", "zero bytes"),
+    "not_an_image": (lambda: b"id,ra,dec\n1,150.1,2.2\n", "not an image"),
+    "null": (lambda: None, "null"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BAD))
+def test_undecodable_images_raise_with_a_reason(kind):
+    make, word = BAD[kind]
+    with pytest.raises(DecodeError) as err:
+        decode_image(make(), S)
+    assert word in str(err.value)
+
+
+def test_decode_batch_records_failures_and_never_zero_fills():
+    good = encode(rgb(), "JPEG")
+    images = [good, b"", truncated(), encode(rgb().convert("L"), "PNG")]
+    image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    table = pa.table({
+        "id_str": ["a", "b", "c", "d"],
+        "image": pa.array([{"bytes": b, "path": None} for b in images], image_type),
+        "path": ["shard.parquet"] * 4,
+    })
+    out = decode_batch(table, image_size=S)
+    assert list(out["id_str"]) == ["a", "b", "c", "d"]
+    assert out["pixels"].shape == (4, 3, S, S)
+    reasons = list(out["reason"])
+    assert reasons[0] == "" and reasons[3] == ""
+    assert reasons[1] == "zero bytes" and "truncated" in reasons[2]
+    assert np.isnan(out["pixels"][1]).all() and np.isnan(out["pixels"][2]).all()
+    assert np.isfinite(out["pixels"][[0, 3]]).all()

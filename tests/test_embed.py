@@ -1,0 +1,280 @@
+"""`galaxysae embed` on the real test Ray cluster, from a local dir, S3 and the offline Hub."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from galaxysae import embed, encoder, storage, synth
+from galaxysae.decode import decode_image
+
+REPO = Path(__file__).resolve().parents[1]
+ENCODER = "hf_hub:mwalmsley/zoobot-encoder-euclid"
+SIZE = 64  # embed at 64 px: the pipeline is the same, the CPU forward ~12x cheaper than 224
+# Same encoder, same images: the pipeline must reproduce a plain single-process forward up to
+# float reassociation from different batch compositions.
+DIRECT_ATOL = 1e-4
+
+
+def cfg(**kw) -> embed.Config:
+    # read_unit_bytes=1: one read task per row group, so tiny test shards stream one by one
+    base = dict(encoder=ENCODER, image_size=SIZE, batch_size=16, encoder_threads=2,
+                progress_interval_s=1.0, read_unit_bytes=1)
+    base.update(kw)
+    return embed.Config(**base)
+
+
+def read_dir(url: str, sub: str) -> pa.Table:
+    fs, path = storage.arrow_fs(storage.join(url, sub))
+    files = [f.path for f in fs.get_file_info(pa.fs.FileSelector(path, allow_not_found=True))
+             if f.path.endswith(".parquet") and not os.path.basename(f.path).startswith(".")]
+    tables = [pq.read_table(f, filesystem=fs) for f in sorted(files)]
+    return pa.concat_tables(tables) if tables else None
+
+
+def embeddings(url: str, splits=("train", "test")) -> dict[str, np.ndarray]:
+    out: dict[str, np.ndarray] = {}
+    for split in splits:
+        t = read_dir(url, split)
+        ids = t.column("id_str").to_pylist()
+        assert len(ids) == len(set(ids)), f"duplicate ids in {url}/{split}"
+        assert set(t.column("split").to_pylist()) == {split}
+        emb = t.column("embedding").combine_chunks().flatten().to_numpy().reshape(len(ids), -1)
+        out.update(zip(ids, emb))
+    return out
+
+
+def failures(url: str) -> dict[str, str]:
+    out = {}
+    for split in ("train", "test"):
+        t = read_dir(storage.join(url, "_failures"), split)
+        if t is not None:
+            out.update(zip(t.column("id_str").to_pylist(), t.column("reason").to_pylist()))
+    return out
+
+
+def input_rows(dataset: Path) -> dict[str, bytes]:
+    rows = {}
+    for f in sorted((dataset / "data").glob("*.parquet")):
+        t = pq.read_table(f, columns=["id_str", "image"])
+        for i, img in zip(t.column("id_str").to_pylist(), t.column("image").to_pylist()):
+            rows[i] = img["bytes"]
+    return rows
+
+
+# ----------------------------------------------------------------------------- planning
+
+
+def test_plan_defaults_for_a_laptop_a_gpu_node_and_a_cpu_cluster():
+    laptop = embed.plan(embed.Config(), [{"CPU": 2.0}])
+    # one CPU stays free for Ray Data's listing tasks; torch still uses both cores
+    assert (laptop.device, laptop.precision, laptop.num_encoders) == ("cpu", "fp32", 1)
+    assert laptop.encoder_cpus == 1.0 and laptop.encoder_threads == 2
+    gpu = embed.plan(embed.Config(), [{"CPU": 16.0, "GPU": 1.0}])
+    assert (gpu.device, gpu.precision, gpu.num_encoders, gpu.batch_size) == ("cuda", "bf16", 1, 128)
+    assert gpu.encoder_cpus + gpu.decode_cpus <= 16
+    farm = embed.plan(embed.Config(), [{"CPU": 16.0}] * 4 + [{"memory": 1.0}])
+    assert farm.num_encoders == 4 and farm.encoder_cpus == 15.0 and farm.encoder_threads == 16
+    asked = embed.plan(embed.Config(precision="bf16", batch_size=8), [{"CPU": 2.0}])
+    assert asked.precision == "bf16" and asked.batch_size == 8
+
+
+# ----------------------------------------------------------------------------- sources agree
+
+
+@pytest.fixture(scope="module")
+def local_run(synth_dataset, offline_hub, ray_cluster, tmp_path_factory):
+    out = tmp_path_factory.mktemp("embed") / "local"
+    assert embed.run(cfg(dataset=str(synth_dataset), output=str(out))) == 0
+    return out
+
+
+def test_local_s3_and_hub_sources_give_identical_embeddings(
+        local_run, synth_dataset, offline_hub, s3_prefix, caplog):
+    fs, path = storage.fsspec_fs(s3_prefix)
+    fs.put(str(synth_dataset), path + "/gz_euclid", recursive=True)
+    with caplog.at_level(logging.INFO, logger="galaxysae"):
+        assert embed.run(cfg(dataset=f"{s3_prefix}/gz_euclid", output=f"{s3_prefix}/emb")) == 0
+    assert any("summary: rows in 64, embedded 64, failed 0" in r.getMessage() for r in caplog.records)
+    hub_out = local_run.parent / "hub"
+    assert embed.run(cfg(dataset="hf://datasets/mwalmsley/gz_euclid", output=str(hub_out))) == 0
+
+    local = embeddings(str(local_run))
+    assert len(local) == 64 and set(local) == set(input_rows(synth_dataset))
+    for other in (embeddings(f"{s3_prefix}/emb"), embeddings(str(hub_out))):
+        assert set(other) == set(local)
+        diff = max(float(np.abs(other[i] - local[i]).max()) for i in local)
+        assert diff == 0.0, f"sources disagree by {diff}"
+    assert storage.exists(f"{s3_prefix}/emb/config.toml")
+
+
+def test_output_contract_readable_by_plain_pyarrow(local_run, offline_hub):
+    shard = local_run / "train" / "train-00000-of-00002.parquet"
+    code = (
+        "import sys; sys.modules['ray'] = None\n"  # any import of ray would now fail
+        "import json, pyarrow as pa, pyarrow.parquet as pq\n"
+        f"t = pq.read_table({str(shard)!r})\n"
+        "m = {k.decode(): v.decode() for k, v in t.schema.metadata.items()}\n"
+        "e = t.schema.field('embedding').type\n"
+        "print(json.dumps({'fixed': pa.types.is_fixed_size_list(e), 'width': e.list_size,"
+        " 'f32': e.value_type == pa.float32(), 'names': t.column_names,"
+        " 'rows': t.num_rows, 'meta': m}))\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    info = json.loads(res.stdout)
+    assert info["names"] == ["id_str", "split", "embedding"]
+    assert info["fixed"] and info["f32"] and info["width"] == 640 and info["rows"] == 24
+    meta = info["meta"]
+    assert meta["encoder"] == ENCODER and meta["encoder_revision"] == offline_hub["encoder_revision"]
+    assert "NOT the real Zoobot weights" in meta["encoder_stand_in"]
+    assert meta["image_size"] == str(SIZE) and meta["precision"] == "fp32"
+    assert meta["source_shard"] == "data/train-00000-of-00002.parquet" and meta["code_version"]
+
+
+def test_embeddings_match_a_direct_single_process_forward(local_run, synth_dataset):
+    got = embeddings(str(local_run))
+    rows = input_rows(synth_dataset)
+    ids = sorted(rows)
+    model, _ = encoder.load(ENCODER, image_size=SIZE)
+    pixels = np.stack([decode_image(rows[i], SIZE) for i in ids])
+    ref = np.concatenate([encoder.embed(model, pixels[k:k + 8]) for k in range(0, len(ids), 8)])
+    diff = float(np.abs(np.stack([got[i] for i in ids]) - ref).max())
+    assert diff <= DIRECT_ATOL, f"max abs difference {diff} > {DIRECT_ATOL}"
+
+
+def test_rerun_skips_done_shards_and_overwrite_redoes_them(local_run, synth_dataset, caplog):
+    shard = local_run / "train" / "train-00000-of-00002.parquet"
+    before = shard.stat().st_mtime_ns
+    with caplog.at_level(logging.INFO, logger="galaxysae"):
+        assert embed.run(cfg(dataset=str(synth_dataset), output=str(local_run))) == 0
+    assert shard.stat().st_mtime_ns == before
+    assert any("skipped shards 3" in r.getMessage() for r in caplog.records)
+    assert embed.run(cfg(dataset=str(synth_dataset), output=str(local_run), splits=["test"],
+                         overwrite=True)) == 0
+    assert shard.stat().st_mtime_ns == before  # only the test split was redone
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def _png(img: Image.Image, fmt="PNG") -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def _make_bad_dataset(src: Path, dest: Path) -> dict[str, str]:
+    """12 rows from the synth data: 3 undecodable, 6 odd but valid. -> id -> expected kind."""
+    t = pq.read_table(src / "data" / "train-00000-of-00002.parquet").slice(0, 12)
+    ids = t.column("id_str").to_pylist()
+    imgs = [r["bytes"] for r in t.column("image").to_pylist()]
+    base = Image.open(io.BytesIO(imgs[0])).convert("RGB")
+    kinds = {}
+    replace = {
+        0: ("truncated", imgs[0][: len(imgs[0]) // 3]),
+        1: ("zero bytes", b""),
+        2: ("not an image", b"<html>404 not found</html>"),
+        3: ("ok", _png(base.convert("L"))),
+        4: ("ok", _png(base.convert("RGBA"))),
+        5: ("ok", _png(base.convert("CMYK"), "JPEG")),
+        6: ("ok", _png(Image.fromarray((np.asarray(base.convert("L"), np.uint16) * 257)))),
+        7: ("ok", _png(base.resize((150, 60)), "JPEG")),
+        8: ("ok", _png(base.resize((2400, 2400)), "JPEG")),
+    }
+    for n, (kind, data) in replace.items():
+        imgs[n] = data
+        kinds[ids[n]] = kind
+    for n in range(9, 12):
+        kinds[ids[n]] = "ok"
+    image_type = t.schema.field("image").type
+    t = t.set_column(t.schema.get_field_index("image"), "image",
+                     pa.array([{"bytes": b, "path": None} for b in imgs], image_type))
+    (dest / "data").mkdir(parents=True)
+    pq.write_table(t, dest / "data" / "train-00000-of-00001.parquet")
+    return kinds
+
+
+def test_corrupt_images_are_recorded_and_odd_ones_embedded(synth_dataset, ray_cluster, tmp_path, caplog):
+    kinds = _make_bad_dataset(synth_dataset, tmp_path / "bad")
+    out = tmp_path / "out"
+    with caplog.at_level(logging.INFO, logger="galaxysae"):
+        rc = embed.run(cfg(dataset=str(tmp_path / "bad"), splits=["train"], output=str(out)))
+    assert rc != 0  # 3/12 failed, over the default max_failure_fraction 0.01
+    assert any("summary: rows in 12, embedded 9, failed 3" in r.getMessage() for r in caplog.records)
+    got, failed = embeddings(str(out), ["train"]), failures(str(out))
+    assert set(got).isdisjoint(failed) and set(got) | set(failed) == set(kinds)
+    assert set(failed) == {i for i, k in kinds.items() if k != "ok"}
+    for i, reason in failed.items():
+        assert kinds[i] in reason, (i, reason)
+    assert all(np.isfinite(v).all() and np.abs(v).sum() > 0 for v in got.values())
+    t = pq.read_table(out / "_failures" / "train" / "train-00000-of-00001.parquet")
+    assert t.column_names == ["id_str", "split", "shard", "reason"]
+    assert set(t.column("shard").to_pylist()) == {"data/train-00000-of-00001.parquet"}
+    # tolerated when asked to: the same failures, exit 0
+    assert embed.run(cfg(dataset=str(tmp_path / "bad"), splits=["train"], output=str(out),
+                         overwrite=True, max_failure_fraction=0.5)) == 0
+    assert failures(str(out)) == failed
+
+
+def test_duplicate_ids_within_a_split_are_an_error_naming_them(synth_dataset, tmp_path):
+    src = pq.read_table(synth_dataset / "data" / "train-00000-of-00002.parquet").slice(0, 4)
+    (tmp_path / "dup" / "data").mkdir(parents=True)
+    pq.write_table(src, tmp_path / "dup" / "data" / "train-00000-of-00002.parquet")
+    pq.write_table(src.slice(2, 2), tmp_path / "dup" / "data" / "train-00001-of-00002.parquet")
+    dup = src.column("id_str").to_pylist()[2:4]
+    with pytest.raises(ValueError) as err:
+        embed.run(cfg(dataset=str(tmp_path / "dup"), splits=["train"], output=str(tmp_path / "o")))
+    assert all(d in str(err.value) for d in dup) and "'train'" in str(err.value)
+    assert not (tmp_path / "o" / "train").exists()
+
+
+# ----------------------------------------------------------------------------- crash and rerun
+
+
+@pytest.mark.slow
+def test_sigkill_midway_then_rerun_gives_the_uninterrupted_row_set(offline_hub, ray_cluster, tmp_path):
+    ds = tmp_path / "ds"
+    synth.run(synth.Config(out=str(ds), n_train=40, n_test=8, shard_size=8, image_size=96,
+                           seed=3, workers=1))
+    n_shards = 6
+    killed_out = tmp_path / "killed"
+    args = [sys.executable, "-m", "galaxysae", "embed", "--dataset", str(ds), "--output",
+            str(killed_out), "--encoder", ENCODER, "--image-size", "160", "--batch-size", "4",
+            "--encoder-threads", "2", "--read-unit-bytes", "1"]
+    proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 240
+    done_at_kill = []
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            done_at_kill = [p for p in killed_out.glob("*/*.parquet")]
+            if done_at_kill:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait(30)
+    assert 1 <= len(done_at_kill) < n_shards, "the kill must land mid-way"
+    rerun = cfg(dataset=str(ds), output=str(killed_out), image_size=160, batch_size=4)
+    assert embed.run(rerun) == 0
+    assert embed.run(cfg(dataset=str(ds), output=str(tmp_path / "whole"), image_size=160,
+                         batch_size=4)) == 0
+    a, b = embeddings(str(killed_out)), embeddings(str(tmp_path / "whole"))
+    assert len(a) == 48 and set(a) == set(b)
+    assert max(float(np.abs(a[i] - b[i]).max()) for i in a) <= 1e-5
+    visible = [p.name for p in killed_out.glob("*/*.parquet")]
+    assert len(visible) == len(set(visible)) == n_shards

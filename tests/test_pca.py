@@ -1,0 +1,122 @@
+"""The PCA baseline: fit on train (standardised), artifact shaped like an SAE, loaded as a dictionary."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from galaxysae import config, dictionary, pca, storage
+
+
+def _write_split(root: str, split: str, x: np.ndarray, n_files: int = 2, prefix: str = "g") -> list[str]:
+    ids = [f"{prefix}{split}{i:04d}" for i in range(len(x))]
+    for k, part in enumerate(np.array_split(np.arange(len(x)), n_files)):
+        t = pa.table({"id_str": [ids[i] for i in part], "split": [split] * len(part),
+                      "embedding": pa.FixedSizeListArray.from_arrays(pa.array(x[part].ravel(), pa.float32()), x.shape[1])})
+        storage.write_parquet(t, storage.join(root, split, f"{split}-{k:05d}-of-{n_files:05d}.parquet"))
+    return ids
+
+
+def _low_rank(n: int, d: int = 24, rank: int = 3, seed: int = 0) -> np.ndarray:
+    """Embeddings with a few strong directions, different per-dimension scales and offsets."""
+    rng = np.random.default_rng(seed)
+    basis = np.random.default_rng(99).normal(size=(rank, d))
+    z = rng.normal(size=(n, rank)) * np.array([5.0, 3.0, 2.0])[:rank]
+    x = z @ basis + 0.3 * rng.normal(size=(n, d))
+    scale = np.random.default_rng(7).uniform(0.5, 20, d)
+    return (x * scale + 100).astype(np.float32)
+
+
+@pytest.fixture
+def emb(tmp_path):
+    root = str(tmp_path / "emb")
+    _write_split(root, "train", _low_rank(400, seed=0))
+    _write_split(root, "test", _low_rank(150, seed=1), n_files=1)
+    return root
+
+
+def _cfg(**kw) -> pca.Config:
+    return config.from_dict(pca.Config, kw)
+
+
+def test_pca_artifact_matches_a_direct_fit_and_loads_as_a_dictionary(emb, tmp_path):
+    out = str(tmp_path / "pca")
+    metrics = pca.run(_cfg(embeddings=emb, output=out, n_components=5))
+    for name in ("pca.safetensors", "cfg.json", "metrics.json", "config.toml", "explained_variance.png",
+                 "scores/test.parquet"):
+        assert os.path.exists(os.path.join(out, name)), name
+    cfg = json.loads(open(os.path.join(out, "cfg.json")).read())
+    assert cfg["kind"] == "pca" and cfg["n_latents"] == 5 and cfg["d_in"] == 24
+
+    d = dictionary.load(out)
+    assert (d.kind, d.family, d.n_latents, d.d_in, d.levels) == ("pca", "pca", 5, 24, [5])
+
+    # the same components as an independent fit on the standardised train split
+    train = np.concatenate([x for _, _, x in pca.read_embeddings(emb, "train")]).astype(np.float64)
+    z = (train - train.mean(0)) / train.std(0, ddof=1)
+    _, s, vt = np.linalg.svd(z - z.mean(0), full_matrices=False)
+    cos = np.abs(np.sum(d.model.components * vt[:5], axis=1))
+    assert np.all(cos > 0.999), cos
+    ratio = (s[:5] ** 2 / (len(z) - 1)) / z.shape[1]
+    np.testing.assert_allclose(metrics["explained_variance_ratio"], ratio, rtol=1e-4)
+
+    # three planted directions: the first three components explain nearly everything, FVU falls
+    fvu = metrics["fvu_by_components"]
+    assert all(a >= b - 1e-9 for a, b in zip(fvu, fvu[1:]))
+    assert fvu[2] < 0.1 < fvu[0]
+    assert [lv["n_latents"] for lv in metrics["levels"]] == [1, 2, 3, 4, 5]
+
+    # stored test scores == encode(raw test embeddings)
+    t = pq.read_table(os.path.join(out, "scores", "test.parquet"))
+    scores = np.stack(t.column("scores").to_numpy(zero_copy_only=False))
+    _, _, x_test = next(pca.read_embeddings(emb, "test"))
+    np.testing.assert_allclose(scores, d.encode(x_test), rtol=1e-4, atol=1e-4)
+
+
+def test_rerun_skips_a_finished_artifact(emb, tmp_path):
+    out = str(tmp_path / "pca")
+    pca.run(_cfg(embeddings=emb, output=out, n_components=3))
+    before = {n: os.stat(os.path.join(out, n)).st_mtime_ns for n in ("pca.safetensors", "cfg.json")}
+    pca.run(_cfg(embeddings=emb, output=out, n_components=3))
+    assert before == {n: os.stat(os.path.join(out, n)).st_mtime_ns for n in before}
+    pca.run(_cfg(embeddings=emb, output=out, n_components=3, overwrite=True))
+    assert before["cfg.json"] != os.stat(os.path.join(out, "cfg.json")).st_mtime_ns
+
+
+def test_pca_on_s3(s3_prefix, tmp_path):
+    emb = storage.join(s3_prefix, "emb")
+    _write_split(emb, "train", _low_rank(120, seed=2))
+    _write_split(emb, "test", _low_rank(40, seed=3), n_files=1)
+    out = storage.join(s3_prefix, "pca")
+    pca.run(_cfg(embeddings=emb, output=out, n_components=4))
+    d = dictionary.load(out)
+    assert d.kind == "pca" and d.n_latents == 4
+    assert storage.exists(storage.join(out, "explained_variance.png"))
+
+
+def test_bad_inputs_name_the_culprit(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no embeddings for split 'train'.*nowhere"):
+        pca.run(_cfg(embeddings=str(tmp_path / "nowhere"), output=str(tmp_path / "o")))
+    root = str(tmp_path / "emb")
+    _write_split(root, "train", _low_rank(50))
+    bad = np.ones((4, 24), np.float32)
+    bad[2, 5] = np.nan
+    _write_split(root, "test", bad, n_files=1, prefix="bad")
+    with pytest.raises(ValueError, match=r"test-00000-of-00001\.parquet: non-finite embeddings for ids \['badtest0002'\]"):
+        pca.run(_cfg(embeddings=root, output=str(tmp_path / "o")))
+    assert not os.path.exists(tmp_path / "o" / "cfg.json")  # no half artifact
+    with pytest.raises(config.ConfigError, match="n_components"):
+        config.from_dict(pca.Config, {"embeddings": root, "output": "x", "n_components": 0})
+
+
+def test_unknown_dictionary_kind_is_named(tmp_path):
+    (tmp_path / "cfg.json").write_text(json.dumps({"kind": "ica"}))
+    with pytest.raises(ValueError, match=r"cfg.json: unknown dictionary kind 'ica'"):
+        dictionary.load(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="cfg.json does not exist"):
+        dictionary.load(str(tmp_path / "missing"))

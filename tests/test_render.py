@@ -1,0 +1,124 @@
+"""Image index by id, feature grids as Ray tasks (local and s3://), reruns skip finished grids."""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from galaxysae import activations, config, dictionary, image_index, render, storage
+from tests import atlas_chain
+
+
+@pytest.fixture
+def chain(ray_cluster, offline_hub, session_root):
+    return atlas_chain.build(session_root)
+
+
+def _all_images(dataset, split: str) -> dict[str, bytes]:
+    """Ground truth by a full scan (what the index exists to avoid)."""
+    out = {}
+    for f in sorted((dataset / "data").glob(f"{split}-*.parquet")):
+        t = pq.read_table(f, columns=["id_str", "image"])
+        for i, img in zip(t.column("id_str").to_pylist(), t.column("image").to_pylist()):
+            out[i] = img["bytes"]
+    return out
+
+
+@pytest.mark.slow
+def test_image_index_returns_the_right_bytes_for_random_ids(chain, tmp_path):
+    truth = _all_images(chain.dataset, "test")
+    url = str(tmp_path / "index" / "test.parquet")
+    index = image_index.load_or_build(str(chain.dataset), "test", url)
+    assert len(index) == len(truth) == 120 and len(index.shards) == 2
+    ids = random.Random(0).sample(sorted(truth), 25)
+    got = index.fetch(ids)
+    assert set(got) == set(ids)
+    assert all(got[i] == truth[i] for i in ids)
+    # reloaded from its file, not rebuilt
+    again = image_index.load_or_build(str(chain.dataset), "test", url)
+    assert again.locate(ids[0]) == index.locate(ids[0])
+    with pytest.raises(KeyError, match="'no-such-galaxy' is not in the image index"):
+        index.fetch(["no-such-galaxy"])
+
+
+@pytest.mark.slow
+def test_grids_on_s3_have_the_expected_size_and_count_and_a_rerun_skips_them(chain, s3_prefix):
+    cfg = config.from_dict(render.Config, {
+        "dictionaries": [str(chain.matryoshka), str(chain.pca)], "embeddings": str(chain.embeddings),
+        "dataset": str(chain.dataset), "results": s3_prefix, "n_features": 5, "top_n": 12,
+        "columns": 4, "tile": 48, "features_per_task": 2})
+    summary = render.run(cfg)
+    assert set(summary) == {"matryoshka_sae", "pca"}
+    fs, _ = storage.fsspec_fs(s3_prefix)
+    stamps = {}
+    for name in ("matryoshka_sae", "pca"):
+        grids = storage.listdir(storage.join(s3_prefix, name, "grids"), ".png")
+        assert len(grids) == 5 and summary[name]["rendered"] == 5
+        for g in grids:
+            with Image.open(io.BytesIO(storage.read_bytes(g))) as img:
+                assert img.size == render.grid_size(12, 4, 48)
+                assert np.asarray(img.convert("L"), float).var() > 50  # galaxies, not a blank canvas
+            stamps[g] = fs.info(storage.fsspec_fs(g)[1])["LastModified"]
+    # the SAE grids show its 5 most frequent features; PCA the first 5 components
+    stats = activations.load_features(storage.join(s3_prefix, "matryoshka_sae", "activations", "test"))
+    freq = np.asarray(stats.column("frequency"))
+    assert sorted(summary["matryoshka_sae"]["features"]) == sorted(np.argsort(-freq, kind="stable")[:5].tolist())
+    assert summary["pca"]["features"] == [0, 1, 2, 3, 4]
+    doc = json.loads(storage.read_bytes(storage.join(s3_prefix, "matryoshka_sae", "dictionary.json")))
+    assert doc["levels"] == [8, 16, 32, 64] and doc["kind"] == "sae"
+
+    again = render.run(cfg)
+    assert {n: (s["rendered"], s["skipped"]) for n, s in again.items()} == {"matryoshka_sae": (0, 5), "pca": (0, 5)}
+    assert stamps == {g: fs.info(storage.fsspec_fs(g)[1])["LastModified"] for g in stamps}
+
+
+@pytest.mark.slow
+def test_top_galaxies_are_the_highest_activations_and_a_bad_image_is_recorded(chain, tmp_path):
+    import pyarrow as pa
+
+    # a copy of the dataset in which the top galaxy of PC 1 has a corrupt image
+    d = dictionary.load(str(chain.pca))
+    x = np.concatenate([x for _, _, x in activations.read_embeddings(str(chain.embeddings), "test")])
+    ids = [i for _, ii, _ in activations.read_embeddings(str(chain.embeddings), "test") for i in ii]
+    top = ids[int(np.argmax(d.encode(x)[:, 0]))]
+    bad_ds = tmp_path / "ds"
+    (bad_ds / "data").mkdir(parents=True)
+    for f in sorted((chain.dataset / "data").glob("test-*.parquet")):
+        t = pq.read_table(f)
+        imgs = t.column("image").to_pylist()
+        for i, img in zip(t.column("id_str").to_pylist(), imgs):
+            if i == top:
+                img["bytes"] = b"\xff\xd8\xff truncated"
+        t = t.set_column(t.schema.get_field_index("image"), "image", pa.array(imgs, t.schema.field("image").type))
+        pq.write_table(t, bad_ds / "data" / f.name)
+    cfg = config.from_dict(render.Config, {
+        "dictionaries": [str(chain.pca)], "embeddings": str(chain.embeddings), "dataset": str(bad_ds),
+        "results": str(tmp_path / "results"), "features": [0], "top_n": 6, "columns": 3, "tile": 40})
+    summary = render.run(cfg)
+    assert summary["pca"]["failed_images"] == 1
+    failures = json.loads((tmp_path / "results" / "pca" / "render_failures.json").read_text())
+    assert [f["id_str"] for f in failures] == [top] and failures[0]["reason"]
+    stats = activations.load_features(str(tmp_path / "results" / "pca" / "activations" / "test")).to_pylist()[0]
+    assert stats["top_ids"][0] == top
+    assert stats["top_values"] == sorted(stats["top_values"], reverse=True)
+    assert stats["top_values"][0] == pytest.approx(float(d.encode(x)[:, 0].max()), rel=1e-5)
+    # the grid is still written; the slot of the bad image is marked, not blank
+    png = tmp_path / "results" / "pca" / "grids" / "feature_00000.png"
+    with Image.open(png) as img:
+        slot = np.asarray(img.convert("RGB"))[render.HEADER + render.GAP + 20, render.GAP + 20]
+    assert slot[0] > slot[1] + 20  # the red "unreadable image" tile
+
+
+def test_config_errors_name_the_key():
+    with pytest.raises(config.ConfigError, match="'dictionaries'"):
+        config.from_dict(render.Config, {"embeddings": "e", "dataset": "d"})
+    with pytest.raises(config.ConfigError, match="'select'"):
+        config.from_dict(render.Config, {"dictionaries": ["x"], "embeddings": "e", "dataset": "d", "select": "best"})
+    with pytest.raises(config.ConfigError, match="'names' has 1 entries for 2"):
+        config.from_dict(render.Config, {"dictionaries": ["x", "y"], "names": ["a"], "embeddings": "e", "dataset": "d"})

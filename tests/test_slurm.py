@@ -1,0 +1,200 @@
+"""`make submit-embed` on a real single-node Slurm cluster (tests/services/slurm.py).
+
+The sbatch script starts Ray inside the allocation, runs `galaxysae embed` on generated data
+with its output on the test S3 server, and stops Ray. Checked: the job COMPLETES and its output
+passes the embed contract; a job cancelled mid-way leaves no Ray behind and is not requeued; a
+resubmitted job skips finished shards; SIGTERM to the batch script (what `--signal=B:TERM@120`
+sends before the time limit) requeues the job, which then completes: no id twice, none missing,
+and shards finished before an interruption are skipped, not rewritten.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from galaxysae import storage
+from tests import embed_contract
+
+REPO = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.slow
+
+ENCODER = "hf_hub:mwalmsley/zoobot-encoder-euclid"
+FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL"}
+
+
+def _write_config(path: Path, **cfg) -> Path:
+    lines = []
+    for k, v in cfg.items():
+        if isinstance(v, bool):
+            lines.append(f"{k} = {'true' if v else 'false'}")
+        elif isinstance(v, (int, float)):
+            lines.append(f"{k} = {v}")
+        elif isinstance(v, list):
+            lines.append(f"{k} = [{', '.join(repr(x) for x in v)}]")
+        else:
+            lines.append(f'{k} = "{v}"')
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _submit(slurm, config: Path, log_dir: Path, **make_vars) -> tuple[str, Path]:
+    """`make submit-embed`; -> (job id, log path) as make prints them."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}  # no test cluster
+    env.update(slurm.env())
+    args = ["make", "-s", "submit-embed", f"CONFIG={config}", f"PARTITION={slurm.partition}",
+            f"CPUS={slurm.cpus}", "TIME=00:20:00", f"SLURM_LOG_DIR={log_dir}"]
+    args += [f"{k}={v}" for k, v in make_vars.items()]
+    out = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, f"make submit-embed failed:\n{out.stdout}\n{out.stderr}"
+    job = re.search(r"^job (\d+)$", out.stdout, re.M)
+    log = re.search(r"^log (\S+)$", out.stdout, re.M)
+    assert job and log, f"make did not print the job id and log path:\n{out.stdout}"
+    assert log.group(1) == str(log_dir / f"gs-embed-{job.group(1)}.out")
+    return job.group(1), Path(log.group(1))
+
+
+def _wait_final(slurm, job: str, log: Path, timeout: float = 420) -> str:
+    try:
+        return slurm.wait_state(job, FINAL, timeout)
+    except TimeoutError:
+        text = log.read_text() if log.exists() else "(no log)"
+        subprocess.run(["scancel", job], env={**os.environ, **slurm.env()})
+        pytest.fail(f"job {job} did not finish in {timeout}s; log:\n{text[-4000:]}")
+
+
+def _ray_processes(job: str) -> list[str]:
+    """Command lines of live processes that belong to this job's Ray (its temp dir)."""
+    marker = f"/tmp/ray-{job}"
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if marker + "/" in cmd or marker + " " in cmd or cmd.rstrip().endswith(marker):
+            found.append(f"{pid}: {cmd[:200]}")
+    return found
+
+
+def _assert_no_ray_left(job: str, timeout: float = 60) -> None:
+    deadline = time.time() + timeout
+    while _ray_processes(job) and time.time() < deadline:
+        time.sleep(1)
+    assert not _ray_processes(job), f"Ray processes of job {job} outlived it: {_ray_processes(job)}"
+
+
+def _assert_no_secret(text: str) -> None:
+    # The per-job Ray token is 48 hex digits; the S3 secret comes from the environment.
+    assert not re.search(r"\b[0-9a-f]{48}\b", text), "a Ray auth token appears in the job log"
+    assert os.environ["AWS_SECRET_ACCESS_KEY"] not in text, "the S3 secret appears in the job log"
+
+
+def _etags(output: str, split: str) -> dict[str, tuple]:
+    """Object -> (ETag, LastModified): a rewrite with the same bytes still moves the time."""
+    fs, _ = storage.fsspec_fs(output)
+    fs.invalidate_cache()
+    return {p: (fs.info(p)["ETag"], str(fs.info(p)["LastModified"]))
+            for p in embed_contract.output_files(output, split)}
+
+
+def test_submit_embed_completes(slurm, offline_hub, synth_dataset, s3_prefix, tmp_path):
+    output = f"{s3_prefix}/embeddings"
+    config = _write_config(tmp_path / "embed.toml", dataset=str(synth_dataset), output=output,
+                           encoder=ENCODER, image_size=64, encoder_cpus=1.0,
+                           splits=["train", "test"])
+    # GPUS=1 asks Slurm for the node's (fake, File=/dev/null) GPU: the Ray cluster must report
+    # it; the encoder is told to stay on the CPU since no CUDA device exists behind it.
+    job, log = _submit(slurm, config, tmp_path / "logs", GPUS=1, EXTRA="--device cpu")
+    state = _wait_final(slurm, job, log)
+    text = log.read_text()
+    assert state == "COMPLETED", f"job {job} ended {state}; log:\n{text[-6000:]}"
+    stats = embed_contract.check(output, embed_contract.input_ids(synth_dataset))
+    assert stats["embedded"] + stats["failed"] == 64
+    assert "1 GPUs per node" in text and "'GPU': 1.0" in text, text[-3000:]
+    assert "finished with exit code 0" in text
+    _assert_no_secret(text)
+    _assert_no_ray_left(job)
+    assert not Path(f"/tmp/ray-{job}").exists(), "the job's Ray temp dir was left behind"
+
+
+@pytest.fixture(scope="module")
+def many_shards(session_root) -> Path:
+    """Enough small shards that a job can be caught half-way: 20 train shards + 1 test shard."""
+    from galaxysae import synth
+
+    out = session_root / "gz_euclid_many_shards"
+    if not out.exists():
+        synth.run(synth.Config(out=str(out), n_train=240, n_test=12, shard_size=12, image_size=96,
+                               seed=1, workers=1))
+    return out
+
+
+def _wait_for_log(slurm, job: str, log: Path, text: str, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if log.exists() and text in log.read_text():
+            return
+        if slurm.job_state(job) in FINAL:
+            pytest.fail(f"job {job} ended before its log showed {text!r}")
+        time.sleep(0.3)
+    pytest.fail(f"job {job}: no {text!r} in its log after {timeout}s")
+
+
+def test_cancel_resubmit_and_requeue(slurm, offline_hub, many_shards, s3_prefix, tmp_path):
+    output = f"{s3_prefix}/embeddings"
+    # 224 px (~0.1 s an image) on one thread: slow enough to stop between shards.
+    config = _write_config(tmp_path / "embed.toml", dataset=str(many_shards), output=output,
+                           encoder=ENCODER, image_size=224, batch_size=4, encoder_cpus=1.0,
+                           device="cpu", splits=["train", "test"])
+    logs = tmp_path / "logs"
+    total = 20
+
+    # 1. scancel mid-way: the job ends CANCELLED (not requeued), Ray goes with it.
+    # The job is cancelled once its driver runs (shards can land in one burst at the end, so
+    # waiting for a first shard could miss the job altogether on a fast machine).
+    job1, log1 = _submit(slurm, config, logs, GPUS=0)
+    _wait_for_log(slurm, job1, log1, "running:")
+    time.sleep(3)
+    subprocess.run(["scancel", job1], env={**os.environ, **slurm.env()}, check=True)
+    assert _wait_final(slurm, job1, log1, timeout=120) == "CANCELLED"
+    _assert_no_ray_left(job1)
+    time.sleep(3)
+    assert slurm.job_state(job1) == "CANCELLED", "a cancelled job must not be requeued"
+    assert slurm.job_field(job1, "Restarts") == "0"
+    shutil.rmtree(f"/tmp/ray-{job1}", ignore_errors=True)  # kept for debugging by design
+    first = _etags(output, "train")
+    assert len(first) < total + 1
+
+    # 2. resubmit; SIGTERM to the batch script (the time-limit warning) mid-way: it requeues.
+    job2, log2 = _submit(slurm, config, logs, GPUS=0)
+    _wait_for_log(slurm, job2, log2, "running:")
+    time.sleep(3)
+    subprocess.run(["scancel", "--batch", "--signal=TERM", job2], env={**os.environ, **slurm.env()},
+                   check=True)
+    deadline = time.time() + 120
+    while slurm.job_field(job2, "Restarts") != "1" and time.time() < deadline:
+        time.sleep(1)
+    assert slurm.job_field(job2, "Restarts") == "1", (
+        f"job {job2} was not requeued after SIGTERM; log:\n{log2.read_text()[-4000:]}")
+    state = _wait_final(slurm, job2, log2)
+    text = log2.read_text()
+    assert state == "COMPLETED", f"requeued job {job2} ended {state}; log:\n{text[-6000:]}"
+    assert "requeued" in text
+
+    # Every id exactly once; shards finished before the cancel were skipped, not rewritten.
+    embed_contract.check(output, embed_contract.input_ids(many_shards))
+    after = _etags(output, "train")
+    assert len(after) == total
+    assert {p: after[p] for p in first} == first, "finished shards were rewritten by the rerun"
+    _assert_no_secret(log1.read_text() + text)
+    _assert_no_ray_left(job2)

@@ -1,0 +1,211 @@
+"""`galaxysae train`: inputs (parquet local/s3, research .npy), the original TOML layout, local
+and Ray Train modes, checkpoints and resume after a kill, evaluation and --eval-only."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from galaxysae import cli, config, storage
+from galaxysae import train as train_job
+from galaxysae.embeddings import EmbeddingsError, load, planted, write_parquet
+from galaxysae.sae import SparseAutoencoder
+
+REPO = Path(__file__).resolve().parents[1]
+
+SMALL = [
+    "--epochs", "6", "--batch_size", "64", "--log_every", "10", "--model.n_latents", "64",
+    "--model.k", "4", "--model.multik", "16", "--model.aux_k", "8", "--model.dead_steps", "20",
+    "--optim.lr", "3e-3",
+]
+
+
+def make_embeddings(root: str, n_train=480, n_test=120, d=32, seed=0, n_files=2):
+    x, atoms = planted(n_train + n_test, d, 48, 4, seed=seed, offset=0.3)
+    write_parquet(root, "train", [f"g{i:05d}" for i in range(n_train)], x[:n_train], n_files=n_files)
+    write_parquet(root, "test", [f"g{i:05d}" for i in range(n_train, n_train + n_test)], x[n_train:])
+    return x
+
+
+def run_cli(*args) -> int:
+    return cli.main(["train", *args])
+
+
+def test_local_mode_writes_a_complete_artifact_and_rerun_skips(tmp_path, caplog):
+    make_embeddings(str(tmp_path / "emb"))
+    out = tmp_path / "sae"
+    assert run_cli("--embeddings", str(tmp_path / "emb"), "--output", str(out), "--mode", "local",
+                   *SMALL) == 0
+    for name in ("sae.safetensors", "cfg.json", "metrics.json", "config.toml", "eval.png"):
+        assert (out / name).is_file(), name
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["l0"] == pytest.approx(4.0)
+    assert 0 < metrics["fvu"] < 1 and metrics["fvu"] < metrics["pca"]["fvu"]
+    assert metrics["pca"]["n_components"] == 4
+    assert metrics["train"]["steps"] == 6 * (480 // 64)
+    assert set(metrics["levels"][0]) >= {"n_latents", "fvu", "mse", "l0", "pca_fvu"}
+    model = SparseAutoencoder.load(str(out))
+    assert model.encode(torch.randn(3, 32)).shape == (3, 64)
+    saved = (out / "config.toml").read_text()
+    assert "n_latents = 64" in saved
+    mtime = (out / "sae.safetensors").stat().st_mtime_ns
+    assert run_cli("--embeddings", str(tmp_path / "emb"), "--output", str(out), "--mode", "local",
+                   *SMALL) == 0
+    assert (out / "sae.safetensors").stat().st_mtime_ns == mtime  # done: nothing rewritten
+    # --eval-only re-evaluates the artifact without training
+    (out / "metrics.json").unlink()
+    assert run_cli("--embeddings", str(tmp_path / "emb"), "--output", str(out), "--eval-only",
+                   *SMALL) == 0
+    again = json.loads((out / "metrics.json").read_text())
+    assert again["fvu"] == pytest.approx(metrics["fvu"])
+    assert (out / "sae.safetensors").stat().st_mtime_ns == mtime
+
+
+def test_matryoshka_metrics_per_level(tmp_path):
+    make_embeddings(str(tmp_path / "emb"))
+    out = tmp_path / "mat"
+    run_cli("--embeddings", str(tmp_path / "emb"), "--output", str(out), "--mode", "local", *SMALL,
+            "--model.activation", "batchtopk", "--model.multik", "0",
+            "--model.matryoshka_groups", "8,8,16,32")
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [lv["n_latents"] for lv in metrics["levels"]] == [8, 16, 32, 64]
+    assert metrics["levels"][0]["l0"] <= metrics["levels"][-1]["l0"]
+
+
+def test_s3_input_and_output(s3_prefix):
+    make_embeddings(f"{s3_prefix}/emb", n_train=256, n_test=64)
+    out = f"{s3_prefix}/sae"
+    run_cli("--embeddings", f"{s3_prefix}/emb", "--output", out, "--mode", "local", *SMALL,
+            "--epochs", "2")
+    metrics = json.loads(storage.read_bytes(f"{out}/metrics.json"))
+    assert metrics["n_test"] == 64
+    assert SparseAutoencoder.load(out).n_latents == 64
+    assert storage.listdir(f"{out}/checkpoints", ".pt")
+
+
+def test_original_matryoshka_toml_is_accepted_as_is():
+    cfg = config.parse_args(train_job.Config, [
+        "--config", str(REPO / "configs/matryoshka.toml"), "--embeddings", "e.npy", "--output", "o"],
+        preprocess=train_job.preprocess_toml)
+    m = cfg.model
+    assert m.matryoshka_groups == [64, 64, 128, 256, 512, 1024] and m.n_latents == 2048
+    assert m.activation == "batchtopk" and m.k == 64 and m.l1_coeff == 1e-3
+    assert m.aux_coeff == 0.03 and m.aux_k == 16 * 64 and m.dead_steps == 256 and m.multik == 0
+    assert cfg.optim.lr == 1e-4 and cfg.batch_size == 256 and cfg.epochs == 200
+    assert cfg.input_dim == 640 and cfg.device == "cuda"
+    assert cfg.test_embeddings == "results/embeddings/test_embeddings.npy"
+    topk = config.parse_args(train_job.Config, [
+        "--config", str(REPO / "configs/sae_topk.toml"), "--embeddings", "e", "--output", "o"],
+        preprocess=train_job.preprocess_toml)
+    assert topk.model.n_latents == 5120 and topk.model.multik == 256 and topk.batch_size == 1024
+
+
+def test_original_layout_rejects_unknown_keys_by_name(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[model]\ngroup_sizes = [4, 4]\ntop_k = 2\nwarp_drive = 3\n[training]\nepochs = 1\n")
+    with pytest.raises(config.ConfigError, match="model.warp_drive"):
+        config.parse_args(train_job.Config, ["--config", str(bad)], preprocess=train_job.preprocess_toml)
+    bad.write_text("[model]\ngroup_sizes = [4, 4]\n[training]\nepochs = 1\nwarmup = 3\n")
+    with pytest.raises(config.ConfigError, match="training.warmup"):
+        config.parse_args(train_job.Config, ["--config", str(bad)], preprocess=train_job.preprocess_toml)
+
+
+def test_research_npy_input_with_sibling_ids_and_test_file(tmp_path):
+    x, _ = planted(300, 16, 24, 3, seed=2)
+    np.save(tmp_path / "train_embeddings.npy", x[:240])
+    np.save(tmp_path / "train_ids.npy", np.array([f"id{i}" for i in range(240)], dtype=object),
+            allow_pickle=True)  # the research code saved str ids as an object array
+    np.save(tmp_path / "test_embeddings.npy", x[240:])
+    np.save(tmp_path / "test_ids.npy", np.array([f"id{i}" for i in range(240, 300)]))
+    train, test = load(str(tmp_path / "train_embeddings.npy"), "train", "test")
+    assert len(train) == 240 and len(test) == 60 and test.ids[0] == "id240"
+    out = tmp_path / "sae"
+    run_cli("--embeddings", str(tmp_path / "train_embeddings.npy"), "--output", str(out),
+            "--mode", "local", *SMALL, "--epochs", "2")
+    assert json.loads((out / "metrics.json").read_text())["n_test"] == 60
+
+
+def test_bad_embeddings_are_named(tmp_path):
+    x, _ = planted(100, 16, 24, 3)
+    np.save(tmp_path / "embeddings.npy", x)
+    np.save(tmp_path / "ids.npy", np.array([f"id{i}" for i in range(99)]))
+    with pytest.raises(EmbeddingsError, match=r"has 100 rows but .*ids.npy has 99 ids"):
+        load(str(tmp_path / "embeddings.npy"), "train", "test")
+    x[[7, 42]] = np.nan
+    np.save(tmp_path / "ids.npy", np.array([f"id{i}" for i in range(100)]))
+    with pytest.raises(EmbeddingsError, match=r"embeddings.npy: 2 embedding rows contain NaN or Inf: ids id7, id42"):
+        np.save(tmp_path / "embeddings.npy", x)
+        load(str(tmp_path / "embeddings.npy"), "train", "test")
+    # parquet: a test file of another width names the file
+    root = str(tmp_path / "emb")
+    write_parquet(root, "train", [f"a{i}" for i in range(10)], np.ones((10, 8)))
+    write_parquet(root, "test", [f"b{i}" for i in range(5)], np.ones((5, 9)))
+    with pytest.raises(EmbeddingsError, match=r"test/part-00000.parquet: embedding width 9, expected 8"):
+        load(root, "train", "test")
+    with pytest.raises(EmbeddingsError, match="no parquet files for split 'valid'"):
+        load(root, "train", "valid")
+
+
+def _train_cmd(emb, out, epochs):
+    return [sys.executable, "-m", "galaxysae", "train", "--embeddings", emb, "--output", out,
+            "--mode", "local", *SMALL, "--epochs", str(epochs), "--batch_size", "16",
+            "--checkpoint_every", "1", "--log_every", "30"]
+
+
+def test_killed_run_resumes_from_its_checkpoint(tmp_path):
+    make_embeddings(str(tmp_path / "emb"), n_train=480, n_test=64)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "killed"
+    cmd = _train_cmd(str(tmp_path / "emb"), str(out), epochs=40)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    deadline = time.time() + 120
+    ckpts = out / "checkpoints"
+    while time.time() < deadline and not (ckpts.is_dir() and list(ckpts.glob("epoch-*.pt"))):
+        assert proc.poll() is None, proc.stdout.read().decode()
+        time.sleep(0.05)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = sorted(p.name for p in ckpts.glob("epoch-*.pt"))
+    assert done and not (out / "metrics.json").exists(), "the run finished before it was killed"
+    resumed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stderr
+    first_epoch = int(resumed.stderr.split("resuming from")[1].split("(epoch ")[1].split(",")[0])
+    assert first_epoch >= 1
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["train"]["steps"] == 40 * (480 // 16)
+    assert metrics["train"]["epochs"] == 40
+    # the same run uninterrupted ends with the very same weights
+    ref = tmp_path / "ref"
+    whole = subprocess.run(_train_cmd(str(tmp_path / "emb"), str(ref), epochs=40), env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    a = SparseAutoencoder.load(str(out)).state_dict()
+    b = SparseAutoencoder.load(str(ref)).state_dict()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.slow
+def test_ray_train_mode_streams_parquet_from_s3(ray_cluster, s3_prefix):
+    make_embeddings(f"{s3_prefix}/emb", n_train=512, n_test=64)
+    out = f"{s3_prefix}/sae-ray"
+    assert run_cli("--embeddings", f"{s3_prefix}/emb", "--output", out, "--mode", "ray",
+                   "--num_workers", "2", "--cpus_per_worker", "1", *SMALL, "--epochs", "3") == 0
+    metrics = json.loads(storage.read_bytes(f"{out}/metrics.json"))
+    assert metrics["train"]["mode"] == "ray"
+    # 2 workers x (256 rows / 64) steps x 3 epochs, counted per worker
+    assert metrics["train"]["steps"] == 3 * (256 // 64)
+    assert metrics["l0"] == pytest.approx(4.0) and metrics["fvu"] < 1
+    assert storage.listdir(f"{out}/checkpoints", ".pt")
