@@ -104,7 +104,7 @@ def test_original_matryoshka_toml_is_accepted_as_is():
     assert cfg.input_dim == 640 and cfg.device == "cuda"
     assert cfg.test_embeddings == "results/embeddings/test_embeddings.npy"
     topk = config.parse_args(train_job.Config, [
-        "--config", str(REPO / "configs/sae_topk.toml"), "--embeddings", "e", "--output", "o"],
+        "--config", str(REPO / "configs/train.toml"), "--embeddings", "e", "--output", "o"],
         preprocess=train_job.preprocess_toml)
     assert topk.model.n_latents == 5120 and topk.model.multik == 256 and topk.batch_size == 1024
 
