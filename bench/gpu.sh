@@ -1,9 +1,22 @@
 #!/usr/bin/env bash
-# GPU benchmarks on a bare GPU box: Python with torch, timm, pyarrow and pillow only (no Ray).
-# Usage: bench/gpu.sh   (IMAGES=8192 by default; PY=python3)
+# GPU benchmarks on a bare GPU box: Python with torch, timm, pyarrow and pillow only (no Ray, no
+# network, no downloads: the data is generated). About 5 minutes on one H100/H200-class GPU.
+# Prints: original-style embed loop img/s, encoder-only img/s (fp32 vs bf16, channels_last),
+# decode / encode / pipeline img/s with N decode CPUs, SAE training samples/s (ours vs the
+# original loops) with a per-part timing table, GPU memory; ends with `target ...` lines.
+# Usage: bench/gpu.sh [--smoke]   (--smoke: tiny sizes, runs on a CPU in seconds; used by tests)
+#        env: PY=python3 IMAGES=8192 TRAIN_ROWS=131072 DECODERS=<cpus-2>
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-"$PY" bench/gpu_embed.py --images "${IMAGES:-8192}"
+export PYTHONUNBUFFERED=1
+if [[ "${1:-}" == "--smoke" ]]; then
+  "$PY" bench/gpu_embed.py --smoke
+  "$PY" bench/gpu_train.py --smoke
+  exit 0
+fi
+decoders=()
+if [[ -n "${DECODERS:-}" ]]; then decoders=(--decoders "$DECODERS"); fi
+"$PY" bench/gpu_embed.py --images "${IMAGES:-8192}" "${decoders[@]}"
 "$PY" bench/gpu_train.py --n-train "${TRAIN_ROWS:-131072}"

@@ -422,6 +422,7 @@ Zoo answers it tracks. Results from <code>{esc(results)}</code>.</p>{note}
 def run(cfg: Config) -> str:
     t0 = time.time()
     out = cfg.output.rstrip("/")
+    storage.check_writable(out)  # wrong credentials / unreachable store: fail first
     names = [n for n in _subdirs(cfg.results) if not n.startswith(("_", ".")) and n != "compare"]
     entries = [e for e in (load_entry(cfg.results, n, cfg) for n in names) if e is not None]
     if not entries:

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from galaxysae import config, schema, storage
+from galaxysae.render import DictionaryInputs
 
 log = logging.getLogger(__name__)
 
@@ -63,29 +64,13 @@ def readable(column: str | None) -> str:
 
 
 @dataclass
-class Config:
+class Config(DictionaryInputs):
     """Label alignment of every feature of every dictionary with the Galaxy Zoo vote fractions."""
 
-    dictionaries: list[str] = field(default_factory=list, metadata={"help": "artifact dirs (SAE or PCA), local or s3://"})
-    embeddings: str = field(default="", metadata={"help": "embed output (dir or s3:// prefix)"})
-    dataset: str = field(default="", metadata={"help": "dataset with the vote fractions (dir, s3:// or hf://datasets/...)"})
-    split: str = field(default="test", metadata={"help": "split the correlations are measured on"})
-    results: str = field(default="results", metadata={"help": "results root (local or s3://)"})
-    names: list[str] = field(default_factory=list, metadata={"help": "results folder per dictionary (default: sae/matryoshka_sae/pca)"})
     min_valid: int = field(default=20, metadata={"help": "fewest galaxies asked a question for its columns to be correlated"})
-    batch_size: int = field(default=1024, metadata={"help": "embeddings per encode batch"})
-    actors: int = field(default=1, metadata={"help": "encode actors (activations)"})
-    cpus_per_actor: int = field(default=1, metadata={"help": "CPUs (torch threads) per encode actor"})
-    overwrite: bool = field(default=False, metadata={"help": "recompute activations that exist"})
 
     def validate(self) -> None:
-        for key in ("embeddings", "dataset"):
-            if not getattr(self, key):
-                raise ValueError(f"key '{key}' is required")
-        if not self.dictionaries:
-            raise ValueError("key 'dictionaries' needs at least one artifact directory")
-        if self.names and len(self.names) != len(self.dictionaries):
-            raise ValueError(f"key 'names' has {len(self.names)} entries for {len(self.dictionaries)} dictionaries")
+        super().validate()
         if self.min_valid < 3:
             raise ValueError(f"key 'min_valid' must be >= 3, got {self.min_valid}")
 
@@ -314,6 +299,7 @@ def run(cfg: Config) -> dict:
     from galaxysae.render import activations_for, folder_names, write_summary
 
     t0 = time.time()
+    storage.check_writable(cfg.results)  # wrong credentials / unreachable store: fail first
     label_ids, labels, columns = read_labels(cfg.dataset, cfg.split)
     label_pos = {s: i for i, s in enumerate(label_ids)}
     dicts = [dictionary.load(u) for u in cfg.dictionaries]

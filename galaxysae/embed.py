@@ -3,7 +3,7 @@
 #   sources.resolve(--dataset)  -> parquet shards per split (hf:// snapshot, local dir, s3://)
 #   scan (driver)               -> id_str of every pending shard: row counts, duplicate check
 #   ray.data.read_parquet       -> id_str, image, path            (CPU tasks, in parallel)
-#   decode.decode_batch         -> pixels [N,3,S,S] float, reason (same CPU tasks, fused)
+#   decode.decode_batch         -> pixels [N,3,S,S] uint8 (float32 for >8-bit images), reason
 #   encoder.EncodeBatch         -> embedding [N,D]                (actor pool, model loaded once)
 #   shard_writer (driver)      -> {output}/{split}/{shard}.parquet + {output}/_failures/...,
 #                                  each written atomically once every row of its shard is back
@@ -72,6 +72,9 @@ class Config:
     overwrite: bool = field(default=False, metadata={"help": "redo shards whose output exists"})
     progress_interval_s: float = field(default=30.0, metadata={
         "help": "seconds between progress lines in the log"})
+    claim_stale_s: float = field(default=600.0, metadata={
+        "help": "a run writing the output holds {output}/_claim.json with a heartbeat; a second run "
+                "refuses to start unless that heartbeat is older than this (seconds)"})
 
     def validate(self) -> None:
         if not self.splits:
@@ -82,6 +85,8 @@ class Config:
             raise ValueError(f"read_unit_bytes must be >= 1, got {self.read_unit_bytes}")
         if not 0.0 <= self.max_failure_fraction <= 1.0:
             raise ValueError(f"max_failure_fraction must be in [0, 1], got {self.max_failure_fraction}")
+        if self.claim_stale_s <= 0:
+            raise ValueError(f"claim_stale_s must be > 0, got {self.claim_stale_s}")
         for key in ("batch_size", "num_encoders", "encoder_cpus", "encoder_threads", "decode_cpus",
                     "decode_tasks", "object_store_mib"):
             if getattr(self, key) < 0:
@@ -179,15 +184,44 @@ def build_dataset(cfg: Config, shards: list[sources.Shard], min_blocks: int = 1)
 
 
 def run(cfg: Config) -> int:
-    from galaxysae import cluster, encoder
+    """Embed, holding the output's claim (two runs on one output: the second exits 4)."""
+    import signal
+    import threading
+
+    from galaxysae.claim import Claim, ClaimError
 
     cfg = _absolute(cfg)
+    storage.check_writable(cfg.output)  # wrong credentials: a clear error before any work
+    claim = Claim(cfg.output, stale_s=cfg.claim_stale_s)
+    try:
+        claim.acquire()
+    except ClaimError as exc:
+        log.error("%s", exc)
+        return 4
+    # SIGTERM (scancel, a Slurm time limit, a pod eviction) unwinds like an exception, so the
+    # claim is released and the rerun starts at once; written shards are whole files anyway.
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        def _term(signum, frame):
+            raise SystemExit(128 + signum)
+        previous = signal.signal(signal.SIGTERM, _term)
+    try:
+        return _run(cfg, claim)
+    finally:
+        claim.release()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _run(cfg: Config, claim) -> int:
+    from galaxysae import cluster, encoder
+
     shards = sources.resolve(cfg.dataset, cfg.dataset_config, cfg.splits)
     revision, _, stand_in = encoder.describe(
         sources.localize_encoder(cfg.encoder, cfg.encoder_cache or None), cfg.pretrained)
     if stand_in:
         log.warning("STAND-IN ENCODER %s: %s", cfg.encoder, stand_in)
-    writer = ShardWriter(cfg.output, provenance={
+    writer = ShardWriter(cfg.output, before_commit=claim.check, provenance={
         "encoder": cfg.encoder, "encoder_revision": revision, "encoder_stand_in": stand_in,
         "image_size": str(cfg.image_size), "source": config.redact(cfg.dataset),
     })
@@ -195,7 +229,7 @@ def run(cfg: Config) -> int:
     skipped = len(shards) - len(pending)
     # Every shard of a split is scanned (done ones too): a duplicate id_str anywhere in a split
     # is an error before any work starts.
-    expected = scan_shards(shards, pending)
+    expected = scan_shards(shards, pending, required=(cfg.image_column,))
     log.info("%d shards (%d to embed, %d already done), %d rows to embed", len(shards),
              len(pending), skipped, sum(len(v) for v in expected.values()))
 
@@ -221,6 +255,11 @@ def run(cfg: Config) -> int:
         # with the input instead of staying flat.
         ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(
             object_store_memory=cfg.object_store_mib * 2**20)
+        # Blocks of one encoder batch: Ray Data's default (128 MiB) bundles hundreds of decoded
+        # images, or every row of many small shards, into one block whose rows all come back
+        # at once, so shards were committed in bursts (a killed job lost them) and memory
+        # held several such blocks.
+        ctx.target_max_block_size = max(1 << 20, cfg.batch_size * 3 * cfg.image_size ** 2 * 4)
         writer.expect(todo, expected)
         last = start
         ds = build_dataset(cfg, todo, min_blocks=int(ray.cluster_resources().get("CPU", 1)))

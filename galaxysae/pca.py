@@ -144,6 +144,7 @@ def run(cfg: Config) -> dict:
     if storage.exists(cfg_url) and not cfg.overwrite:
         log.info("PCA artifact %s exists: skipping (--overwrite to refit)", out)
         return json.loads(storage.read_bytes(storage.join(out, "metrics.json")))
+    storage.check_writable(out)  # wrong credentials / unreachable store: fail before fitting
     pca, n_train = fit(cfg.embeddings, cfg.train_split, cfg.n_components)
     m = pca.n_latents
     ratio = pca.explained_variance / pca.d_in

@@ -31,26 +31,19 @@ GAP, HEADER = 4, 34
 
 
 @dataclass
-class Config:
-    """Grids of each feature's most exciting galaxies, for SAE features and principal components."""
+class DictionaryInputs:
+    """What render and compare both read: dictionaries, their embeddings and the dataset."""
 
     dictionaries: list[str] = field(default_factory=list, metadata={"help": "artifact dirs (SAE or PCA), local or s3://"})
     embeddings: str = field(default="", metadata={"help": "embed output (dir or s3:// prefix)"})
-    dataset: str = field(default="", metadata={"help": "dataset the images come from (dir, s3:// or hf://datasets/...)"})
-    split: str = field(default="test", metadata={"help": "split whose galaxies are ranked"})
+    dataset: str = field(default="", metadata={"help": "dataset with the images and votes (dir, s3:// or hf://datasets/...)"})
+    split: str = field(default="test", metadata={"help": "split whose galaxies are ranked and correlated"})
     results: str = field(default="results", metadata={"help": "results root (local or s3://)"})
     names: list[str] = field(default_factory=list, metadata={"help": "results folder per dictionary (default: sae/matryoshka_sae/pca)"})
-    features: list[int] = field(default_factory=list, metadata={"help": "feature ids to render (overrides 'select')"})
-    select: Literal["frequent", "all", "first"] = field(default="frequent", metadata={"help": "which features: most frequent, all, or the first n_features"})
-    n_features: int = field(default=64, metadata={"help": "how many features 'frequent'/'first' pick"})
-    top_n: int = field(default=30, metadata={"help": "galaxies per grid"})
-    columns: int = field(default=6, metadata={"help": "galaxies per grid row"})
-    tile: int = field(default=128, metadata={"help": "thumbnail size in pixels"})
-    features_per_task: int = field(default=16, metadata={"help": "grids composed by one Ray task"})
     batch_size: int = field(default=1024, metadata={"help": "embeddings per encode batch"})
     actors: int = field(default=1, metadata={"help": "encode actors (activations)"})
     cpus_per_actor: int = field(default=1, metadata={"help": "CPUs (torch threads) per encode actor"})
-    overwrite: bool = field(default=False, metadata={"help": "redo grids and activations that exist"})
+    overwrite: bool = field(default=False, metadata={"help": "recompute outputs that exist"})
 
     def validate(self) -> None:
         for key in ("embeddings", "dataset"):
@@ -60,6 +53,22 @@ class Config:
             raise ValueError("key 'dictionaries' needs at least one artifact directory")
         if self.names and len(self.names) != len(self.dictionaries):
             raise ValueError(f"key 'names' has {len(self.names)} entries for {len(self.dictionaries)} dictionaries")
+
+
+@dataclass
+class Config(DictionaryInputs):
+    """Grids of each feature's most exciting galaxies, for SAE features and principal components."""
+
+    features: list[int] = field(default_factory=list, metadata={"help": "feature ids to render (overrides 'select')"})
+    select: Literal["frequent", "all", "first"] = field(default="frequent", metadata={"help": "which features: most frequent, all, or the first n_features"})
+    n_features: int = field(default=64, metadata={"help": "how many features 'frequent'/'first' pick"})
+    top_n: int = field(default=30, metadata={"help": "galaxies per grid"})
+    columns: int = field(default=6, metadata={"help": "galaxies per grid row"})
+    tile: int = field(default=128, metadata={"help": "thumbnail size in pixels"})
+    features_per_task: int = field(default=16, metadata={"help": "grids composed by one Ray task"})
+
+    def validate(self) -> None:
+        super().validate()
         for key in ("n_features", "top_n", "columns", "tile", "features_per_task"):
             if getattr(self, key) < 1:
                 raise ValueError(f"key '{key}' must be >= 1, got {getattr(self, key)}")
@@ -241,6 +250,7 @@ def run(cfg: Config) -> dict:
     from galaxysae import cluster, dictionary, image_index
 
     t0 = time.time()
+    storage.check_writable(cfg.results)  # wrong credentials / unreachable store: fail first
     cluster.connect()
     dicts = [dictionary.load(u) for u in cfg.dictionaries]
     index = image_index.load_or_build(cfg.dataset, cfg.split,

@@ -28,14 +28,19 @@ log = logging.getLogger(__name__)
 __all__ = ["ShardWriter", "scan_shards", "Stats"]
 
 
-def _read_ids(shard: Shard) -> list:
+def _read_ids(shard: Shard, required: tuple[str, ...] = ()) -> list:
     import pyarrow.parquet as pq
 
     fs, path = storage.arrow_fs(shard.url)
     try:
+        names = pq.read_schema(path, filesystem=fs).names
+        missing = [c for c in ("id_str", *required) if c not in names]
+        if missing:
+            raise KeyError(missing)
         table = pq.read_table(path, filesystem=fs, columns=["id_str"])
     except KeyError:
-        raise ValueError(f"shard {shard.url}: no id_str column") from None
+        raise ValueError(f"shard {shard.url}: no column {', '.join(map(repr, missing))} "
+                         f"(columns: {', '.join(names[:20])}{', ...' if len(names) > 20 else ''})") from None
     except Exception as exc:  # noqa: BLE001 - name the file that is at fault
         raise ValueError(f"shard {shard.url}: unreadable parquet ({type(exc).__name__}: {exc})") from None
     ids = table.column("id_str").to_pylist()
@@ -44,13 +49,18 @@ def _read_ids(shard: Shard) -> list:
     return [str(i) for i in ids]
 
 
-def scan_shards(shards: list[Shard], pending: list[Shard]) -> dict[Shard, list[str]]:
+def scan_shards(shards: list[Shard], pending: list[Shard],
+                required: tuple[str, ...] = ()) -> dict[Shard, list[str]]:
     """id_str of every shard; raises naming the ids when one appears twice within a split.
 
+    ``pending`` shards must also hold the ``required`` columns (the image column): a shard
+    without them is an error naming it before any work starts, not a failure deep in a task.
     Returns the ids of the ``pending`` shards (their rows, in input order).
     """
+    todo = set(pending)
     with ThreadPoolExecutor(max_workers=8) as pool:
-        ids = dict(zip(shards, pool.map(_read_ids, shards)))
+        ids = dict(zip(shards, pool.map(
+            lambda s: _read_ids(s, required if s in todo else ()), shards)))
     by_split: dict[str, dict[str, list[str]]] = collections.defaultdict(lambda: collections.defaultdict(list))
     for shard, shard_ids in ids.items():
         for i in shard_ids:
@@ -93,8 +103,10 @@ class _Buffer:
 
 
 class ShardWriter:
-    def __init__(self, output: str, provenance: dict[str, str]):
+    def __init__(self, output: str, provenance: dict[str, str], before_commit=None):
+        """``before_commit()`` returns "" or why this run may no longer write (a lost claim)."""
         self.output = output
+        self.before_commit = before_commit
         self.provenance = dict(provenance)
         self.stats = Stats()
         self._open: dict[str, _Buffer] = {}
@@ -153,6 +165,9 @@ class ShardWriter:
         import pyarrow as pa
 
         shard = buf.shard
+        why = self.before_commit() if self.before_commit else ""
+        if why:
+            raise RuntimeError(f"not writing {self.embeddings_url(shard)}: {why}")
         reasons = np.asarray(buf.reasons, dtype=object)
         ok = reasons == ""
         ids = np.asarray(buf.ids, dtype=object)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 __all__ = [
     "is_remote", "join", "exists", "read_bytes", "write_bytes", "write_parquet", "listdir",
-    "fsspec_fs", "arrow_fs", "makedirs", "remove", "s3_options",
+    "fsspec_fs", "arrow_fs", "makedirs", "remove", "s3_options", "check_writable", "StorageError",
 ]
 
 
@@ -59,7 +59,9 @@ def _s3fs(_env_key: tuple):
         import s3fs
     except ImportError as exc:  # pragma: no cover - part of the pinned environment
         raise ImportError("s3:// URLs need s3fs: pip install -r requirements.txt") from exc
-    return s3fs.S3FileSystem(**s3_options())
+    # skip_instance_cache: fsspec would otherwise hand back an instance holding the credentials
+    # of an earlier environment (this cache is keyed on the environment instead).
+    return s3fs.S3FileSystem(skip_instance_cache=True, **s3_options())
 
 
 def _env_key() -> tuple:
@@ -112,6 +114,8 @@ def arrow_fs(url: str):
 
 def exists(url: str) -> bool:
     fs, path = fsspec_fs(url)
+    if is_remote(url):
+        return _with_retries(url, "existence check", lambda: fs.exists(path))
     return fs.exists(path)
 
 
@@ -123,17 +127,88 @@ def makedirs(url: str) -> None:
 def read_bytes(url: str) -> bytes:
     fs, path = fsspec_fs(url)
     try:
+        if is_remote(url):
+            return _with_retries(url, "read", lambda: fs.cat_file(path))
         return fs.cat_file(path)
     except FileNotFoundError:
         raise FileNotFoundError(f"{url} does not exist") from None
 
 
+class StorageError(OSError):
+    """Object storage failed for good (after retries); the message names the URL."""
+
+
+# Failures that retrying cannot fix: wrong credentials, missing bucket, bad arguments.
+_FINAL = (PermissionError, FileNotFoundError, IsADirectoryError, NotADirectoryError, TypeError,
+          ValueError)
+
+
+def _with_retries(url: str, what: str, op):
+    """Run ``op()`` against object storage, retrying transient failures with exponential backoff.
+
+    GALAXYSAE_S3_ATTEMPTS (default 5) attempts, GALAXYSAE_S3_BACKOFF_S (default 1 s) doubling
+    between them: a store that restarts within ~15 s costs nothing. Wrong credentials fail at
+    once with a PermissionError naming the URL and the variables to check (never their values).
+    """
+    import logging
+    import time
+
+    attempts = max(1, int(os.environ.get("GALAXYSAE_S3_ATTEMPTS", "5")))
+    delay = float(os.environ.get("GALAXYSAE_S3_BACKOFF_S", "1.0"))
+    start = time.monotonic()
+    for attempt in range(1, attempts + 1):
+        try:
+            return op()
+        except PermissionError as exc:
+            raise PermissionError(
+                f"{url}: {what} refused: check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY "
+                f"(and AWS_ENDPOINT_URL) ({exc})") from None
+        except _FINAL:
+            raise
+        except Exception as exc:  # noqa: BLE001 - botocore/aiohttp raise many transient types
+            if attempt == attempts:
+                raise StorageError(
+                    f"{url}: {what} failed after {attempts} attempts over "
+                    f"{time.monotonic() - start:.1f} s ({type(exc).__name__}: {exc})") from None
+            logging.getLogger(__name__).warning(
+                "%s: %s failed (%s: %s); retry %d/%d in %.1f s", url, what, type(exc).__name__,
+                exc, attempt, attempts - 1, delay)
+            time.sleep(delay)
+            delay *= 2
+            fs, _ = fsspec_fs(url)
+            fs.invalidate_cache()
+
+
+def check_writable(url: str) -> None:
+    """Preflight for a job's output: write and delete a hidden probe under ``url``.
+
+    Called before any work starts, so wrong credentials or an unreachable store cost nothing:
+    raises PermissionError / StorageError naming ``url``.
+    """
+    url = str(url)
+    probe = join(url, f".galaxysae-probe-{uuid.uuid4().hex[:12]}")
+    if not is_remote(url):
+        try:
+            write_bytes(probe, b"")
+            os.unlink(_strip_file(probe))
+        except PermissionError:
+            raise PermissionError(f"{url}: output folder is not writable") from None
+        return
+    fs, path = fsspec_fs(probe)
+    _with_retries(url, "writing a probe object", lambda: fs.pipe_file(path, b""))
+    _with_retries(url, "deleting a probe object", lambda: fs.rm(path))
+
+
 def write_bytes(url: str, data: bytes) -> None:
-    """Write ``data`` to ``url`` atomically (temp file + rename locally; one PUT on S3)."""
+    """Write ``data`` to ``url`` atomically (temp file + rename locally; one PUT on S3).
+
+    On S3, transient failures are retried with backoff (see :func:`_with_retries`); a PUT that
+    never completed leaves no object, so readers see the whole object or none.
+    """
     url = str(url)
     if is_remote(url):
         fs, path = fsspec_fs(url)
-        fs.pipe_file(path, data)
+        _with_retries(url, "write", lambda: fs.pipe_file(path, data))
         return
     path = Path(_strip_file(url))
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -162,7 +237,10 @@ def listdir(url: str, suffix: str = "") -> list[str]:
     """Sorted full URLs of the files directly under ``url`` ending with ``suffix`` (hidden skipped)."""
     fs, path = fsspec_fs(url)
     try:
-        entries = fs.ls(path, detail=True)
+        if is_remote(url):
+            entries = _with_retries(url, "listing", lambda: fs.ls(path, detail=True))
+        else:
+            entries = fs.ls(path, detail=True)
     except FileNotFoundError:
         return []
     out = []
@@ -176,5 +254,9 @@ def listdir(url: str, suffix: str = "") -> list[str]:
 
 def remove(url: str) -> None:
     fs, path = fsspec_fs(url)
-    if fs.exists(path):
+    if not exists(url):
+        return
+    if is_remote(url):
+        _with_retries(url, "delete", lambda: fs.rm(path, recursive=True))
+    else:
         fs.rm(path, recursive=True)

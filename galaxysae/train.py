@@ -586,6 +586,7 @@ def run(cfg: Config, callbacks=None) -> dict:
     from galaxysae.sae import SparseAutoencoder
 
     metrics_url = storage.join(cfg.output, "metrics.json")
+    storage.check_writable(cfg.output)  # wrong credentials / unreachable store: fail first
     train, test = load_data(cfg)
     _check_width(cfg, train.x.shape[1], train.source)
     if cfg.eval_only:

@@ -23,6 +23,9 @@
 #   RAY_PORT_BASE      first port of this job's block (default: derived from SLURM_JOB_ID)
 #   GALAXYSAE_REQUEUE_ON_TERM  1 (default): requeue the job after SIGTERM; 0: just stop
 #   RAY_START_TIMEOUT  seconds to wait for every node to join (default 300)
+#   RAY_STOP_GRACE     seconds each part (driver, workers, head) gets to exit after SIGTERM
+#                      before SIGKILL (default 10; outputs are whole files by then, so nothing
+#                      is lost): a cancelled or requeued job ends within about 30 s
 
 _gs_log() { printf '[galaxysae-slurm %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
 
@@ -193,11 +196,17 @@ _gs_stop_step() {
       kill -TERM "$pid" 2>/dev/null || true
     fi
   fi
-  for ((i = 0; i < 60; i++)); do
+  # Bounded: Ray's shutdown can hang (a GCS already gone, a raylet draining); SIGKILL after
+  # the grace period, to the step's `ray start` process too (srun's own pid alone would leave it).
+  for ((i = 0; i < 2 * ${RAY_STOP_GRACE:-10}; i++)); do
     kill -0 "$pid" 2>/dev/null || break
-    sleep 1
+    sleep 0.5
   done
-  kill -KILL "$pid" 2>/dev/null || true
+  if kill -0 "$pid" 2>/dev/null; then
+    _gs_log "$name did not stop within ${RAY_STOP_GRACE:-10}s: SIGKILL"
+    if [[ -n $pidfile && -s $pidfile ]]; then kill -KILL "$(<"$pidfile")" 2>/dev/null || true; fi
+    kill -KILL "$pid" 2>/dev/null || true
+  fi
   wait "$pid" 2>/dev/null || true
 }
 
@@ -215,11 +224,15 @@ ray_cluster_stop() {
 
 _gs_on_term() {
   trap '' TERM INT
-  _gs_log "SIGTERM: stopping the job and Ray (outputs written so far are kept)"
+  # Read the state first: scancel marks the job CANCELLED before it signals us, while the
+  # time-limit warning (--signal=B:TERM@120) and preemption leave it RUNNING. Slurm also lets
+  # a finished job be requeued, so a cancelled job must be told apart here, not by requeue failing.
+  local state
+  state=$(scontrol show job "$SLURM_JOB_ID" 2>/dev/null | grep -o 'JobState=[A-Z_]*' | cut -d= -f2)
+  _gs_log "SIGTERM (job state ${state:-unknown}): stopping the job and Ray (outputs written so far are kept)"
   _GS_RC=143
   ray_cluster_stop
-  if [[ ${GALAXYSAE_REQUEUE_ON_TERM:-1} == 1 ]]; then
-    # Fails (harmlessly) when the job was cancelled: only a running job goes back in the queue.
+  if [[ ${GALAXYSAE_REQUEUE_ON_TERM:-1} == 1 && $state == RUNNING ]]; then
     if scontrol requeue "$SLURM_JOB_ID" 2>/dev/null; then
       _gs_log "job $SLURM_JOB_ID requeued: the rerun skips what is already done"
     fi

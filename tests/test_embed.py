@@ -278,3 +278,80 @@ def test_sigkill_midway_then_rerun_gives_the_uninterrupted_row_set(offline_hub, 
     assert max(float(np.abs(a[i] - b[i]).max()) for i in a) <= 1e-5
     visible = [p.name for p in killed_out.glob("*/*.parquet")]
     assert len(visible) == len(set(visible)) == n_shards
+
+
+# ----------------------------------------------------------------------------- two writers
+
+
+@pytest.mark.slow
+def test_two_runs_on_one_output_one_wins_the_other_exits_naming_it(local_run, synth_dataset,
+                                                                   ray_cluster, tmp_path):
+    out = tmp_path / "shared"
+    args = [sys.executable, "-m", "galaxysae", "embed", "--dataset", str(synth_dataset),
+            "--output", str(out), "--encoder", ENCODER, "--image-size", str(SIZE),
+            "--batch-size", "16", "--encoder-threads", "2", "--read-unit-bytes", "1"]
+    procs = [subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    results = []
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        results.append((p.returncode, err))
+    codes = sorted(rc for rc, _ in results)
+    assert codes == [0, 4], [(rc, err[-2000:]) for rc, err in results]
+    winner = next(p for p, (rc, _) in zip(procs, results) if rc == 0)
+    loser_err = next(err for rc, err in results if rc == 4)
+    assert f"output {out} is being written by another run" in loser_err
+    assert f"pid {winner.pid}" in loser_err and "host " in loser_err and "started 20" in loser_err
+    assert not (out / "_claim.json").exists(), "the winner must release its claim"
+    # The winner's output is whole: every input id once, identical to a run on its own.
+    a, b = embeddings(str(out)), embeddings(str(local_run))
+    assert set(a) == set(b) and len(a) == 64
+    assert max(float(np.abs(a[i] - b[i]).max()) for i in a) <= 1e-5
+
+
+def test_claim_on_s3_is_exclusive_stale_ones_are_taken_over_and_a_loser_notices(s3_prefix):
+    from galaxysae.claim import Claim, ClaimError
+
+    out = f"{s3_prefix}/emb"
+    first = Claim(out, stale_s=60).acquire()
+    with pytest.raises(ClaimError, match=rf"output {out} is being written by another run .*"
+                                         rf"pid {os.getpid()}.*started 20"):
+        Claim(out, stale_s=60).acquire()
+    # A claim whose heartbeat stopped (a dead run on another host) is taken over...
+    first._stop.set()
+    first._thread.join()
+    time.sleep(1.2)
+    second = Claim(out, stale_s=1.0, heartbeat_s=0.3).acquire()
+    # ...and the old holder learns it lost before its next commit.
+    assert "taken over by run " + second.record["run_id"] in first.check()
+    time.sleep(1.0)  # the heartbeat keeps the new claim fresh past stale_s
+    with pytest.raises(ClaimError):
+        Claim(out, stale_s=1.0).acquire()
+    second.release()
+    assert not storage.exists(f"{out}/_claim.json")
+    Claim(out, stale_s=60).acquire().release()
+
+
+def test_8bit_batches_travel_as_uint8_and_embed_exactly_like_floats(synth_dataset, offline_hub):
+    from galaxysae.decode import decode_batch, to_float
+    from galaxysae.encoder import EncodeBatch
+
+    shard = sorted((synth_dataset / "data").glob("train-*.parquet"))[0]
+    table = pq.read_table(shard, columns=["id_str", "image"]).slice(0, 6)
+    table = table.append_column("path", pa.array([str(shard)] * 6))
+    out = decode_batch(table, image_size=SIZE)
+    assert out["pixels"].dtype == np.uint8 and out["pixels"].shape == (6, 3, SIZE, SIZE)
+    as_float = to_float(out["pixels"])
+    for i, img in enumerate(table.column("image").to_pylist()):
+        assert np.array_equal(as_float[i], decode_image(img["bytes"], SIZE))
+    op = EncodeBatch(ENCODER, image_size=SIZE, device="cpu", threads=2)
+    a = op(out)["embedding"]
+    b = op({**out, "pixels": as_float})["embedding"]
+    assert np.array_equal(a, b), "uint8 transfer must not change a single bit"
+    # One failed image: the batch falls back to float32 with NaN for it, never zeros.
+    bad = table.set_column(1, "image", pa.array(
+        [{"bytes": b"not a jpeg", "path": None}] + table.column("image").to_pylist()[1:],
+        table.schema.field("image").type))
+    out = decode_batch(bad, image_size=SIZE)
+    assert out["pixels"].dtype == np.float32 and np.isnan(out["pixels"][0]).all()
+    assert np.array_equal(out["pixels"][1:], as_float[1:])

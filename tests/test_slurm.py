@@ -49,6 +49,9 @@ def _submit(slurm, config: Path, log_dir: Path, **make_vars) -> tuple[str, Path]
     """`make submit-embed`; -> (job id, log path) as make prints them."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}  # no test cluster
     env.update(slurm.env())
+    # Ray's head often ignores SIGTERM for longer than this; SIGKILL then (sbatch exports the
+    # submitter's environment to the job).
+    env["RAY_STOP_GRACE"] = "5"
     args = ["make", "-s", "submit-embed", f"CONFIG={config}", f"PARTITION={slurm.partition}",
             f"CPUS={slurm.cpus}", "TIME=00:20:00", f"SLURM_LOG_DIR={log_dir}"]
     args += [f"{k}={v}" for k, v in make_vars.items()]
@@ -129,64 +132,67 @@ def test_submit_embed_completes(slurm, offline_hub, synth_dataset, s3_prefix, tm
 
 @pytest.fixture(scope="module")
 def many_shards(session_root) -> Path:
-    """Enough small shards that a job can be caught half-way: 20 train shards + 1 test shard."""
+    """Enough small shards that a job can be caught half-way: 16 train shards + 1 test shard."""
     from galaxysae import synth
 
     out = session_root / "gz_euclid_many_shards"
     if not out.exists():
-        synth.run(synth.Config(out=str(out), n_train=240, n_test=12, shard_size=12, image_size=96,
+        synth.run(synth.Config(out=str(out), n_train=96, n_test=6, shard_size=6, image_size=64,
                                seed=1, workers=1))
     return out
 
 
-def _wait_for_log(slurm, job: str, log: Path, text: str, timeout: float = 300) -> None:
+def _wait_for_shards(slurm, job: str, log: Path, output: str, n: int, timeout: float = 240) -> int:
+    """Wait until ``n`` train shards are committed (shards stream: the job is then mid-way)."""
     deadline = time.time() + timeout
     while time.time() < deadline:
-        if log.exists() and text in log.read_text():
-            return
+        done = len(embed_contract.output_files(output, "train"))
+        if done >= n:
+            return done
         if slurm.job_state(job) in FINAL:
-            pytest.fail(f"job {job} ended before its log showed {text!r}")
-        time.sleep(0.3)
-    pytest.fail(f"job {job}: no {text!r} in its log after {timeout}s")
+            pytest.fail(f"job {job} ended before {n} shards were written; log:\n"
+                        f"{log.read_text()[-4000:] if log.exists() else '(no log)'}")
+        time.sleep(0.2)
+    pytest.fail(f"job {job}: fewer than {n} shards after {timeout}s; log:\n"
+                f"{log.read_text()[-4000:] if log.exists() else '(no log)'}")
 
 
 def test_cancel_resubmit_and_requeue(slurm, offline_hub, many_shards, s3_prefix, tmp_path):
     output = f"{s3_prefix}/embeddings"
-    # 224 px (~0.1 s an image) on one thread: slow enough to stop between shards.
+    # 224 px on one thread (~0.1 s an image), 6 images a shard: shards are committed one by
+    # one, about a second apart, so a signal sent after the first lands mid-way.
     config = _write_config(tmp_path / "embed.toml", dataset=str(many_shards), output=output,
-                           encoder=ENCODER, image_size=224, batch_size=4, encoder_cpus=1.0,
-                           device="cpu", splits=["train", "test"])
+                           encoder=ENCODER, image_size=224, batch_size=2, encoder_cpus=1.0,
+                           encoder_threads=1, device="cpu", splits=["train", "test"])
     logs = tmp_path / "logs"
-    total = 20
+    total = 16
+    env = {**os.environ, **slurm.env()}
 
-    # 1. scancel mid-way: the job ends CANCELLED (not requeued), Ray goes with it.
-    # The job is cancelled once its driver runs (shards can land in one burst at the end, so
-    # waiting for a first shard could miss the job altogether on a fast machine).
+    # 1. scancel mid-way: the job ends CANCELLED (not requeued), Ray goes with it, promptly.
     job1, log1 = _submit(slurm, config, logs, GPUS=0)
-    _wait_for_log(slurm, job1, log1, "running:")
-    time.sleep(3)
-    subprocess.run(["scancel", job1], env={**os.environ, **slurm.env()}, check=True)
-    assert _wait_final(slurm, job1, log1, timeout=120) == "CANCELLED"
+    _wait_for_shards(slurm, job1, log1, output, 1)
+    subprocess.run(["scancel", job1], env=env, check=True)
+    t0 = time.time()
+    assert _wait_final(slurm, job1, log1, timeout=90) == "CANCELLED"
+    cancel_s = time.time() - t0
     _assert_no_ray_left(job1)
-    time.sleep(3)
     assert slurm.job_state(job1) == "CANCELLED", "a cancelled job must not be requeued"
     assert slurm.job_field(job1, "Restarts") == "0"
     shutil.rmtree(f"/tmp/ray-{job1}", ignore_errors=True)  # kept for debugging by design
     first = _etags(output, "train")
-    assert len(first) < total + 1
+    assert 1 <= len(first) < total, f"the cancel did not land mid-way ({len(first)} shards)"
+    assert cancel_s < 60, f"job {job1} took {cancel_s:.0f} s to end after scancel"
 
     # 2. resubmit; SIGTERM to the batch script (the time-limit warning) mid-way: it requeues.
     job2, log2 = _submit(slurm, config, logs, GPUS=0)
-    _wait_for_log(slurm, job2, log2, "running:")
-    time.sleep(3)
-    subprocess.run(["scancel", "--batch", "--signal=TERM", job2], env={**os.environ, **slurm.env()},
-                   check=True)
-    deadline = time.time() + 120
+    _wait_for_shards(slurm, job2, log2, output, len(first) + 1)
+    subprocess.run(["scancel", "--batch", "--signal=TERM", job2], env=env, check=True)
+    deadline = time.time() + 90
     while slurm.job_field(job2, "Restarts") != "1" and time.time() < deadline:
-        time.sleep(1)
+        time.sleep(0.5)
     assert slurm.job_field(job2, "Restarts") == "1", (
         f"job {job2} was not requeued after SIGTERM; log:\n{log2.read_text()[-4000:]}")
-    state = _wait_final(slurm, job2, log2)
+    state = _wait_final(slurm, job2, log2, timeout=300)
     text = log2.read_text()
     assert state == "COMPLETED", f"requeued job {job2} ended {state}; log:\n{text[-6000:]}"
     assert "requeued" in text
@@ -196,5 +202,6 @@ def test_cancel_resubmit_and_requeue(slurm, offline_hub, many_shards, s3_prefix,
     after = _etags(output, "train")
     assert len(after) == total
     assert {p: after[p] for p in first} == first, "finished shards were rewritten by the rerun"
+    assert not storage.exists(f"{output}/_claim.json"), "the finished job left its claim behind"
     _assert_no_secret(log1.read_text() + text)
     _assert_no_ray_left(job2)

@@ -53,7 +53,9 @@ class S3Server:
             "credentials": [{"accessKey": self.access_key, "secretKey": self.secret_key}],
             "actions": ["Admin", "Read", "Write", "List", "Tagging"],
         }]}))
-        b = self.base = free_block(16)
+        # A restart (stop() then start()) keeps the ports and the data dir: clients that hold
+        # the endpoint reconnect to the same server with the same objects.
+        b = self.base = self.base or free_block(16)
         self.port = b + 6
         args = [
             weed, "mini", f"-dir={self.root / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
@@ -65,7 +67,11 @@ class S3Server:
             f"-s3.config={ident}",
         ]
         log = open(self.root / "weed.log", "ab")
-        self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        # weed also reads AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY from its environment as an
+        # identity: another server's credentials exported in this process must not leak into it.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+        self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                     start_new_session=True)
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
@@ -82,7 +88,11 @@ class S3Server:
         else:
             self.stop()
             raise RuntimeError(f"S3 server not ready after {timeout}s; see {self.root / 'weed.log'}")
-        self._wait_writable(deadline)
+        try:
+            self._wait_writable(deadline)
+        except BaseException:
+            self.stop()  # never leave a half-started server behind
+            raise
         return self
 
     def _wait_writable(self, deadline: float) -> None:
@@ -112,6 +122,11 @@ class S3Server:
         if not fs.exists(name):
             fs.mkdir(name)
         return f"s3://{name}"
+
+    def restart(self, timeout: float = 60.0) -> "S3Server":
+        """Stop, then start again on the same ports and data dir (objects written survive)."""
+        self.stop()
+        return self.start(timeout)
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
