@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from galaxysae import config, schema, storage
-from galaxysae.render import DictionaryInputs
+from galaxysae.render import DictionaryInputs, activations_for, folder_names, write_summary
 
 log = logging.getLogger(__name__)
 
@@ -296,7 +296,6 @@ def run(cfg: Config) -> dict:
     import pyarrow as pa
 
     from galaxysae import activations, dictionary
-    from galaxysae.render import activations_for, folder_names, write_summary
 
     t0 = time.time()
     storage.check_writable(cfg.results)  # wrong credentials / unreachable store: fail first

@@ -116,7 +116,7 @@ def activations_for(d, folder_url: str, cfg) -> "object":
 
     return activations.compute(
         d, cfg.embeddings, cfg.split, storage.join(folder_url, "activations", cfg.split),
-        top_n=max(cfg.top_n, 30) if hasattr(cfg, "top_n") else 30, batch_size=cfg.batch_size,
+        top_n=max(getattr(cfg, "top_n", 30), 30), batch_size=cfg.batch_size,
         actors=cfg.actors, cpus_per_actor=cfg.cpus_per_actor, overwrite=cfg.overwrite)
 
 
