@@ -28,6 +28,7 @@ import warnings
 from dataclasses import asdict, dataclass, field, fields
 from typing import NamedTuple, Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -134,65 +135,101 @@ def fvu(x: Tensor, x_hat: Tensor) -> Tensor:
 
 
 class _SparseEncode(torch.autograd.Function):
-    """vals[n] = pre[rows[n], cols[n]] with pre = (z - b_pre) @ W_enc^T + b_enc, given ``pre``.
+    """The chosen encoder pre-activations as a differentiable function of the encoder weights.
 
-    The forward reuses the dense ``pre`` computed without autograd; the backward only touches the
-    N chosen entries: grad W_enc = G^T z as an ``embedding_bag`` over the entries
-    grouped by latent (``_transpose_bag``), grad b_enc a bincount,
-    grad b_pre = -(column sums of G) @ W_enc.
+    ``vals[n] = pre[rows[n], cols[n]]`` with ``pre = zc @ W_enc^T + b_enc`` and ``zc = z - b_pre``;
+    the values were read (without autograd) from the dense ``pre`` the selection computed anyway.
+    The backward only touches the N chosen entries: grad W_enc = G^T zc as an ``embedding_bag``
+    over the entries grouped by latent (``_column_order``), grad b_enc their sums per latent,
+    grad b_pre = -(those sums) @ W_enc.
     """
 
     @staticmethod
-    def forward(ctx, pre, z, b_pre, w_enc, b_enc, rows, cols, crow):  # noqa: D401
-        ctx.save_for_backward(z, b_pre, w_enc, rows, cols, crow)
-        return pre[rows, cols]
+    def forward(ctx, vals, zc, b_pre, w_enc, b_enc, rows, cols, corder, cptr):  # noqa: D401
+        ctx.save_for_backward(zc, w_enc, rows, cols, corder, cptr)
+        return vals.clone()
 
     @staticmethod
     def backward(ctx, g):
-        z, b_pre, w_enc, rows, cols, crow = ctx.saved_tensors
+        zc, w_enc, rows, cols, corder, cptr = ctx.saved_tensors
         M = w_enc.shape[0]
         g = g.contiguous()
         col_sum = torch.zeros(M, dtype=g.dtype, device=g.device).index_add_(0, cols, g)
         grad_w = grad_b_pre = None
         if ctx.needs_input_grad[3]:
-            # G^T z with (z - b_pre) folded in: G^T z - col_sum outer b_pre.
-            grad_w = _transpose_bag(rows, cols, g, z, M) - col_sum[:, None] * b_pre[None, :]
+            grad_w = _transpose_bag(rows, g, zc, corder, cptr)
         if ctx.needs_input_grad[2]:
             grad_b_pre = -(col_sum @ w_enc)
         grad_b_enc = col_sum if ctx.needs_input_grad[4] else None
-        return None, None, grad_b_pre, grad_w, grad_b_enc, None, None, None
+        return None, None, grad_b_pre, grad_w, grad_b_enc, None, None, None, None
 
 
 class _SparseDecode(torch.autograd.Function):
     """out[j] = sum over entries n of bag j of vals[n] * W[cols[n]]: [n_bags, D].
 
-    Entries are grouped by bag (``bags`` sorted, ``ptr`` [n_bags + 1] its CSR row pointer). The
-    forward is ``embedding_bag``; the backward avoids its slow dense-gradient path: grad W is the
-    same bag sum transposed (``_transpose_bag``), grad vals a sampled matmul (SDDMM) that
-    only computes the N needed dot products.
+    Entries are grouped by bag (``bags`` sorted, ``ptr`` [n_bags + 1] its CSR row pointer;
+    ``corder``/``cptr`` the same entries grouped by latent, see ``_column_order``). The forward is
+    ``embedding_bag``; the backward avoids its slow dense-gradient path: grad W is the same bag sum
+    transposed (``_transpose_bag``), grad vals a sampled matmul (SDDMM) that only computes the N
+    needed dot products.
     """
 
     @staticmethod
-    def forward(ctx, vals, w, bags, cols, ptr):  # noqa: D401
-        ctx.save_for_backward(vals, w, bags, cols, ptr)
+    def forward(ctx, vals, w, bags, cols, ptr, corder, cptr):  # noqa: D401
+        ctx.save_for_backward(vals, w, bags, cols, ptr, corder, cptr)
         return F.embedding_bag(cols, w, ptr, mode="sum", per_sample_weights=vals,
                                include_last_offset=True)
 
     @staticmethod
     def backward(ctx, g):
-        vals, w, bags, cols, ptr = ctx.saved_tensors
+        vals, w, bags, cols, ptr, corder, cptr = ctx.saved_tensors
         g = g.contiguous()
         n_bags, M = ptr.numel() - 1, w.shape[0]
         grad_vals = grad_w = None
         with warnings.catch_warnings():  # "CSR is beta": the ops used here are tested
             warnings.simplefilter("ignore", UserWarning)
             if ctx.needs_input_grad[1]:
-                grad_w = _transpose_bag(bags, cols, vals, g, M)
+                grad_w = _transpose_bag(bags, vals, g, corder, cptr)
             if ctx.needs_input_grad[0]:
                 mask = torch.sparse_csr_tensor(ptr, cols, torch.ones_like(vals), (n_bags, M),
                                                check_invariants=False)
                 grad_vals = torch.sparse.sampled_addmm(mask, g, w.t(), beta=0.0).values()
-        return grad_vals, grad_w, None, None, None
+        return grad_vals, grad_w, None, None, None, None, None
+
+
+class _PrefixMSE(torch.autograd.Function):
+    """Matryoshka level losses from the per-level decoder parts in one pass.
+
+    parts[B, L, D] (level l's latents decoded), t[B, D] (the target minus the input bias) ->
+    (mse[L], s[B, D]): mse[l] = mean((parts[:, :l+1].sum(1) - t)^2), s = parts.sum(1). The
+    residuals are accumulated level by level, each step a [B, D] slab that stays in cache, and the
+    backward runs the same loop in reverse (suffix sums): about twice as fast as autograd through
+    cumsum, broadcasting and pow over the whole [B, L, D].
+    """
+
+    @staticmethod
+    def forward(ctx, parts, t):  # noqa: D401
+        L = parts.shape[1]
+        r = torch.empty_like(parts)  # r[:, l] = S_l - t, S_l the prefix sum of the parts
+        torch.sub(parts[:, 0], t, out=r[:, 0])
+        for lv in range(1, L):
+            torch.add(r[:, lv - 1], parts[:, lv], out=r[:, lv])
+        ctx.save_for_backward(r)
+        mse = torch.stack([r[:, lv].pow(2).mean() for lv in range(L)])
+        return mse, r[:, -1] + t
+
+    @staticmethod
+    def backward(ctx, g_mse, g_s):
+        (r,) = ctx.saved_tensors
+        B, L, D = r.shape
+        c = g_mse * (2.0 / (B * D))
+        g_parts = torch.empty_like(r)
+        acc = r[:, -1] * c[-1]  # sum over levels >= l of c[l'] r[:, l']
+        g_parts[:, -1] = acc if g_s is None else acc + g_s
+        for lv in range(L - 2, -1, -1):
+            acc = acc + r[:, lv] * c[lv]
+            g_parts[:, lv] = acc if g_s is None else acc + g_s
+        return g_parts, -acc
 
 
 class SparseAutoencoder(nn.Module):
@@ -294,22 +331,18 @@ class SparseAutoencoder(nn.Module):
         z = self.standardize(x)
         dev = z.device
         with torch.no_grad():
-            pre_ng = torch.addmm(self.b_enc, z - self.b_pre, self.W_enc.t())  # [B, M]
-            # Selection (no autograd). Each selection is (rows, cols, crow) sorted by row, so
-            # its gradient is one CSR matmul: topk (+ multi-k) and aux are regular [B, n].
+            zc = z - self.b_pre
+            pre_ng = torch.addmm(self.b_enc, zc, self.W_enc.t())  # [B, M]
+            # Selection (no autograd): the chosen entries (rows, cols) in row-major order and
+            # their pre-activations; topk (+ multi-k) and aux are regular [B, n] patterns.
             if cfg.activation == "topk":
                 kk = max(cfg.k, cfg.multik)
-                top_i = pre_ng.topk(kk, dim=-1).indices  # sorted: the first k are the top-k
-                sel = _regular(top_i)
-                rows = torch.arange(B, device=dev).repeat_interleave(cfg.k)
-                cols = top_i[:, : cfg.k].reshape(-1)
+                top_v, top_i = pre_ng.topk(kk, dim=-1)  # sorted: the first k are the top-k
+                rows, cols = _regular(top_i)
+                sel_ng = top_v.reshape(-1)
             else:
-                flat_v, flat_i = pre_ng.clamp_min(0).flatten().topk(cfg.k * B)
-                flat_i = flat_i.sort(stable=True).values  # group by sample (radix sort, fast)
+                flat_i, sel_ng = _batch_topk(pre_ng, cfg.k * B)
                 rows, cols = flat_i // M, flat_i % M
-                crow = torch.zeros(B + 1, dtype=torch.long, device=dev)
-                crow[1:] = torch.bincount(rows, minlength=B).cumsum(0)
-                sel = (rows, cols, crow)
             aux_k = self._aux_k_now() if cfg.aux_k else 0
             if aux_k:
                 dead = self.steps_since_active >= cfg.dead_steps  # [M]
@@ -319,21 +352,31 @@ class SparseAutoencoder(nn.Module):
         if dense:
             pre = torch.addmm(self.b_enc, z - self.b_pre, self.W_enc.t())
 
-        def gather(rows_, cols_, crow_):
+        def gather(vals_ng, rows_, cols_, corder=None, cptr=None):
+            """relu of the chosen pre-activations, differentiable w.r.t. the encoder."""
             if dense:
                 return F.relu(pre[rows_, cols_])
-            return F.relu(_SparseEncode.apply(pre_ng, z, self.b_pre, self.W_enc, self.b_enc,
-                                              rows_, cols_, crow_))
+            if corder is None:
+                corder, cptr = _column_order(cols_, M)
+            return F.relu(_SparseEncode.apply(vals_ng, zc, self.b_pre, self.W_enc, self.b_enc,
+                                              rows_, cols_, corder, cptr))
 
-        sel_vals = gather(*sel)
+        L = cfg.n_levels
         if cfg.activation == "topk":
+            sel_vals = gather(sel_ng, rows, cols)
             vals_2d = sel_vals.view(B, -1)  # [B, max(k, multik)]
             vals = vals_2d[:, : cfg.k].reshape(-1)
+            rows = rows.view(B, -1)[:, : cfg.k].reshape(-1)
+            cols = top_i[:, : cfg.k].reshape(-1)
+            bag_order = None
         else:
-            vals = sel_vals
+            # Entries come sorted by row then column, hence by (row, level): the decoder bags use
+            # them as they are and share the encoder's grouping by latent.
+            corder, cptr = (None, None) if dense else _column_order(cols, M)
+            vals = gather(sel_ng, rows, cols, corder, cptr)
+            bag_order = (corder, cptr)
 
         # Main (and Matryoshka nested) reconstructions.
-        L = cfg.n_levels
         if dense:
             codes = torch.zeros(B, M, device=dev, dtype=vals.dtype).index_put((rows, cols), vals)
             recons = []
@@ -341,24 +384,26 @@ class SparseAutoencoder(nn.Module):
                 recons.append(codes[:, :end] @ self.W_dec[:end] + self.b_pre)
             level_hat = torch.stack(recons, 1)  # [B, L, D]
         else:
+            key, bag_cols, bag_vals = rows, cols, vals
             if L > 1:
-                level = torch.bucketize(cols, self.level_ends, right=True)
-                key = rows * L + level
-                if cfg.activation == "batchtopk":
-                    # flat indices were sorted: rows ascending, columns ascending within a
-                    # row, so (row, level) keys are already in order
-                    bag_cols, bag_vals = cols, vals
-                else:
+                key = rows * L + torch.bucketize(cols, self.level_ends, right=True)
+                if bag_order is None:  # top-k entries are in rank order within a row
                     key, order = key.sort(stable=True)
                     bag_cols, bag_vals = cols[order], vals[order]
-            else:
-                key, bag_cols, bag_vals = rows, cols, vals
+            if bag_order is None:
+                bag_order = _column_order(bag_cols, M)
             ptr = torch.zeros(B * L + 1, dtype=torch.long, device=dev)
             ptr[1:] = torch.bincount(key, minlength=B * L).cumsum(0)
-            parts = _SparseDecode.apply(bag_vals, self.W_dec, key, bag_cols, ptr)  # [B*L, D]
-            level_hat = parts.view(B, L, -1).cumsum(1) + self.b_pre
-        level_mse = (level_hat - z[:, None, :]).pow(2).mean(dim=(0, 2))  # [L]
-        x_hat = level_hat[:, -1]
+            parts = _SparseDecode.apply(bag_vals, self.W_dec, key, bag_cols, ptr, *bag_order)
+            if L > 1:
+                level_mse, s_last = _PrefixMSE.apply(parts.view(B, L, -1), z - self.b_pre)
+                x_hat = s_last + self.b_pre
+            else:
+                x_hat = parts + self.b_pre
+                level_mse = (x_hat - z).pow(2).mean()[None]
+        if dense:
+            level_mse = (level_hat - z[:, None, :]).pow(2).mean(dim=(0, 2))  # [L]
+            x_hat = level_hat[:, -1]
         recon = level_mse[-1]
         loss = (level_mse * self.level_weights).sum()
         zero = torch.zeros((), device=dev)
@@ -372,7 +417,8 @@ class SparseAutoencoder(nn.Module):
 
         aux = zero
         if aux_k:
-            aux_vals = gather(*_regular(aux_i)).view(B, aux_k) * aux_alive
+            aux_vals = gather(pre_ng.gather(1, aux_i).reshape(-1), *_regular(aux_i))
+            aux_vals = aux_vals.view(B, aux_k) * aux_alive
             residual = (z - x_hat).detach()
             aux_hat = self._bag_decode(aux_i, aux_vals, dense)
             aux = (aux_hat - residual).pow(2).mean()
@@ -385,7 +431,7 @@ class SparseAutoencoder(nn.Module):
 
         l0 = (vals > 0).sum().to(torch.float32) / B
         if self.training:
-            self._update_state(cols, vals, flat_v if cfg.activation == "batchtopk" else None)
+            self._update_state(cols, vals, vals if cfg.activation == "batchtopk" else None)
         return Output(loss, recon, level_mse, multik, aux, l1, l0, x_hat)
 
     def _aux_k_now(self) -> int:
@@ -412,13 +458,15 @@ class SparseAutoencoder(nn.Module):
             codes = torch.zeros(cols.shape[0], self.cfg.n_latents, device=cols.device,
                                 dtype=vals.dtype).scatter_add(1, cols, vals)
             return codes @ self.W_dec
-        bags, flat_cols, ptr = _regular(cols)
-        return _SparseDecode.apply(vals.reshape(-1), self.W_dec, bags, flat_cols, ptr)
+        bags, flat_cols = _regular(cols)
+        ptr = torch.arange(0, bags.numel() + 1, cols.shape[1], device=cols.device)
+        return _SparseDecode.apply(vals.reshape(-1), self.W_dec, bags, flat_cols, ptr,
+                                   *_column_order(flat_cols, self.cfg.n_latents))
 
     @torch.no_grad()
     def _update_state(self, cols, vals, batch_vals) -> None:
-        fired = torch.zeros(self.cfg.n_latents, dtype=torch.bool, device=cols.device)
-        fired[cols[vals > 0]] = True
+        # vals >= 0: a latent fired when its values sum above zero (no boolean indexing: no sync)
+        fired = torch.bincount(cols, weights=vals.detach(), minlength=self.cfg.n_latents) > 0
         self.steps_since_active.add_(1).masked_fill_(fired, 0)
         if batch_vals is not None:
             positive = torch.where(batch_vals > 0, batch_vals, torch.full_like(batch_vals, math.inf))
@@ -435,7 +483,12 @@ class SparseAutoencoder(nn.Module):
         if self.W_dec.grad is None:
             return
         w, g = self.W_dec.data, self.W_dec.grad
-        g.sub_((g * w).sum(1, keepdim=True) * w)
+        # in place and in slabs of rows: a fresh [M, D] temporary costs more in page faults on CPU
+        # than the arithmetic
+        step = max(1, (1 << 18) // w.shape[1])
+        for i in range(0, w.shape[0], step):
+            gi, wi = g[i:i + step], w[i:i + step]
+            gi.addcmul_(wi, (gi * wi).sum(1, keepdim=True), value=-1)
 
     @torch.no_grad()
     def normalize_decoder(self) -> None:
@@ -472,25 +525,65 @@ class SparseAutoencoder(nn.Module):
         return model.to(device).eval()
 
 
-def _transpose_bag(rows: Tensor, cols: Tensor, vals: Tensor, y: Tensor, M: int) -> Tensor:
-    """G^T y for the sparse G[R, M] with entries (rows, cols, vals) (N each), y[R, D] -> [M, D].
-
-    The entries are regrouped by column (one stable sort of N ints) and summed by ``embedding_bag``:
-    N*D work, where torch's CSR transpose + matmul re-sorts a copy and is several times slower.
-    """
-    order = cols.sort(stable=True).indices  # stable integer sort is a radix sort on CPU: 10x faster
+def _column_order(cols: Tensor, M: int) -> tuple[Tensor, Tensor]:
+    """Entries regrouped by latent: (order [N], ptr [M + 1]) with entries ``order[ptr[m]:ptr[m+1]]``
+    in column m. One stable sort of N ints, shared by every backward that uses the same entries.
+    On CPU with M <= 65536 it is numpy's radix sort of 16-bit keys, ten times torch's sort."""
+    if cols.device.type == "cpu" and M <= 1 << 16:
+        order = torch.from_numpy(np.argsort(cols.numpy().astype(np.uint16), kind="stable"))
+    else:
+        order = cols.sort(stable=True).indices
     ptr = torch.zeros(M + 1, dtype=torch.long, device=cols.device)
     ptr[1:] = torch.bincount(cols, minlength=M).cumsum(0)
-    return F.embedding_bag(rows[order], y, ptr, mode="sum", per_sample_weights=vals[order],
+    return order, ptr
+
+
+def _transpose_bag(rows: Tensor, vals: Tensor, y: Tensor, corder: Tensor, cptr: Tensor) -> Tensor:
+    """G^T y for the sparse G[R, M] with entries (rows, cols, vals), y[R, D] -> [M, D].
+
+    ``corder``/``cptr`` group the entries by column (``_column_order``) and ``embedding_bag`` sums
+    them: N*D work, where torch's CSR transpose + matmul re-sorts a copy and is several times slower.
+    """
+    return F.embedding_bag(rows[corder], y, cptr, mode="sum", per_sample_weights=vals[corder],
                            include_last_offset=True)
 
 
-def _regular(idx: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """idx[B, n] -> (rows, cols, crow) of the CSR pattern with n entries in every row."""
+def _batch_topk(pre: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    """BatchTopK selection: the n largest positive entries of pre[B, M] as (flat indices, values),
+    indices ascending (rows ascending, columns ascending within a row).
+
+    On CPU a full ``topk`` of B*M values is the slowest op of a step, so the n-th largest value is
+    found from a sample instead: a strided sample's high quantile bounds it from below, the few
+    values above that bound (in index order, from one ``nonzero``) are ranked exactly and the
+    entries at or above the n-th kept in order (no sort). The result is exact: if the bound turns
+    out too high (fewer than n values above it), all values are ranked. Exact ties at the threshold are all kept; values
+    <= 0 never are (they would decode to nothing). On accelerators, ``topk`` + sort (no host sync).
+    """
+    flat = pre.reshape(-1)
+    N = flat.numel()
+    n = min(n, N)
+    if flat.device.type != "cpu":
+        idx = flat.clamp_min(0).topk(n, sorted=False).indices.sort().values
+        return idx, flat[idx]
+    stride = max(1, N // 32768) | 1  # odd: the sample walks across rows and columns
+    sample = flat[::stride]
+    S = sample.numel()
+    expect = n * S / N  # sample values expected above the n-th largest
+    r = min(S, int(expect + 4 * math.sqrt(expect) + 16))
+    bound = sample.topk(r, sorted=False).values.min()
+    idx = (flat >= bound).nonzero().squeeze(1)  # candidates, ascending
+    if idx.numel() < n:  # the sample missed: rank everything
+        idx = torch.arange(N)
+    vals = flat[idx]
+    thr = vals.kthvalue(idx.numel() - n + 1).values
+    keep = vals >= thr if thr > 0 else vals > 0
+    return idx[keep], vals[keep]
+
+
+def _regular(idx: Tensor) -> tuple[Tensor, Tensor]:
+    """idx[B, n] -> (rows, cols) of the pattern with n entries in every row, row-major."""
     B, n = idx.shape
-    dev = idx.device
-    rows = torch.arange(B, device=dev).repeat_interleave(n)
-    return rows, idx.reshape(-1), torch.arange(0, B * n + 1, n, device=dev)
+    return torch.arange(B, device=idx.device).repeat_interleave(n), idx.reshape(-1)
 
 
 def _geometric_median(z: Tensor, iters: int = 100, eps: float = 1e-6) -> Tensor:

@@ -9,7 +9,7 @@ import torch
 from galaxysae import config, evaluation
 from galaxysae import train as train_job
 from galaxysae.embeddings import planted
-from galaxysae.sae import SAEConfig, SparseAutoencoder
+from galaxysae.sae import SAEConfig, SparseAutoencoder, _batch_topk
 
 
 def make(seed=0, d=24, **kw) -> tuple[SparseAutoencoder, torch.Tensor]:
@@ -86,6 +86,38 @@ def test_fast_path_equals_dense_path(kw):
         torch.testing.assert_close(gf[name], gd[name], rtol=1e-9, atol=1e-12)
     if kw.get("aux_k"):
         assert float(fast.aux.detach()) > 0  # every latent counts as dead: the aux path really ran
+
+
+def _reference_batch_topk(pre, n):
+    """The plain rule: the n largest entries of pre, those > 0, in flat index order."""
+    vals, idx = pre.flatten().topk(n)
+    idx = idx[vals > 0].sort().values
+    return idx, pre.flatten()[idx]
+
+
+@pytest.mark.parametrize("case", ["gaussian", "few_positive", "biased_sample", "hot_rows", "ties"])
+def test_batch_topk_selection_is_exact(case):
+    g = torch.Generator().manual_seed(7)
+    B, M, k = 256, 2048, 64
+    pre = torch.randn(B, M, generator=g)
+    if case == "few_positive":  # fewer than k*B positives: only those are kept
+        pre = pre - 3.5
+    elif case == "biased_sample":  # the strided sample sees only huge values: its bound is
+        pre.view(-1)[::17] += 100.0  # far too high and the exact fallback must decide
+    elif case == "hot_rows":  # the selection concentrates in a few rows
+        pre[:8] += 10.0
+    elif case == "ties":
+        pre = torch.round(pre * 4) / 4
+    idx, vals = _batch_topk(pre, k * B)
+    ref_idx, ref_vals = _reference_batch_topk(pre, k * B)
+    if case == "ties":  # every entry equal to the n-th largest value is kept
+        thr = ref_vals.min()
+        assert torch.equal(idx, (pre.flatten() >= thr).nonzero().squeeze(1))
+    else:
+        assert torch.equal(idx, ref_idx)
+        assert torch.equal(vals, ref_vals)
+    if case == "few_positive":
+        assert idx.numel() == int((pre > 0).sum()) < k * B
 
 
 def test_decode_of_encode_matches_forward_reconstruction():
