@@ -39,8 +39,9 @@ def test_gpu_bench_smoke_runs_without_ray_and_prints_every_figure(tmp_path):
     for part in ["encoder GEMM", "top-k", "backward (sparse vs dense)", "optimizer"]:
         assert re.search(rf"^topk\s+{re.escape(part)}", out, re.M), f"part {part!r} missing:\n{out}"
     targets = re.findall(r"^target (\S+): .* (PASS|FAIL)$", out, re.M)
-    assert [t for t, _ in targets] == ["cpu_embed_vs_original", "cpu_topk_speedup_at_equal_fvu",
-                                       "cpu_matryoshka_speedup_at_equal_fvu"], out
+    assert [t for t, _ in targets] == [
+        "cpu_embed_vs_original", "cpu_topk_speedup_at_equal_fvu", "cpu_topk_speedup_5x_at_equal_fvu",
+        "cpu_matryoshka_speedup_at_equal_fvu", "cpu_matryoshka_speedup_5x_at_equal_fvu"], out
     # both SAE implementations train to the same test FVU from the same start (same maths)
     fvus = re.findall(r"^(topk|matryoshka)\s+(original|ours)\s+\d+\s+\d+\s+\d+\s+([0-9.]+)", out, re.M)
     assert len(fvus) == 4, out
