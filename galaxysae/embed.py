@@ -279,11 +279,17 @@ def _run(cfg: Config, claim) -> int:
         writer.provenance["width"] = str(info.width)
     for s in empty:
         writer.commit_empty(s)
-    elapsed = time.monotonic() - start
+    end = time.monotonic()
+    elapsed = end - start
     rate = stats.rows_done / elapsed if elapsed > 0 else 0.0
+    # The rate once the workers are up (encoder loaded, first rows back): what a long run gets.
+    startup = (stats.first_batch_at - start) if stats.first_batch_at else elapsed
+    streamed = stats.rows_done - stats.first_batch_rows
+    steady = streamed / (end - stats.first_batch_at) if streamed > 0 and end > stats.first_batch_at else rate
     log.info("summary: rows in %d, embedded %d, failed %d, shards written %d, skipped shards %d "
-             "(already done), %.1f s, %.1f img/s", stats.rows_in, stats.embedded, stats.failed,
-             stats.shards_written, skipped, elapsed, rate)
+             "(already done), %.1f s, %.1f img/s (%.1f img/s after %.1f s of start-up)",
+             stats.rows_in, stats.embedded, stats.failed, stats.shards_written, skipped, elapsed,
+             rate, steady, startup)
     if stand_in:
         log.warning("these embeddings come from a STAND-IN encoder (%s)", stand_in)
     fraction = stats.failed / stats.rows_in if stats.rows_in else 0.0

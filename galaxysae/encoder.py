@@ -9,6 +9,7 @@ marker travels into every output's provenance. No Ray and no storage code here.
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import logging
 import os
@@ -75,7 +76,7 @@ def describe(name: str, pretrained: bool = True) -> tuple[str, dict, str]:
         if staged.get("source"):
             revision = f"{staged['source']}@{revision}"
     else:
-        cfg, revision = {}, "timm-" + __import__("timm").__version__
+        cfg, revision = {}, "timm-" + importlib.metadata.version("timm")  # no 2 s timm import
     stand_in = str(cfg.get(STAND_IN_KEY) or "")
     if not pretrained and not stand_in:
         stand_in = f"randomly initialised {name} (pretrained=false), NOT trained weights"

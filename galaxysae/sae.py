@@ -9,11 +9,13 @@ measured in the standardised space, where every embedding dimension weighs the s
 
 Training path (``forward``) is sparse end to end:
 - the encoder pre-activations ``pre[B, M]`` are one dense matmul without autograd; the latents
-  chosen (top-k, the 4k of the multi-k loss, the aux-k dead latents) are gathered through
-  ``_SparseEncode``, whose backward touches only the chosen entries (a CSR matmul instead of a
-  dense ``[M, B] @ [B, D]``);
-- decoding is ``embedding_bag`` over the chosen latents (``B*k*D`` work instead of ``B*M*D``), and
-  Matryoshka levels are bags of (sample, level) summed then prefix-summed over levels.
+  chosen (top-k, the 4k of the multi-k loss, the aux-k dead latents; BatchTopK by an exact
+  sampled threshold on CPU, ``_batch_topk``) enter autograd through ``_SparseEncode``, whose
+  backward touches only the chosen entries (bag sums over the entries grouped by latent instead
+  of a dense ``[M, B] @ [B, D]``);
+- decoding is ``embedding_bag`` over the chosen latents (``B*k*D`` work instead of ``B*M*D``);
+  Matryoshka levels are bags of (sample, level) whose prefix sums and losses ``_PrefixMSE``
+  computes level by level. Encoder and decoder share one grouping of the entries by latent.
 ``forward(x, dense=True)`` is the plain dense reference of the same maths (tests check equality).
 
 No Ray, no storage: ``save``/``load`` write local directories; an ``s3://`` URL is handed to
@@ -383,6 +385,8 @@ class SparseAutoencoder(nn.Module):
             for end in cfg.level_ends:
                 recons.append(codes[:, :end] @ self.W_dec[:end] + self.b_pre)
             level_hat = torch.stack(recons, 1)  # [B, L, D]
+            level_mse = (level_hat - z[:, None, :]).pow(2).mean(dim=(0, 2))  # [L]
+            x_hat = level_hat[:, -1]
         else:
             key, bag_cols, bag_vals = rows, cols, vals
             if L > 1:
@@ -401,9 +405,6 @@ class SparseAutoencoder(nn.Module):
             else:
                 x_hat = parts + self.b_pre
                 level_mse = (x_hat - z).pow(2).mean()[None]
-        if dense:
-            level_mse = (level_hat - z[:, None, :]).pow(2).mean(dim=(0, 2))  # [L]
-            x_hat = level_hat[:, -1]
         recon = level_mse[-1]
         loss = (level_mse * self.level_weights).sum()
         zero = torch.zeros((), device=dev)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -82,6 +83,8 @@ class Stats:
     embedded: int = 0
     failed: int = 0
     shards_written: int = 0
+    first_batch_at: float = 0.0  # time.monotonic() when the first rows came back (0: none yet)
+    first_batch_rows: int = 0
 
 
 def _failure_schema():
@@ -132,6 +135,8 @@ class ShardWriter:
         """Place a batch of pipeline rows (id_str, path, reason, embedding [N, D])."""
         paths = batch["path"]
         emb = np.asarray(batch["embedding"], dtype=np.float32)
+        if not self.stats.first_batch_at:
+            self.stats.first_batch_at, self.stats.first_batch_rows = time.monotonic(), len(paths)
         for n, (path, id_str, reason) in enumerate(zip(paths, batch["id_str"], batch["reason"])):
             buf = self._open.get(str(path))
             if buf is None:
