@@ -61,7 +61,7 @@ class Config:
         "help": "torch threads per encoder actor (0: auto, see embed.plan)"})
     decode_cpus: float = field(default=0.0, metadata={"help": "CPUs per decode task (0: auto)"})
     object_store_mib: int = field(default=0, metadata={
-        "help": "object store budget of the pipeline, MiB (0: auto, 512 per encoder on CPU, "
+        "help": "object store budget of the pipeline, MiB (0: auto, 256 per encoder on CPU, "
                 "2048 per GPU encoder): decoded images wait here, so it bounds memory"})
     read_unit_bytes: int = field(default=1 << 20, metadata={
         "help": "compressed parquet bytes per read task (smaller: finer streaming, more tasks)"})
@@ -130,7 +130,9 @@ def plan(cfg: Config, nodes: list[dict]) -> Config:
         # Decoding is ~20x cheaper than encoding on a CPU: two tasks per encoder keep it fed,
         # and more would only pile decoded float images up in memory.
         c.decode_tasks = c.decode_tasks or 2 * c.num_encoders
-        c.object_store_mib = c.object_store_mib or 512 * c.num_encoders
+        # ~1,700 decoded 224 px images per encoder: tens of seconds of work for a CPU encoder,
+        # so a deeper queue would only add memory.
+        c.object_store_mib = c.object_store_mib or 256 * c.num_encoders
     return c
 
 
@@ -160,6 +162,11 @@ def build_dataset(cfg: Config, shards: list[sources.Shard], min_blocks: int = 1)
     # block, and small shards all land in one task, committed together at the very end.
     # Smaller read units keep memory flat and let shards finish one by one.
     os.environ["RAY_DATA_PARQUET_BIN_PACKING_BYTES"] = str(cfg.read_unit_bytes)
+    # Ray Data lists parquet files through a pool of footer-reading actors, 32 by default: a
+    # process each, which on a small machine costs more start-up CPU than the whole listing
+    # (each actor keeps 128 reads in flight, so a few serve thousands of S3 shards). Read when
+    # read_parquet builds its indexer, here on the driver; an explicit setting wins.
+    os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "1" if min_blocks <= 8 else "4")
     fs, _ = storage.arrow_fs(shards[0].url)
     paths = [storage.arrow_fs(s.url)[1] for s in shards]
     # decode_tasks bounds read tasks too: each holds a block of images until it is decoded.
