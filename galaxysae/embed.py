@@ -292,7 +292,9 @@ def _run(cfg: Config, claim) -> int:
     # The rate once the workers are up (encoder loaded, first rows back): what a long run gets.
     startup = (stats.first_batch_at - start) if stats.first_batch_at else elapsed
     streamed = stats.rows_done - stats.first_batch_rows
-    steady = streamed / (end - stats.first_batch_at) if streamed > 0 and end > stats.first_batch_at else rate
+    steady = rate
+    if streamed > 0 and end > stats.first_batch_at:
+        steady = streamed / (end - stats.first_batch_at)
     log.info("summary: rows in %d, embedded %d, failed %d, shards written %d, skipped shards %d "
              "(already done), %.1f s, %.1f img/s (%.1f img/s after %.1f s of start-up)",
              stats.rows_in, stats.embedded, stats.failed, stats.shards_written, skipped, elapsed,

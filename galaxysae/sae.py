@@ -557,8 +557,9 @@ def _batch_topk(pre: Tensor, n: int) -> tuple[Tensor, Tensor]:
     found from a sample instead: a strided sample's high quantile bounds it from below, the few
     values above that bound (in index order, from one ``nonzero``) are ranked exactly and the
     entries at or above the n-th kept in order (no sort). The result is exact: if the bound turns
-    out too high (fewer than n values above it), all values are ranked. Exact ties at the threshold are all kept; values
-    <= 0 never are (they would decode to nothing). On accelerators, ``topk`` + sort (no host sync).
+    out too high (fewer than n values above it), all values are ranked. Exact ties at the
+    threshold are all kept; values <= 0 never are (they would decode to nothing). On
+    accelerators, ``topk`` + sort (no host sync).
     """
     flat = pre.reshape(-1)
     N = flat.numel()
