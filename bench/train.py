@@ -217,6 +217,11 @@ def _original_step(cfg, orig, opt, sched, z) -> None:
     loss = orig(z)
     opt.zero_grad(set_to_none=True)
     loss.backward()
+    _original_update(cfg, orig, opt, sched)
+
+
+def _original_update(cfg, orig, opt, sched) -> None:
+    """The original loop after backward: gradient fix-up, clipping, AdamW, decoder renorm."""
     orig.step_fix()
     if cfg.optim.grad_clip:
         torch.nn.utils.clip_grad_norm_(orig.parameters(), cfg.optim.grad_clip)
@@ -351,20 +356,10 @@ def parts(kind: str, x_train: np.ndarray, device: str = "cpu", reps: int = 5,
         return f
 
     def optim_ours():
-        ours.remove_parallel_grads()
-        if cfg.optim.grad_clip:
-            torch.nn.utils.clip_grad_norm_(ours.parameters(), cfg.optim.grad_clip, foreach=True)
-        opt_o.step()
-        sched_o.step()
-        ours.normalize_decoder()
+        train_job.optimizer_step(cfg, ours, opt_o, sched_o)
 
     def optim_orig():
-        orig.step_fix()
-        if cfg.optim.grad_clip:
-            torch.nn.utils.clip_grad_norm_(orig.parameters(), cfg.optim.grad_clip)
-        opt_r.step()
-        sched_r.step()
-        orig.renorm()
+        _original_update(cfg, orig, opt_r, sched_r)
 
     def bwd_ms(fwd, model):
         f = bwd(fwd, model)

@@ -337,19 +337,23 @@ class Progress:
 
 def train_step(cfg: Config, model, opt, sched, x):
     """One optimiser step on raw x[B, D]; returns the model's Output (no host sync)."""
-    import torch
-
-    raw = getattr(model, "module", model)
     out = model(x)
     opt.zero_grad(set_to_none=True)
     out.loss.backward()
-    raw.remove_parallel_grads()
+    optimizer_step(cfg, getattr(model, "module", model), opt, sched)
+    return out
+
+
+def optimizer_step(cfg: Config, model, opt, sched) -> None:
+    """After backward: drop the decoder gradients' parallel part, clip, step, renormalise."""
+    import torch
+
+    model.remove_parallel_grads()
     if cfg.optim.grad_clip:
-        torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.optim.grad_clip, foreach=True)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip, foreach=True)
     opt.step()
     sched.step()
-    raw.normalize_decoder()
-    return out
+    model.normalize_decoder()
 
 
 def train_steps(cfg: Config, model, opt, sched, batches, state: dict, progress: Progress,

@@ -135,11 +135,16 @@ def test_bad_images_are_recorded_with_a_reason_and_every_other_row_is_embedded(
 # ----------------------------------------------------------------------------- shards
 
 
+def _rename_column(shard, old: str, new: str):
+    """Rewrite a parquet shard in place with column ``old`` called ``new``; returns the shard."""
+    t = pq.read_table(shard)
+    pq.write_table(t.rename_columns([new if c == old else c for c in t.column_names]), shard)
+    return shard
+
+
 def test_shard_without_id_column_is_named_before_any_work(tmp_path, ledger):
     ds = _small_dataset(tmp_path / "ds", n_train=8, n_test=0)
-    shard = _shards(ds, "train")[0]
-    t = pq.read_table(shard)
-    pq.write_table(t.rename_columns(["galaxy_id" if c == "id_str" else c for c in t.column_names]), shard)
+    shard = _rename_column(_shards(ds, "train")[0], "id_str", "galaxy_id")
     ledger.bad_input("shard missing id_str")
     with pytest.raises(ValueError, match=rf"{shard.name}.*id_str"):
         embed.run(_embed_cfg(ds, tmp_path / "out", splits=["train"]))
@@ -148,9 +153,7 @@ def test_shard_without_id_column_is_named_before_any_work(tmp_path, ledger):
 
 def test_shard_with_misnamed_image_column_is_named_before_any_work(offline_hub, tmp_path, ledger):
     ds = _small_dataset(tmp_path / "ds", n_train=8, n_test=0)
-    shard = _shards(ds, "train")[0]
-    t = pq.read_table(shard)
-    pq.write_table(t.rename_columns(["picture" if c == "image" else c for c in t.column_names]), shard)
+    shard = _rename_column(_shards(ds, "train")[0], "image", "picture")
     ledger.bad_input("shard misnamed image column")
     with pytest.raises(ValueError, match=rf"{shard.name}: no column 'image' \(columns: .*picture"):
         embed.run(_embed_cfg(ds, tmp_path / "out", splits=["train"]))
