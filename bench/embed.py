@@ -7,8 +7,9 @@ its own process (a private local Ray instance for ours) while this process sampl
 - original: ``datasets`` + torch DataLoader (4 workers, batch 64), PIL Resize((S, S)) +
   ToTensor, a forward hook on ``head``, fp32 (DESIGN.md §2);
 - ours fp32 and ours bf16 (``galaxysae embed``), and ours fp32 on 1/8 of the images (memory);
-- model only: forward passes on ready tensors, fp32 and bf16, at the batch size and thread
-  count our pipeline plans for this machine (and at the original's batch 64, for reference):
+- model only: forward passes on ready tensors, fp32 and bf16, at the batch size, thread
+  count and allocator settings (``galaxysae.allocator``) of our pipeline's encoder actor on this
+  machine (and at the original's batch 64, and with glibc's default allocator, for reference):
   the ceiling without decoding (target ``pipeline_vs_model_only``: decode, transfer and writing
   hidden behind encoding, compared once the pipeline is up: rows after the first batch came
   back, over the time since, as the embed summary reports it).
@@ -111,20 +112,24 @@ def variant_ours(data: str, size: int, out: str, precision: str) -> dict:
 
 
 def variant_model(size: int, precision: str, n: int, batch: int, threads: int) -> dict:
+    """The encoder as our actor runs it (``encoder.embed``; the parent gives this process the
+    actor's allocator settings), on ready float pixels: no decoding, no Ray."""
+    import numpy as np
     import timm
     import torch
+
+    from galaxysae import encoder
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     model = timm.create_model(ENCODER, pretrained=False, num_classes=0).eval()
-    x = torch.rand(batch, 3, size, size)
-    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-        model(x[:8])  # warm-up
-        t0 = time.perf_counter()
-        done = 0
-        while done < n:
-            model(x)
-            done += len(x)
+    x = np.random.default_rng(0).random((batch, 3, size, size), dtype=np.float32)
+    encoder.embed(model, x[:8], "cpu", precision)  # warm-up
+    t0 = time.perf_counter()
+    done = 0
+    while done < n:
+        encoder.embed(model, x, "cpu", precision)
+        done += len(x)
     return {"images": done, "seconds": time.perf_counter() - t0}
 
 
@@ -160,11 +165,12 @@ def _tree_pss(pid: int) -> int:
     return total
 
 
-def measure(args: list[str], label: str) -> dict:
-    """Run one variant in a child process; sample its tree's PSS every 0.5 s."""
+def measure(args: list[str], label: str, env_extra: dict | None = None) -> dict:
+    """Run one variant in a child process; sample its tree's PSS every 2 s."""
     fd, result = tempfile.mkstemp(suffix=".json")
     os.close(fd)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(env_extra or {})
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
     proc = subprocess.Popen([sys.executable, __file__, "--child", result, *args], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -251,10 +257,11 @@ def main() -> int:
         d.mkdir()
         return str(d)
 
-    from galaxysae import embed
+    from galaxysae import allocator, embed
 
     planned = embed.plan(embed.Config(), [{"CPU": float(os.cpu_count() or 1)}])
     batch, threads = planned.batch_size, planned.encoder_threads
+    actor_env = allocator.worker_env()  # what the pipeline's encoder actor runs with
     print("variant                        images   seconds    img/s   peak memory (PSS)")
     r = {}
     r["original"] = measure(["original", full, str(a.size), out("original")], "original fp32")
@@ -264,13 +271,16 @@ def main() -> int:
     r["ours_eighth"] = measure(["ours", eighth, str(a.size), out("eighth"), "fp32"], "ours fp32, 1/8 input")
     n_model = min(a.images, 512)
     r["model"] = measure(["model", str(a.size), "fp32", str(n_model), str(batch), str(threads)],
-                         f"model only fp32, batch {batch}")
+                         f"model only fp32, batch {batch}", actor_env)
     if bf16:
         r["model_bf16"] = measure(["model", str(a.size), "bf16", str(n_model), str(batch),
-                                   str(threads)], f"model only bf16, batch {batch}")
+                                   str(threads)], f"model only bf16, batch {batch}", actor_env)
     if batch != 64:
         measure(["model", str(a.size), "fp32", str(n_model), "64", str(threads)],
-                "model only fp32, batch 64")
+                "model only fp32, batch 64", actor_env)
+    # the same forward pass with glibc's default allocator settings: what allocator.py buys
+    measure(["model", str(a.size), "fp32", str(n_model), str(batch), str(threads)],
+            f"model only fp32, batch {batch}, default malloc")
 
     base = r["original"]["rate"]
     print()

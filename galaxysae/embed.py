@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Literal
 
-from galaxysae import config, sources, storage
+from galaxysae import allocator, config, sources, storage
 from galaxysae.shard_writer import ShardWriter, scan_shards
 
 log = logging.getLogger("galaxysae.embed")
@@ -178,10 +178,13 @@ def build_dataset(cfg: Config, shards: list[sources.Shard], min_blocks: int = 1)
     ds = ds.map_batches(decode_batch, batch_size=cfg.batch_size, batch_format="pyarrow",
                         num_cpus=cfg.decode_cpus, concurrency=cfg.decode_tasks or None,
                         fn_kwargs={"image_size": cfg.image_size, "image_column": cfg.image_column})
+    # On a CPU the encoder process reuses freed memory instead of page-faulting every batch's
+    # activations in again (allocator.py: ~+35% img/s); on a GPU they live in CUDA's allocator.
+    remote_args = {} if cfg.device == "cuda" else {"runtime_env": {"env_vars": allocator.worker_env()}}
     return ds.map_batches(
         EncodeBatch, batch_size=cfg.batch_size, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=cfg.num_encoders),
-        num_cpus=cfg.encoder_cpus, num_gpus=1 if cfg.device == "cuda" else 0,
+        num_cpus=cfg.encoder_cpus, num_gpus=1 if cfg.device == "cuda" else 0, **remote_args,
         fn_constructor_kwargs={
             "name": cfg.encoder, "pretrained": cfg.pretrained, "image_size": cfg.image_size,
             "device": cfg.device, "precision": cfg.precision,
@@ -257,6 +260,9 @@ def _run(cfg: Config, claim) -> int:
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = sys.stderr.isatty()
         ctx.execution_options.preserve_order = False
+        # Ray Data has every map task read its own /proc smaps once a second to estimate its
+        # peak memory (a statistic): tens of ms of CPU and the GIL each time for the encoder.
+        ctx.memory_usage_poll_interval_s = None
         # Without a budget Ray Data lets decoded images (30x their JPEG size) queue up to a
         # share of the whole object store in front of a slower encoder: memory would then grow
         # with the input instead of staying flat.
