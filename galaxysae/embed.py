@@ -180,7 +180,9 @@ def build_dataset(cfg: Config, shards: list[sources.Shard], min_blocks: int = 1)
                         fn_kwargs={"image_size": cfg.image_size, "image_column": cfg.image_column})
     # On a CPU the encoder process reuses freed memory instead of page-faulting every batch's
     # activations in again (allocator.py: ~+35% img/s); on a GPU they live in CUDA's allocator.
-    remote_args = {} if cfg.device == "cuda" else {"runtime_env": {"env_vars": allocator.worker_env()}}
+    remote_args = {}
+    if cfg.device != "cuda":
+        remote_args["runtime_env"] = {"env_vars": allocator.worker_env()}
     return ds.map_batches(
         EncodeBatch, batch_size=cfg.batch_size, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=cfg.num_encoders),
