@@ -193,7 +193,7 @@ def measure(args: list[str], label: str, env_extra: dict | None = None) -> dict:
     out["rate"] = out["images"] / out["seconds"]
     steady = (f"  ({out['steady_rate']:.2f} img/s after {out['startup_s']:.1f} s of start-up)"
               if "steady_rate" in out else "")
-    print(f"  {label:<26} {out['images']:>6} img {out['seconds']:>8.1f} s {out['rate']:>8.2f} img/s "
+    print(f"  {label:<42} {out['images']:>6} img {out['seconds']:>8.1f} s {out['rate']:>8.2f} img/s "
           f"peak {out['peak_mib']:>8.0f} MiB{steady}", flush=True)
     return out
 
@@ -262,7 +262,7 @@ def main() -> int:
     planned = embed.plan(embed.Config(), [{"CPU": float(os.cpu_count() or 1)}])
     batch, threads = planned.batch_size, planned.encoder_threads
     actor_env = allocator.worker_env()  # what the pipeline's encoder actor runs with
-    print("variant                        images   seconds    img/s   peak memory (PSS)")
+    print(f"{'variant':<44} images   seconds    img/s   peak memory (PSS)")
     r = {}
     r["original"] = measure(["original", full, str(a.size), out("original")], "original fp32")
     r["ours"] = measure(["ours", full, str(a.size), out("ours"), "fp32"], "ours fp32")
