@@ -31,11 +31,13 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench.memory import run_sampled  # noqa: E402
 ENCODER = "convnext_nano"
 
 
@@ -136,35 +138,6 @@ def variant_model(size: int, precision: str, n: int, batch: int, threads: int) -
 # ----------------------------------------------------------------------------- the parent
 
 
-def _children() -> dict[int, list[int]]:
-    kids: dict[int, list[int]] = {}
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                stat = Path(f"/proc/{d}/stat").read_text()
-            except OSError:
-                continue
-            ppid = int(stat.rsplit(")", 1)[1].split()[1])
-            kids.setdefault(ppid, []).append(int(d))
-    return kids
-
-
-def _tree_pss(pid: int) -> int:
-    """Bytes of PSS of ``pid`` and all its descendants (Linux /proc; no extra dependency)."""
-    kids, todo, total = _children(), [pid], 0
-    while todo:
-        p = todo.pop()
-        todo += kids.get(p, [])
-        try:
-            for line in Path(f"/proc/{p}/smaps_rollup").read_text().splitlines():
-                if line.startswith("Pss:"):
-                    total += int(line.split()[1]) * 1024
-                    break
-        except OSError:
-            pass
-    return total
-
-
 def measure(args: list[str], label: str, env_extra: dict | None = None) -> dict:
     """Run one variant in a child process; sample its tree's PSS every 2 s."""
     fd, result = tempfile.mkstemp(suffix=".json")
@@ -172,24 +145,12 @@ def measure(args: list[str], label: str, env_extra: dict | None = None) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(env_extra or {})
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
-    proc = subprocess.Popen([sys.executable, __file__, "--child", result, *args], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    peak = [0]
-
-    def sample():
-        while proc.poll() is None:
-            peak[0] = max(peak[0], _tree_pss(proc.pid))
-            time.sleep(2.0)
-
-    t = threading.Thread(target=sample, daemon=True)
-    t.start()
-    _, err = proc.communicate()
-    t.join()
-    if proc.returncode != 0:
-        raise SystemExit(f"{label} failed ({proc.returncode}):\n{err[-4000:]}")
+    rc, peak, err = run_sampled([sys.executable, __file__, "--child", result, *args], env, 2.0)
+    if rc != 0:
+        raise SystemExit(f"{label} failed ({rc}):\n{err[-4000:]}")
     out = json.loads(Path(result).read_text())
     os.unlink(result)
-    out["peak_mib"] = peak[0] / 2**20
+    out["peak_mib"] = peak / 2**20
     out["rate"] = out["images"] / out["seconds"]
     steady = (f"  ({out['steady_rate']:.2f} img/s after {out['startup_s']:.1f} s of start-up)"
               if "steady_rate" in out else "")

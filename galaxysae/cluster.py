@@ -26,3 +26,19 @@ def connect(address: str | None = None) -> None:
     else:
         log.info("no RAY_ADDRESS: starting a local Ray instance")
         ray.init(include_dashboard=False)
+
+
+def limit_parquet_footer_readers() -> None:
+    """Before ``ray.data.read_parquet``: at most a few of Ray Data's footer-reading actors.
+
+    Ray Data lists parquet files through a pool of such actors, up to 32 by default, a process
+    (~110 MB) each. Each keeps 128 reads in flight, so a few serve thousands of S3 shards, and on
+    a small machine the pool costs more start-up CPU than the whole listing and makes a job's
+    memory grow with its file count (render: 1.22x at 8x the files). One on clusters of up to 8
+    CPUs, 4 above. The variable is read when read_parquet builds its indexer on the driver; an
+    explicit setting wins.
+    """
+    import ray
+
+    cpus = ray.cluster_resources().get("CPU", 1) if ray.is_initialized() else 1
+    os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "1" if cpus <= 8 else "4")
