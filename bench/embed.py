@@ -38,6 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.memory import run_sampled  # noqa: E402
+
 ENCODER = "convnext_nano"
 
 

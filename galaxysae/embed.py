@@ -175,7 +175,8 @@ def build_dataset(cfg: Config, shards: list[sources.Shard], min_blocks: int = 1)
                         num_cpus=cfg.decode_cpus, concurrency=cfg.decode_tasks or None,
                         fn_kwargs={"image_size": cfg.image_size, "image_column": cfg.image_column})
     # On a CPU the encoder process reuses freed memory instead of page-faulting every batch's
-    # activations in again (allocator.py: ~+35% img/s); on a GPU they live in CUDA's allocator.
+    # activations in again (allocator.py: 15-35% more img/s here); on a GPU they live in
+    # CUDA's allocator.
     remote_args = {}
     if cfg.device != "cuda":
         remote_args["runtime_env"] = {"env_vars": allocator.worker_env()}
