@@ -70,27 +70,15 @@ def decode_cost(px: int, size: int, n: int = 64) -> tuple[float, int]:
 
 
 def encode_cost(size: int, threads: int, batch: int = 32) -> float:
-    """Seconds per image of the encoder forward on the CPU with ``threads`` torch threads, in a
-    child process with the embed job's encoder-actor allocator settings (``galaxysae.allocator``:
-    glibc reads them at process start)."""
+    """Seconds per image of the encoder forward on the CPU with ``threads`` torch threads: the
+    model-only variant of ``bench/embed.py`` (``encoder.embed`` in a child process with the
+    embed job's encoder-actor allocator settings, which glibc reads at process start)."""
+    from bench import embed as embed_bench
     from galaxysae import allocator
 
-    env = dict(os.environ, PYTHONPATH=str(ROOT), **allocator.worker_env())
-    out = subprocess.run([sys.executable, __file__, "--encode-cost", str(size), str(threads), str(batch)],
-                         env=env, capture_output=True, text=True, check=True, timeout=900)
-    return float(out.stdout.split()[-1])
-
-
-def _encode_cost_here(size: int, threads: int, batch: int) -> float:
-    import numpy as np
-    import torch
-
-    from galaxysae import encoder
-
-    torch.set_num_threads(threads)
-    model, _ = encoder.load("convnext_nano", pretrained=False, image_size=size)
-    x = np.random.default_rng(0).integers(0, 255, (batch, 3, size, size), dtype=np.uint8)
-    return _median_time(lambda: encoder.embed(model, x, "cpu", "fp32"), reps=5) / batch
+    out = embed_bench.measure(["model", str(size), "fp32", str(5 * batch), str(batch), str(threads)],
+                              f"encode {size} px, batch {batch}", allocator.worker_env())
+    return out["seconds"] / out["images"]
 
 
 def embedding_table(n: int, dtype: str):
@@ -189,11 +177,7 @@ def main(argv=None) -> int:
     p.add_argument("--sizes", type=int, nargs=2, default=[160, 480], help="embed runs to check")
     p.add_argument("--image-px", type=int, default=160, help="image side of the check runs")
     p.add_argument("--embed-px", type=int, default=128, help="encoder input side of the check runs")
-    p.add_argument("--encode-cost", type=int, nargs=3, help=argparse.SUPPRESS)  # child: size threads batch
     a = p.parse_args(argv)
-    if a.encode_cost:
-        print(_encode_cost_here(*a.encode_cost))
-        return 0
 
     from galaxysae import synth
     from tests.services.s3 import S3Server

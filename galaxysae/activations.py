@@ -191,7 +191,6 @@ def compute(d, embeddings: str, split: str, out: str, top_n: int = 30, batch_siz
     n_galaxies = _n_rows(files)
     fs, _ = storage.arrow_fs(files[0])
     paths = [storage.arrow_fs(u)[1] for u in files]
-    cluster.limit_parquet_footer_readers()
     ds = ray.data.read_parquet(paths, filesystem=fs).select_columns(["id_str", "embedding"])
     codes = ds.map_batches(
         Encode, fn_constructor_kwargs={"url": d.url, "threads": cpus_per_actor},

@@ -14,22 +14,22 @@ log = logging.getLogger(__name__)
 
 
 def connect(address: str | None = None) -> None:
-    """Initialise Ray once per process; a second call is a no-op."""
+    """Initialise Ray once per process (a second call only re-applies the Ray Data settings)."""
     import ray
 
-    if ray.is_initialized():
-        return
-    address = address or os.environ.get("RAY_ADDRESS") or None
-    if address:
-        log.info("connecting to the Ray cluster at %s", address)
-        ray.init(address=address, log_to_driver=True)
-    else:
-        log.info("no RAY_ADDRESS: starting a local Ray instance")
-        ray.init(include_dashboard=False)
+    if not ray.is_initialized():
+        address = address or os.environ.get("RAY_ADDRESS") or None
+        if address:
+            log.info("connecting to the Ray cluster at %s", address)
+            ray.init(address=address, log_to_driver=True)
+        else:
+            log.info("no RAY_ADDRESS: starting a local Ray instance")
+            ray.init(include_dashboard=False)
+    _limit_parquet_footer_readers(ray.cluster_resources().get("CPU", 1))
 
 
-def limit_parquet_footer_readers() -> None:
-    """Before ``ray.data.read_parquet``: at most a few of Ray Data's footer-reading actors.
+def _limit_parquet_footer_readers(cpus: float) -> None:
+    """At most a few of Ray Data's footer-reading actors, for every ``read_parquet`` of the job.
 
     Ray Data lists parquet files through a pool of such actors, up to 32 by default, a process
     (~110 MB) each. Each keeps 128 reads in flight, so a few serve thousands of S3 shards, and on
@@ -38,7 +38,4 @@ def limit_parquet_footer_readers() -> None:
     CPUs, 4 above. The variable is read when read_parquet builds its indexer on the driver; an
     explicit setting wins.
     """
-    import ray
-
-    cpus = ray.cluster_resources().get("CPU", 1) if ray.is_initialized() else 1
     os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "1" if cpus <= 8 else "4")

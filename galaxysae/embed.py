@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Literal
 
-from galaxysae import allocator, cluster, config, sources, storage
+from galaxysae import allocator, config, sources, storage
 from galaxysae.shard_writer import ShardWriter, scan_shards
 
 log = logging.getLogger("galaxysae.embed")
@@ -162,7 +162,6 @@ def build_dataset(cfg: Config, shards: list[sources.Shard], min_blocks: int = 1)
     # block, and small shards all land in one task, committed together at the very end.
     # Smaller read units keep memory flat and let shards finish one by one.
     os.environ["RAY_DATA_PARQUET_BIN_PACKING_BYTES"] = str(cfg.read_unit_bytes)
-    cluster.limit_parquet_footer_readers()
     fs, _ = storage.arrow_fs(shards[0].url)
     paths = [storage.arrow_fs(s.url)[1] for s in shards]
     # decode_tasks bounds read tasks too: each holds a block of images until it is decoded.
@@ -223,7 +222,7 @@ def run(cfg: Config) -> int:
 
 
 def _run(cfg: Config, claim) -> int:
-    from galaxysae import encoder
+    from galaxysae import cluster, encoder
 
     shards = sources.resolve(cfg.dataset, cfg.dataset_config, cfg.splits)
     revision, _, stand_in = encoder.describe(

@@ -240,9 +240,6 @@ def ray_dataset(root: str, split: str, width: int):
     files = parquet_files(root, split)
     fs, _ = storage.arrow_fs(files[0])
     paths = [storage.arrow_fs(f)[1] for f in files]
-    from galaxysae import cluster
-
-    cluster.limit_parquet_footer_readers()
     ds = ray.data.read_parquet(paths, filesystem=fs).select_columns(["id_str", "embedding"])
     source = storage.join(root, split)
 
