@@ -179,7 +179,9 @@ class _SparseDecode(torch.autograd.Function):
     @staticmethod
     def forward(ctx, vals, w, bags, cols, ptr, corder, cptr):  # noqa: D401
         ctx.save_for_backward(vals, w, bags, cols, ptr, corder, cptr)
-        return F.embedding_bag(cols, w, ptr, mode="sum", per_sample_weights=vals,
+        # detached: with an input that requires grad, embedding_bag takes its training kernel,
+        # which also builds the bookkeeping for its own backward (twice the time on CPU)
+        return F.embedding_bag(cols, w.detach(), ptr, mode="sum", per_sample_weights=vals.detach(),
                                include_last_offset=True)
 
     @staticmethod
@@ -393,7 +395,7 @@ class SparseAutoencoder(nn.Module):
                 key = rows * L + torch.bucketize(cols, self.level_ends, right=True)
                 if bag_order is None:  # top-k entries are in rank order within a row
                     key, order = key.sort(stable=True)
-                    bag_cols, bag_vals = cols[order], vals[order]
+                    bag_cols, bag_vals = cols.index_select(0, order), vals.index_select(0, order)
             if bag_order is None:
                 bag_order = _column_order(bag_cols, M)
             ptr = torch.zeros(B * L + 1, dtype=torch.long, device=dev)
@@ -545,7 +547,9 @@ def _transpose_bag(rows: Tensor, vals: Tensor, y: Tensor, corder: Tensor, cptr: 
     ``corder``/``cptr`` group the entries by column (``_column_order``) and ``embedding_bag`` sums
     them: N*D work, where torch's CSR transpose + matmul re-sorts a copy and is several times slower.
     """
-    return F.embedding_bag(rows[corder], y, cptr, mode="sum", per_sample_weights=vals[corder],
+    # index_select: a few times faster than advanced indexing for 1-d gathers on CPU
+    return F.embedding_bag(rows.index_select(0, corder), y, cptr, mode="sum",
+                           per_sample_weights=vals.index_select(0, corder),
                            include_last_offset=True)
 
 
