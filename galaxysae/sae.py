@@ -17,6 +17,9 @@ Training path (``forward``) is sparse end to end:
   Matryoshka levels are bags of (sample, level) whose prefix sums and losses ``_PrefixMSE``
   computes level by level. Encoder and decoder share one grouping of the entries by latent.
 ``forward(x, dense=True)`` is the plain dense reference of the same maths (tests check equality).
+On accelerators a step reads nothing back to the host (bar one look at the dead-latent counters
+every dead_steps/4 steps, ``_aux_k_now``), so Python queues kernels while the device runs them;
+the CPU takes faster variants that do (``_host_paths``). Tests run both variants on the CPU.
 
 No Ray, no storage: ``save``/``load`` write local directories; an ``s3://`` URL is handed to
 ``galaxysae.storage`` imported only then, so loading an artifact needs no training code.
@@ -399,7 +402,7 @@ class SparseAutoencoder(nn.Module):
             if bag_order is None:
                 bag_order = _column_order(bag_cols, M)
             ptr = torch.zeros(B * L + 1, dtype=torch.long, device=dev)
-            ptr[1:] = torch.bincount(key, minlength=B * L).cumsum(0)
+            ptr[1:] = _counts(key, B * L).cumsum(0)
             parts = _SparseDecode.apply(bag_vals, self.W_dec, key, bag_cols, ptr, *bag_order)
             if L > 1:
                 level_mse, s_last = _PrefixMSE.apply(parts.view(B, L, -1), z - self.b_pre)
@@ -469,7 +472,7 @@ class SparseAutoencoder(nn.Module):
     @torch.no_grad()
     def _update_state(self, cols, vals, batch_vals) -> None:
         # vals >= 0: a latent fired when its values sum above zero (no boolean indexing: no sync)
-        fired = torch.bincount(cols, weights=vals.detach(), minlength=self.cfg.n_latents) > 0
+        fired = _counts(cols, self.cfg.n_latents, vals.detach()) > 0
         self.steps_since_active.add_(1).masked_fill_(fired, 0)
         if batch_vals is not None:
             positive = torch.where(batch_vals > 0, batch_vals, torch.full_like(batch_vals, math.inf))
@@ -532,13 +535,29 @@ def _column_order(cols: Tensor, M: int) -> tuple[Tensor, Tensor]:
     """Entries regrouped by latent: (order [N], ptr [M + 1]) with entries ``order[ptr[m]:ptr[m+1]]``
     in column m. One stable sort of N ints, shared by every backward that uses the same entries.
     On CPU with M <= 65536 it is numpy's radix sort of 16-bit keys, ten times torch's sort."""
-    if cols.device.type == "cpu" and M <= 1 << 16:
+    if _host_paths(cols) and M <= 1 << 16:
         order = torch.from_numpy(np.argsort(cols.numpy().astype(np.uint16), kind="stable"))
     else:
         order = cols.sort(stable=True).indices
     ptr = torch.zeros(M + 1, dtype=torch.long, device=cols.device)
-    ptr[1:] = torch.bincount(cols, minlength=M).cumsum(0)
+    ptr[1:] = _counts(cols, M).cumsum(0)
     return order, ptr
+
+
+def _host_paths(t: Tensor) -> bool:
+    """Whether ``t`` takes the CPU variants (numpy's radix sort, the sampled BatchTopK threshold,
+    bincount). Accelerators take variants that never read a value back to the host, so the CPU
+    queues the next kernels while the device works; tests run those on the CPU too."""
+    return t.device.type == "cpu"
+
+
+def _counts(idx: Tensor, n: int, weights: Optional[Tensor] = None) -> Tensor:
+    """``bincount(idx, weights, minlength=n)`` for indices known to be < n. On accelerators an
+    ``index_add_``: torch's CUDA bincount copies the input's min and max to the host first."""
+    if _host_paths(idx):
+        return torch.bincount(idx, weights=weights, minlength=n)
+    src = torch.ones_like(idx) if weights is None else weights
+    return torch.zeros(n, dtype=src.dtype, device=idx.device).index_add_(0, idx, src)
 
 
 def _transpose_bag(rows: Tensor, vals: Tensor, y: Tensor, corder: Tensor, cptr: Tensor) -> Tensor:
@@ -568,7 +587,7 @@ def _batch_topk(pre: Tensor, n: int) -> tuple[Tensor, Tensor]:
     flat = pre.reshape(-1)
     N = flat.numel()
     n = min(n, N)
-    if flat.device.type != "cpu":
+    if not _host_paths(flat):
         idx = flat.clamp_min(0).topk(n, sorted=False).indices.sort().values
         return idx, flat[idx]
     stride = max(1, N // 8192) | 1  # odd: the sample walks across rows and columns
@@ -589,7 +608,7 @@ def _batch_topk(pre: Tensor, n: int) -> tuple[Tensor, Tensor]:
 def _regular(idx: Tensor) -> tuple[Tensor, Tensor]:
     """idx[B, n] -> (rows, cols) of the pattern with n entries in every row, row-major."""
     B, n = idx.shape
-    return torch.arange(B, device=idx.device).repeat_interleave(n), idx.reshape(-1)
+    return torch.arange(B, device=idx.device)[:, None].expand(B, n).reshape(-1), idx.reshape(-1)
 
 
 def _geometric_median(z: Tensor, iters: int = 100, eps: float = 1e-6) -> Tensor:

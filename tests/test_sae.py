@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from galaxysae import config, evaluation
+from galaxysae import config, evaluation, sae
 from galaxysae import train as train_job
 from galaxysae.embeddings import planted
 from galaxysae.sae import SAEConfig, SparseAutoencoder, _batch_topk
@@ -61,13 +61,19 @@ def test_batchtopk_code_of_a_sample_does_not_depend_on_its_batch():
     assert 2 <= (alone > 0).sum(1).float().mean() <= 8
 
 
-@pytest.mark.parametrize("kw", [
+FAST_PATH_CONFIGS = [
     dict(activation="topk", multik=20, multik_coeff=0.125, aux_k=6, aux_coeff=0.03, dead_steps=0),
     dict(activation="batchtopk", matryoshka_groups=[8, 8, 16, 64], aux_k=10, aux_coeff=0.03,
          dead_steps=0, l1_coeff=1e-3),
     dict(activation="topk", matryoshka_groups=[32, 64], matryoshka_weights=[2.0, 1.0]),
-])
-def test_fast_path_equals_dense_path(kw):
+]
+
+
+@pytest.mark.parametrize("variants", ["cpu", "accelerator"])
+@pytest.mark.parametrize("kw", FAST_PATH_CONFIGS)
+def test_fast_path_equals_dense_path(kw, variants, monkeypatch):
+    if variants == "accelerator":  # the GPU variants (sort, topk, index_add_), run on the CPU
+        monkeypatch.setattr(sae, "_host_paths", lambda t: False)
     model, x = make(**kw)
     model = model.double()
     x = x.double()
@@ -86,6 +92,53 @@ def test_fast_path_equals_dense_path(kw):
         torch.testing.assert_close(gf[name], gd[name], rtol=1e-9, atol=1e-12)
     if kw.get("aux_k"):
         assert float(fast.aux.detach()) > 0  # every latent counts as dead: the aux path really ran
+
+
+# Ops that copy a value from the device to the host (a CUDA sync that stops Python queueing
+# kernels): item()/int()/bool() of a tensor, data-dependent output sizes, torch's CUDA bincount.
+HOST_READS = {"aten._local_scalar_dense", "aten.nonzero", "aten.masked_select", "aten.bincount",
+              "aten.equal", "aten.is_nonzero", "aten.allclose", "aten._unique2",
+              "aten.unique_consecutive", "aten.unique_dim", "aten.repeat_interleave.Tensor"}
+
+
+@pytest.mark.parametrize("kw", FAST_PATH_CONFIGS)
+def test_accelerator_training_step_reads_nothing_back(kw, monkeypatch):
+    """A whole production step (forward, backward, clipping, fused AdamW, renorm) through the
+    accelerator variants, with every aten op recorded: none of them reads a value back."""
+    from torch.optim.lr_scheduler import LambdaLR
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    monkeypatch.setattr(sae, "_host_paths", lambda t: False)
+    kw = {**kw, "dead_steps": 8} if kw.get("aux_k") else kw  # the dead-latent look: every 2 steps
+    model, x = make(**kw)
+    cfg = config.from_dict(train_job.Config, dict(embeddings="e", output="o", model=dict(
+        n_latents=96, k=5, multik=0, aux_k=0), optim=dict(grad_clip=1.0)))  # optim only matters
+    opt = train_job.make_optimizer(cfg, model)
+    sched = LambdaLR(opt, lambda _: 1.0)
+    model.train()
+    model.steps_since_active.fill_(100)  # every latent dead: the aux path runs
+    train_job.train_step(cfg, model, opt, sched, x)  # the periodic dead-latent look (a sync)
+
+    seen: dict[str, int] = {}  # host reads
+    ops: set[str] = set()
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = str(func)  # e.g. aten.nonzero.default
+            if name in HOST_READS or name.rsplit(".", 1)[0] in HOST_READS:
+                seen[name] = seen.get(name, 0) + 1
+            if func.overloadpacket is torch.ops.aten.index and any(
+                    i is not None and i.dtype in (torch.bool, torch.uint8) for i in args[1]):
+                seen["boolean mask index"] = seen.get("boolean mask index", 0) + 1  # a nonzero inside
+            ops.add(name)
+            return func(*args, **(kwargs or {}))
+
+    with Record():
+        out = train_job.train_step(cfg, model, opt, sched, x)
+    assert {"aten._fused_adamw_.default", "aten.topk.default"} <= ops, sorted(ops)  # it recorded
+    if kw.get("aux_k"):
+        assert float(out.aux.detach()) > 0  # the aux path ran inside the recorded step
+    assert not seen, seen
 
 
 def _reference_batch_topk(pre, n):
