@@ -96,7 +96,9 @@ def encoder_only(model, x, device: str, precision: str, channels_last: bool, rep
     """img/s of the bare forward pass on a ready device tensor x[B, 3, S, S] float32."""
     import torch
 
-    m = model.to(memory_format=torch.channels_last) if channels_last else model
+    # Module.to converts in place: set the layout both ways, or a channels_last variant would
+    # leave the model channels_last for the next one
+    m = model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     xx = x.to(device)
     if channels_last:
         xx = xx.contiguous(memory_format=torch.channels_last)
@@ -152,7 +154,8 @@ def main(argv=None) -> int:
             continue  # CPU bf16 is emulated on most CPUs: not a figure worth printing
         row(f"encoder only {prec}{' channels_last' if cl else ''}",
             encoder_only(model, x, device, prec, cl, a.reps))
-    model = model.to(memory_format=torch.channels_last) if device == "cuda" else model
+    # as EncodeBatch holds it: channels_last on a GPU only
+    model = model.to(memory_format=torch.channels_last if device == "cuda" else torch.contiguous_format)
 
     with ProcessPoolExecutor(a.decoders) as pool:
         list(pool.map(_decode_chunk, chunks[:a.decoders]))  # start the workers
