@@ -3,7 +3,8 @@
 # network, no downloads: the data is generated). About 5 minutes on one H100/H200-class GPU.
 # Prints: original-style embed loop img/s, encoder-only img/s (fp32 vs bf16, channels_last),
 # decode / encode / pipeline img/s with N decode CPUs, SAE training samples/s (ours vs the
-# original loops) with a per-part timing table, GPU memory; ends with `target ...` lines.
+# original loops) with a per-part timing table, GPU memory, host syncs in a training step; ends
+# with `target ...` lines.
 # Usage: bench/gpu.sh [--smoke]   (--smoke: tiny sizes, runs on a CPU in seconds; used by tests)
 #        env: PY=python3 IMAGES=8192 TRAIN_ROWS=131072 DECODERS=<cpus-2>
 set -euo pipefail
