@@ -139,7 +139,8 @@ def embed(model, pixels, device: str = "cpu", precision: str = "fp32"):
     x = torch.as_tensor(np.require(pixels, requirements="W"))  # object-store views are read-only
     cuda = device.startswith("cuda")
     if cuda:
-        # Pinned host memory lets the copy overlap with the previous batch's kernels.
+        # From pinned host memory the copy runs by DMA at full bus speed (a pageable source is
+        # staged through a bounce buffer first); the .cpu() at the end waits for the batch.
         x = x.pin_memory().to(device, non_blocking=True)
     if x.dtype == torch.uint8:
         x = x.float().div_(255.0)
