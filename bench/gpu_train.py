@@ -36,16 +36,11 @@ def sync_check(bt, x_train, device: str, shrink: int) -> list[str]:
     without the mode (nothing to sync)."""
     import traceback
 
-    from torch.optim.lr_scheduler import LambdaLR
-
     from galaxysae import train as train_job
 
     found = []
     for kind in ("topk", "matryoshka"):
-        ours, _, cfg = bt.build(kind, x_train, 1, device, shrink)
-        opt = train_job.make_optimizer(cfg, ours)
-        sched = LambdaLR(opt, lambda _: 1.0)
-        x = torch.as_tensor(x_train[: cfg.batch_size]).to(device)
+        ours, _, cfg, opt, sched, x = bt.step_setup(kind, x_train, device, shrink)
         ours.train()
         ours.steps_since_active.fill_(ours.cfg.dead_steps)  # all dead: the AuxK path runs too
         train_job.train_step(cfg, ours, opt, sched, x)

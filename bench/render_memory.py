@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
+import shutil
 import sys
 import tempfile
 import time
@@ -54,7 +54,7 @@ def make_inputs(work: Path, n_test: int, shard: int, px: int) -> tuple[Path, Pat
 
 def render_peak(ds: Path, emb: Path, d: Path, results: Path) -> tuple[float, float]:
     """(peak PSS MiB of the render process tree, seconds) of one fresh render run."""
-    subprocess.run(["rm", "-rf", str(results)], check=True)
+    shutil.rmtree(results, ignore_errors=True)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     cmd = [sys.executable, "-m", "galaxysae", "render", "--dictionaries", str(d),

@@ -297,6 +297,18 @@ def _timed(fn, device: str, reps: int) -> float:
     return float(np.median(out))
 
 
+def step_setup(kind: str, x_train: np.ndarray, device: str = "cpu", shrink: int = 1):
+    """Single-step measurements' start: (ours, original, cfg, our optimiser, a constant-rate
+    scheduler for it, the first batch on the device), seeded."""
+    from torch.optim.lr_scheduler import LambdaLR
+
+    torch.manual_seed(0)
+    ours, orig, cfg = build(kind, x_train, 1, device, shrink)
+    opt = train_job.make_optimizer(cfg, ours)
+    sched = LambdaLR(opt, lambda _: 1.0)
+    return ours, orig, cfg, opt, sched, torch.as_tensor(x_train[: cfg.batch_size]).to(device)
+
+
 def parts(kind: str, x_train: np.ndarray, device: str = "cpu", reps: int = 5,
           shrink: int = 1) -> list[dict]:
     """Where a step's time goes, ours vs the original, on one batch (median ms of ``reps``).
@@ -308,14 +320,10 @@ def parts(kind: str, x_train: np.ndarray, device: str = "cpu", reps: int = 5,
     """
     from torch.optim.lr_scheduler import LambdaLR
 
-    torch.manual_seed(0)
-    ours, orig, cfg = build(kind, x_train, 1, device, shrink)
-    x = torch.as_tensor(x_train[: cfg.batch_size]).to(device)
+    ours, orig, cfg, opt_o, sched_o, x = step_setup(kind, x_train, device, shrink)
     z = (x - ours.mean) / ours.std
     m = cfg.model
     kk = max(m.k, m.multik) if kind == "topk" else m.k * cfg.batch_size
-    opt_o = train_job.make_optimizer(cfg, ours)
-    sched_o = LambdaLR(opt_o, lambda _: 1.0)
     opt_r = torch.optim.AdamW(orig.parameters(), lr=cfg.optim.lr)
     sched_r = LambdaLR(opt_r, lambda _: 1.0)
     ours.train()

@@ -111,8 +111,9 @@ def test_accelerator_training_step_reads_nothing_back(kw, monkeypatch):
     monkeypatch.setattr(sae, "_host_paths", lambda t: False)
     kw = {**kw, "dead_steps": 8} if kw.get("aux_k") else kw  # the dead-latent look: every 2 steps
     model, x = make(**kw)
+    # train_step reads only the optim section; the model is the one made above
     cfg = config.from_dict(train_job.Config, dict(embeddings="e", output="o", model=dict(
-        n_latents=96, k=5, multik=0, aux_k=0), optim=dict(grad_clip=1.0)))  # train_step reads its optim section
+        n_latents=96, k=5, multik=0, aux_k=0), optim=dict(grad_clip=1.0)))
     opt = train_job.make_optimizer(cfg, model)
     sched = LambdaLR(opt, lambda _: 1.0)
     model.train()

@@ -17,13 +17,13 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
@@ -46,10 +46,15 @@ def _run(cmd: list[str], timeout=300) -> tuple[float, subprocess.CompletedProces
     return time.monotonic() - t0, r
 
 
+def _start(cmd: list[str], **kw) -> subprocess.Popen:
+    """``cmd`` in the background, output discarded."""
+    return subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            cwd=REPO, **kw)
+
+
 def _kill_at(cmd: list[str], after_s: float) -> bool:
     """Start ``cmd``, SIGKILL it ``after_s`` seconds later; -> True if it was still running."""
-    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            cwd=REPO, start_new_session=True)
+    proc = _start(cmd, start_new_session=True)
     try:
         proc.wait(after_s)
         return False
@@ -100,8 +105,7 @@ def test_train_killed_at_three_seeded_points_resumes_to_the_reference(tmp_path, 
     write_parquet(str(emb), "test", [f"g{i}" for i in range(384, 448)], x[384:])
     # reference: the window from the first checkpoint to metrics.json is where kills land
     ref_out = tmp_path / "ref"
-    proc = subprocess.Popen(_train_cmd(emb, ref_out), env=_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, cwd=REPO)
+    proc = _start(_train_cmd(emb, ref_out))
     t_ckpt = _wait_for(proc, lambda: _ckpt(ref_out))
     window = _wait_for(proc, lambda: (ref_out / "metrics.json").exists()) - t_ckpt
     assert proc.wait(60) == 0
@@ -114,9 +118,8 @@ def test_train_killed_at_three_seeded_points_resumes_to_the_reference(tmp_path, 
         # The window is the reference run's; a run on a less loaded machine can finish inside
         # it. Such a run was never killed: it is redone with the kill twice as early.
         for _ in range(4):
-            subprocess.run(["rm", "-rf", str(out)], check=True)
-            proc = subprocess.Popen(_train_cmd(emb, out), env=_env(), stdout=subprocess.DEVNULL,
-                                    stderr=subprocess.DEVNULL, cwd=REPO)
+            shutil.rmtree(out, ignore_errors=True)
+            proc = _start(_train_cmd(emb, out))
             _wait_for(proc, lambda: _ckpt(out))
             time.sleep(frac * window)
             proc.send_signal(signal.SIGKILL)
