@@ -12,12 +12,28 @@ cd "$(dirname "$0")/.."
 PY=${PY:-python3}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
+
+# A lent GPU is scarce: a bench that fails must not cost the other one its figures. Each runs
+# whatever the other did; the script exits non-zero if either failed.
+failed=()
+bench() {
+  local rc=0
+  "$PY" "$@" || rc=$?
+  if ((rc != 0)); then
+    echo "bench/gpu.sh: $1 failed (exit $rc)" >&2
+    failed+=("$1")
+  fi
+}
 if [[ "${1:-}" == "--smoke" ]]; then
-  "$PY" bench/gpu_embed.py --smoke
-  "$PY" bench/gpu_train.py --smoke
-  exit 0
+  bench bench/gpu_embed.py --smoke
+  bench bench/gpu_train.py --smoke
+else
+  decoders=()
+  if [[ -n "${DECODERS:-}" ]]; then decoders=(--decoders "$DECODERS"); fi
+  bench bench/gpu_embed.py --images "${IMAGES:-8192}" "${decoders[@]}"
+  bench bench/gpu_train.py --n-train "${TRAIN_ROWS:-131072}"
 fi
-decoders=()
-if [[ -n "${DECODERS:-}" ]]; then decoders=(--decoders "$DECODERS"); fi
-"$PY" bench/gpu_embed.py --images "${IMAGES:-8192}" "${decoders[@]}"
-"$PY" bench/gpu_train.py --n-train "${TRAIN_ROWS:-131072}"
+if ((${#failed[@]})); then
+  echo "bench/gpu.sh: failed: ${failed[*]}" >&2
+  exit 1
+fi

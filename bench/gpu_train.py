@@ -79,25 +79,47 @@ def main(argv=None) -> int:
         print(f"device: {torch.cuda.get_device_name()}")
     bt = _bench_train()
     x_train, x_test, source = bt.load_embeddings(args)
-    rows, part_rows = [], []
+    tag = "gpu_" if device == "cuda" else "cpu_"
+    rows, part_rows, lines, failed = [], [], [], []
+
+    def attempt(what: str, fn) -> bool:
+        """fn(); a failure (out of memory, say) is printed and the other measurements still run."""
+        try:
+            fn()
+            return True
+        except Exception as exc:  # noqa: BLE001 - reported, and the exit status says so
+            failed.append(what)
+            print(f"{what}: ERROR {type(exc).__name__}: {str(exc).splitlines()[0][:200]}", flush=True)
+            if device == "cuda":
+                torch.cuda.empty_cache()
+            return False
+
     for kind in ("topk", "matryoshka"):
-        rows += bt.compare(kind, x_train, x_test, args.epochs, device, shrink=shrink)
-        part_rows += bt.parts(kind, x_train, device, reps=2 if args.smoke else 10, shrink=shrink)
-    bt.report_parts(part_rows)
-    lines = bt.report(rows, source, prefix="gpu_" if device == "cuda" else "cpu_")
+        if not attempt(f"{kind} training", lambda k=kind: rows.extend(
+                bt.compare(k, x_train, x_test, args.epochs, device, shrink=shrink))):
+            lines.append(f"target {tag}{kind}_speedup_at_equal_fvu: not measured (see ERROR above) FAIL")
+        attempt(f"{kind} parts", lambda k=kind: part_rows.extend(
+            bt.parts(k, x_train, device, reps=2 if args.smoke else 10, shrink=shrink)))
+    if part_rows:
+        bt.report_parts(part_rows)
+    if rows:
+        lines = bt.report(rows, source, prefix=tag) + lines
     if device == "cuda":
         print(f"GPU memory peak: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
-    syncs = sync_check(bt, x_train, device, shrink)
+    checked: list = []
+    syncs = checked if attempt("sync check", lambda: checked.extend(
+        sync_check(bt, x_train, device, shrink))) else None
     if device == "cuda":
-        for msg in syncs:
+        for msg in syncs or []:
             print(f"host sync in a training step: {msg}")
-        lines.append(f"target gpu_train_step_no_host_sync: {len(syncs)} models with a sync (goal 0) "
-                     f"{'PASS' if not syncs else 'FAIL'}")
-    else:
+        measured = "not measured (see ERROR above)" if syncs is None else f"{len(syncs)} models with a sync"
+        lines.append(f"target gpu_train_step_no_host_sync: {measured} (goal 0) "
+                     f"{'PASS' if syncs == [] else 'FAIL'}")
+    elif syncs is not None:
         print("host syncs in a training step: not checked on the CPU (the steps ran)")
     for line in lines:
         print(line)
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
