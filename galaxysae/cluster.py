@@ -9,8 +9,15 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 
 log = logging.getLogger(__name__)
+
+WAIT_ENV = "GALAXYSAE_RESOURCE_WAIT_S"
+
+
+class ResourceError(RuntimeError):
+    """The cluster cannot place what a job asks for (a GPU it lacks, more CPUs than a node has)."""
 
 
 def connect(address: str | None = None) -> None:
@@ -39,3 +46,65 @@ def _limit_parquet_footer_readers(cpus: float) -> None:
     explicit setting wins.
     """
     os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "1" if cpus <= 8 else "4")
+
+
+def fits(bundles: list[dict], nodes: list[dict]) -> bool:
+    """Whether every bundle ({"CPU": c, "GPU": g}) finds room on a node's total resources, each
+    bundle on one node (first fit, largest bundles first). Totals, not what is free now: other
+    work on the cluster ends, a missing GPU never appears."""
+    free = [dict(n) for n in nodes]
+    for b in sorted(bundles, key=lambda b: (b.get("GPU", 0), b.get("CPU", 0)), reverse=True):
+        for node in free:
+            if all(node.get(k, 0) + 1e-9 >= v for k, v in b.items() if v > 0):
+                for k, v in b.items():
+                    node[k] = node.get(k, 0) - v
+                break
+        else:
+            return False
+    return True
+
+
+def describe_nodes(nodes: list[dict]) -> str:
+    """"4 nodes: 3 x {CPU 16, GPU 1} + 1 x {CPU 2}" (or "no nodes")."""
+    if not nodes:
+        return "no nodes"
+    return f"{len(nodes)} node{'s' if len(nodes) > 1 else ''}: " + _counted(nodes)
+
+
+def alive_nodes() -> list[dict]:
+    """The total resources of each alive node of the connected cluster."""
+    import ray
+
+    return [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
+
+
+def require(bundles: list[dict], what: str, hint: str) -> None:
+    """Fail now when the cluster cannot place ``bundles`` (Ray would wait for them for ever, or
+    for minutes), naming ``what`` (the config keys behind the request), the cluster's nodes and
+    ``hint`` (what to change). A cluster that adds nodes on demand may only grow into the
+    request: with GALAXYSAE_RESOURCE_WAIT_S set, wait up to that many seconds for them."""
+    wait = float(os.environ.get(WAIT_ENV, "0") or 0)
+    deadline = time.monotonic() + wait
+    nodes = alive_nodes()
+    while not fits(bundles, nodes):
+        if time.monotonic() >= deadline:
+            waited = f" (after waiting {wait:g} s)" if wait else ""
+            raise ResourceError(
+                f"{what}: needs {_counted(bundles)}, which the Ray "
+                f"cluster ({describe_nodes(nodes)}) cannot place{waited}. {hint} If the cluster "
+                f"adds nodes on demand, set {WAIT_ENV} to the seconds to wait for them.")
+        log.info("waiting up to %.0f s for the cluster (%s) to fit %s", deadline - time.monotonic(),
+                 describe_nodes(nodes), what)
+        time.sleep(min(5.0, max(0.0, deadline - time.monotonic())))
+        nodes = alive_nodes()
+
+
+def _counted(bundles: list[dict]) -> str:
+    """[{"CPU": 2, "GPU": 1}] * 2 + [{"CPU": 1}] -> "2 x {CPU 2, GPU 1} + 1 x {CPU 1}" (CPU and
+    GPU only: a node's memory and custom resources are not asked for here)."""
+    kinds = [tuple((k, b[k]) for k in ("CPU", "GPU") if b.get(k, 0) > 0) for b in bundles]
+    counts = dict.fromkeys(kinds, 0)
+    for kind in kinds:
+        counts[kind] += 1
+    return " + ".join(f"{n} x {{{', '.join(f'{k} {v:g}' for k, v in kind) or 'CPU 0'}}}"
+                      for kind, n in counts.items())

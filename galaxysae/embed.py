@@ -96,11 +96,12 @@ class Config:
 def plan(cfg: Config, nodes: list[dict]) -> Config:
     """Fill the auto (0) settings from the resources of the cluster's alive nodes.
 
-    GPU: one encoder actor per GPU with 2 CPUs of host work each, 128-image batches, every other
-    CPU decoding. CPU only: one actor per node reserving all but one CPU (Ray Data's file-listing
-    tasks need one whole CPU: reserving them all would deadlock), with torch threads for every
-    CPU of the node, because decoding costs a few percent of a forward pass and a core left to
-    it would idle; decode tasks take a quarter CPU so several fit in the spare one.
+    GPU: one encoder actor per GPU with 2 CPUs of host work each (fewer on GPU nodes that have
+    fewer), 128-image batches, every other CPU decoding. CPU only: one actor per node reserving
+    all but one CPU (Ray Data's file-listing tasks need one whole CPU: reserving them all would
+    deadlock), with torch threads for every CPU of the node, because decoding costs a few
+    percent of a forward pass and a core left to it would idle; decode tasks take a quarter CPU
+    so several fit in the spare one.
     """
     cpus = [float(n.get("CPU", 0)) for n in nodes if n.get("CPU", 0) > 0] or [1.0]
     gpus = sum(float(n.get("GPU", 0)) for n in nodes)
@@ -110,7 +111,9 @@ def plan(cfg: Config, nodes: list[dict]) -> Config:
     c = dataclasses.replace(cfg, device=device)
     if device == "cuda":
         c.num_encoders = c.num_encoders or max(1, int(gpus))
-        c.encoder_cpus = c.encoder_cpus or 2.0
+        # two CPUs of host work per GPU actor, or all a GPU node has if that is fewer
+        largest = max((float(n.get("CPU", 0)) for n in nodes if n.get("GPU", 0) >= 1), default=0.0)
+        c.encoder_cpus = c.encoder_cpus or (min(2.0, largest) if largest > 0 else 2.0)
         c.decode_cpus = c.decode_cpus or 1.0
         c.batch_size = c.batch_size or 128
         c.precision = "bf16" if c.precision == "auto" else c.precision
@@ -134,6 +137,25 @@ def plan(cfg: Config, nodes: list[dict]) -> Config:
         # so a deeper queue would only add memory.
         c.object_store_mib = c.object_store_mib or 256 * c.num_encoders
     return c
+
+
+def require_resources(cfg: Config) -> None:
+    """The planned encoder actors and one decode task must fit the cluster: Ray Data would wait
+    for ever for an actor no node can hold (a GPU on a CPU-only cluster, more CPUs than a node
+    has). Raises :class:`cluster.ResourceError` naming the keys."""
+    from galaxysae import cluster
+
+    gpu = 1.0 if cfg.device == "cuda" else 0.0
+    bundles = [{"CPU": cfg.encoder_cpus, "GPU": gpu}] * cfg.num_encoders + [{"CPU": cfg.decode_cpus}]
+    what = (f"embed with device={cfg.device!r}, num_encoders={cfg.num_encoders}, "
+            f"encoder_cpus={cfg.encoder_cpus:g}, decode_cpus={cfg.decode_cpus:g}")
+    if gpu and not any(n.get("GPU", 0) >= 1 for n in cluster.alive_nodes()):
+        hint = ("device 'cuda' needs GPUs on the cluster: start it with some (Slurm: --gpus or "
+                "--gres=gpu:N; KubeRay: the gpu worker group), or set device = 'auto' to embed "
+                "on the CPUs.")
+    else:
+        hint = "Lower those keys (0 chooses them from the cluster)."
+    cluster.require(bundles, what, hint)
 
 
 def _absolute(cfg: Config) -> Config:
@@ -244,7 +266,8 @@ def _run(cfg: Config, claim) -> int:
     cluster.connect()
     import ray
 
-    cfg = plan(cfg, [n["Resources"] for n in ray.nodes() if n.get("Alive")])
+    cfg = plan(cfg, cluster.alive_nodes())
+    require_resources(cfg)
     writer.provenance["precision"] = cfg.precision
     config.save(cfg, cfg.output)
     log.info("plan: device=%s precision=%s encoders=%d x (%.3g CPU, %d threads) batch=%d "

@@ -161,6 +161,8 @@ def run(cfg: Config) -> dict:
     base = base_train_config(cfg)
     epochs = base.get("epochs", 200)
     cluster.connect()
+    # one trial must fit (Tune runs fewer at once when not all of them do)
+    train_job.require_resources(cfg.num_workers, cfg.cpus_per_worker, cfg.use_gpu, "sweep trial")
     fs, path = storage.arrow_fs(storage.join(cfg.output, "tune"))
     exp_path = f"{path.rstrip('/')}/sweep"
     trainable = tune.with_resources(

@@ -425,8 +425,8 @@ def run_local(cfg: Config, train_x, init: dict, checkpoints: bool = True):
 
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        log.warning("device %r asked for but no GPU is visible: training on the CPU", device)
-        device = "cpu"
+        raise RuntimeError(f"device {device!r} asked for, but torch sees no CUDA device here: set "
+                           "device = 'auto' to train on the CPU")
     torch.manual_seed(cfg.seed)
     model = SparseAutoencoder(sae_config(cfg, train_x.shape[1]))
     model.load_state_dict(init)
@@ -523,6 +523,22 @@ def ray_train_loop(loop_cfg: dict) -> None:
                             json.dumps(state_line).encode())
 
 
+def require_resources(num_workers: int, cpus_per_worker: int, use_gpu: bool, job: str) -> None:
+    """The Train workers of one run must fit the cluster, or Ray Train waits minutes per attempt
+    before it fails. Raises :class:`cluster.ResourceError` naming the keys."""
+    from galaxysae import cluster
+
+    what = (f"{job} with num_workers={num_workers}, cpus_per_worker={cpus_per_worker}, "
+            f"use_gpu={str(use_gpu).lower()}")
+    if use_gpu and not any(n.get("GPU", 0) >= 1 for n in cluster.alive_nodes()):
+        hint = ("use_gpu = true needs GPUs on the cluster: start it with some (Slurm: --gpus or "
+                "--gres=gpu:N; KubeRay: the gpu worker group), or set use_gpu = false.")
+    else:
+        hint = "Lower num_workers or cpus_per_worker."
+    bundle = {"CPU": float(cpus_per_worker), "GPU": 1.0 if use_gpu else 0.0}
+    cluster.require([bundle] * num_workers, what, hint)
+
+
 def run_ray(cfg: Config, d_in: int, n_train: int, init: dict, callbacks=None) -> dict:
     """Train with a Ray Train V2 TorchTrainer; the model lands in cfg.output. Returns last line."""
     import ray.train
@@ -531,6 +547,7 @@ def run_ray(cfg: Config, d_in: int, n_train: int, init: dict, callbacks=None) ->
     from galaxysae import cluster, embeddings
 
     cluster.connect()
+    require_resources(cfg.num_workers, cfg.cpus_per_worker, cfg.use_gpu, "train")
     per_worker = n_train // cfg.num_workers
     bs = min(cfg.batch_size, max(1, per_worker))
     per_epoch = _steps_per_epoch(per_worker, bs)

@@ -7,8 +7,6 @@ through the real train / render / pca code. Tiny data throughout.
 from __future__ import annotations
 
 import io
-import json
-import shutil
 from pathlib import Path
 
 import numpy as np

@@ -1,0 +1,102 @@
+"""A request the Ray cluster cannot place (a GPU it lacks, more CPUs than a node has) fails at
+once, naming the config keys and the cluster, instead of waiting for ever (Ray Data) or for
+minutes per attempt (Ray Train). The test cluster has 4 CPUs and no GPU."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from galaxysae import cluster, embed
+from tests.test_train import SMALL, make_embeddings, run_cli
+
+REPO = Path(__file__).resolve().parents[1]
+ENCODER = "hf_hub:mwalmsley/zoobot-encoder-euclid"
+
+
+def test_fits_places_each_bundle_on_one_node():
+    gpu_node, cpu_node = {"CPU": 16.0, "GPU": 1.0, "memory": 1e9}, {"CPU": 4.0}
+    assert cluster.fits([{"CPU": 2.0, "GPU": 1.0}, {"CPU": 1.0}], [gpu_node])
+    assert not cluster.fits([{"CPU": 2.0, "GPU": 1.0}] * 2, [gpu_node, cpu_node])  # one GPU only
+    assert cluster.fits([{"CPU": 2.0, "GPU": 1.0}] * 2, [gpu_node, gpu_node])
+    # 6 CPUs in all, but no node holds 3 + 3 next to each other's 3
+    assert not cluster.fits([{"CPU": 3.0}] * 3, [cpu_node, {"CPU": 2.0}])
+    assert cluster.fits([{"CPU": 3.0}, {"CPU": 1.0}, {"CPU": 2.0}], [cpu_node, {"CPU": 2.0}])
+    assert cluster.fits([{"CPU": 0.25, "GPU": 0.0}] * 8, [{"CPU": 2.0}])
+    assert not cluster.fits([{"CPU": 1.0}], [])
+    assert cluster.describe_nodes([gpu_node, gpu_node, cpu_node]) == (
+        "3 nodes: 2 x {CPU 16, GPU 1} + 1 x {CPU 4}")
+
+
+def test_embed_plan_gives_a_gpu_actor_no_more_cpus_than_a_gpu_node_has():
+    small = embed.plan(embed.Config(), [{"CPU": 1.0, "GPU": 1.0}, {"CPU": 8.0}])
+    assert small.device == "cuda" and small.encoder_cpus == 1.0
+    big = embed.plan(embed.Config(), [{"CPU": 16.0, "GPU": 1.0}])
+    assert big.encoder_cpus == 2.0
+
+
+def _galaxysae(*args: str) -> subprocess.CompletedProcess:
+    # A subprocess with a deadline: without the check these runs wait for ever.
+    return subprocess.run([sys.executable, "-m", "galaxysae", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=180)
+
+
+def test_embed_on_cuda_without_a_gpu_fails_at_once_and_writes_nothing(
+        ray_cluster, synth_dataset, offline_hub, tmp_path):
+    out = tmp_path / "emb"
+    res = _galaxysae("embed", "--dataset", str(synth_dataset), "--output", str(out),
+                     "--encoder", ENCODER, "--image-size", "64", "--device", "cuda")
+    assert res.returncode != 0
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("galaxysae.cluster.ResourceError: embed with device='cuda'"), res.stderr[-3000:]
+    assert "needs 1 x {CPU 2, GPU 1} + 1 x {CPU 1}" in last and "1 node: 1 x {CPU 4}" in last, last
+    assert "device = 'auto'" in last and cluster.WAIT_ENV in last, last
+    # nothing written, the claim released: a rerun with device = auto starts cleanly
+    assert sorted(p.name for p in out.rglob("*")) == []
+
+
+def test_embed_asking_more_cpus_than_a_node_has_fails_at_once(
+        ray_cluster, synth_dataset, offline_hub, tmp_path):
+    res = _galaxysae("embed", "--dataset", str(synth_dataset), "--output", str(tmp_path / "emb"),
+                     "--encoder", ENCODER, "--image-size", "64", "--encoder-cpus", "6")
+    assert res.returncode != 0
+    last = res.stderr.strip().splitlines()[-1]
+    assert "encoder_cpus=6" in last and "needs 1 x {CPU 6} + 1 x {CPU 0.25}" in last, res.stderr[-3000:]
+    assert "Lower those keys" in last, last
+
+
+def test_ray_train_with_use_gpu_without_a_gpu_fails_at_once(ray_cluster, tmp_path):
+    make_embeddings(str(tmp_path / "emb"))
+    res = _galaxysae("train", "--embeddings", str(tmp_path / "emb"), "--output", str(tmp_path / "sae"),
+                     "--mode", "ray", "--use_gpu", "true", *SMALL)
+    assert res.returncode != 0
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("galaxysae.cluster.ResourceError: train with num_workers=1, "
+                           "cpus_per_worker=1, use_gpu=true: needs 1 x {CPU 1, GPU 1}"), res.stderr[-3000:]
+    assert "set use_gpu = false" in last, last
+    assert not (tmp_path / "sae" / "ray").exists()  # Ray Train never started
+
+
+def test_resource_wait_polls_for_nodes_then_says_how_long_it_waited(ray_cluster, monkeypatch):
+    cluster.connect()
+    monkeypatch.setenv(cluster.WAIT_ENV, "3")
+    t0 = time.monotonic()
+    with pytest.raises(cluster.ResourceError, match=r"\(after waiting 3 s\)"):
+        cluster.require([{"CPU": 1.0, "GPU": 1.0}], "a test request", "No hint.")
+    assert time.monotonic() - t0 >= 3.0  # it waited for the cluster to grow, then gave up
+    monkeypatch.setenv(cluster.WAIT_ENV, "30")
+    t0 = time.monotonic()
+    cluster.require([{"CPU": 1.0}] * 4, "a request that fits", "No hint.")  # returns at once
+    assert time.monotonic() - t0 < 3.0
+
+
+def test_local_train_on_cuda_without_a_gpu_is_an_error_not_a_silent_cpu_run(tmp_path):
+    make_embeddings(str(tmp_path / "emb"))
+    with pytest.raises(RuntimeError, match="'cuda' asked for, but torch sees no CUDA device"):
+        run_cli("--embeddings", str(tmp_path / "emb"), "--output", str(tmp_path / "sae"),
+                "--mode", "local", "--device", "cuda", *SMALL)
+    assert not (tmp_path / "sae" / "sae.safetensors").exists()
