@@ -187,6 +187,8 @@ def compute(d, embeddings: str, split: str, out: str, top_n: int = 30, batch_siz
     from galaxysae import cluster
 
     cluster.connect()
+    cluster.require([{"CPU": float(cpus_per_actor)}], f"activations of {d.name} with "
+                    f"cpus_per_actor={cpus_per_actor}", "Lower cpus_per_actor.")
     t0 = time.time()
     n_galaxies = _n_rows(files)
     fs, _ = storage.arrow_fs(files[0])

@@ -100,3 +100,15 @@ def test_local_train_on_cuda_without_a_gpu_is_an_error_not_a_silent_cpu_run(tmp_
         run_cli("--embeddings", str(tmp_path / "emb"), "--output", str(tmp_path / "sae"),
                 "--mode", "local", "--device", "cuda", *SMALL)
     assert not (tmp_path / "sae" / "sae.safetensors").exists()
+
+
+def test_activations_asking_more_cpus_than_a_node_has_fail_at_once(ray_cluster, tmp_path):
+    from galaxysae import activations, dictionary, pca
+
+    make_embeddings(str(tmp_path / "emb"))
+    pca.run(pca.Config(embeddings=str(tmp_path / "emb"), output=str(tmp_path / "pca"), n_components=4))
+    d = dictionary.load(str(tmp_path / "pca"))
+    with pytest.raises(cluster.ResourceError, match=r"activations of pca with cpus_per_actor=8: "
+                       r"needs 1 x \{CPU 8\}, which the Ray cluster \(1 node: 1 x \{CPU 4\}\)"):
+        activations.compute(d, str(tmp_path / "emb"), "test", str(tmp_path / "act"), cpus_per_actor=8)
+    assert not (tmp_path / "act").exists()
