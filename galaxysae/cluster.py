@@ -78,21 +78,25 @@ def alive_nodes() -> list[dict]:
     return [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
 
 
-def require(bundles: list[dict], what: str, hint: str) -> None:
+def require(bundles: list[dict], what: str, hint: str, gpu_off: str = "") -> None:
     """Fail now when the cluster cannot place ``bundles`` (Ray would wait for them for ever, or
     for minutes), naming ``what`` (the config keys behind the request), the cluster's nodes and
-    ``hint`` (what to change). A cluster that adds nodes on demand may only grow into the
-    request: with GALAXYSAE_RESOURCE_WAIT_S set, wait up to that many seconds for them."""
+    what to change: ``hint``, or, when a GPU is asked of a cluster without any, how to get one
+    or ``gpu_off`` (the setting that runs without). A cluster that adds nodes on demand may only
+    grow into the request: with GALAXYSAE_RESOURCE_WAIT_S set, wait up to that long for them."""
     wait = float(os.environ.get(WAIT_ENV, "0") or 0)
     deadline = time.monotonic() + wait
     nodes = alive_nodes()
     while not fits(bundles, nodes):
         if time.monotonic() >= deadline:
+            if any(b.get("GPU", 0) > 0 for b in bundles) and not any(n.get("GPU", 0) for n in nodes):
+                hint = ("A GPU needs a cluster with GPUs (Slurm: --gpus or --gres=gpu:N; KubeRay: "
+                        f"the gpu worker group), or {gpu_off}.")
             waited = f" (after waiting {wait:g} s)" if wait else ""
             raise ResourceError(
-                f"{what}: needs {_counted(bundles)}, which the Ray "
-                f"cluster ({describe_nodes(nodes)}) cannot place{waited}. {hint} If the cluster "
-                f"adds nodes on demand, set {WAIT_ENV} to the seconds to wait for them.")
+                f"{what}: needs {_counted(bundles)}, which the Ray cluster ({describe_nodes(nodes)}) "
+                f"cannot place{waited}. {hint} If the cluster adds nodes on demand, set {WAIT_ENV} "
+                "to the seconds to wait for them.")
         log.info("waiting up to %.0f s for the cluster (%s) to fit %s", deadline - time.monotonic(),
                  describe_nodes(nodes), what)
         time.sleep(min(5.0, max(0.0, deadline - time.monotonic())))

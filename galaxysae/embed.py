@@ -147,15 +147,10 @@ def require_resources(cfg: Config) -> None:
 
     gpu = 1.0 if cfg.device == "cuda" else 0.0
     bundles = [{"CPU": cfg.encoder_cpus, "GPU": gpu}] * cfg.num_encoders + [{"CPU": cfg.decode_cpus}]
-    what = (f"embed with device={cfg.device!r}, num_encoders={cfg.num_encoders}, "
-            f"encoder_cpus={cfg.encoder_cpus:g}, decode_cpus={cfg.decode_cpus:g}")
-    if gpu and not any(n.get("GPU", 0) >= 1 for n in cluster.alive_nodes()):
-        hint = ("device 'cuda' needs GPUs on the cluster: start it with some (Slurm: --gpus or "
-                "--gres=gpu:N; KubeRay: the gpu worker group), or set device = 'auto' to embed "
-                "on the CPUs.")
-    else:
-        hint = "Lower those keys (0 chooses them from the cluster)."
-    cluster.require(bundles, what, hint)
+    cluster.require(bundles, f"embed with device={cfg.device!r}, num_encoders={cfg.num_encoders}, "
+                    f"encoder_cpus={cfg.encoder_cpus:g}, decode_cpus={cfg.decode_cpus:g}",
+                    "Lower those keys (0 chooses them from the cluster).",
+                    gpu_off="device = 'auto' to embed on the CPUs")
 
 
 def _absolute(cfg: Config) -> Config:

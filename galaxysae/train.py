@@ -528,15 +528,14 @@ def require_resources(num_workers: int, cpus_per_worker: int, use_gpu: bool, job
     before it fails. Raises :class:`cluster.ResourceError` naming the keys."""
     from galaxysae import cluster
 
-    what = (f"{job} with num_workers={num_workers}, cpus_per_worker={cpus_per_worker}, "
-            f"use_gpu={str(use_gpu).lower()}")
-    if use_gpu and not any(n.get("GPU", 0) >= 1 for n in cluster.alive_nodes()):
-        hint = ("use_gpu = true needs GPUs on the cluster: start it with some (Slurm: --gpus or "
-                "--gres=gpu:N; KubeRay: the gpu worker group), or set use_gpu = false.")
-    else:
-        hint = "Lower num_workers or cpus_per_worker."
-    bundle = {"CPU": float(cpus_per_worker), "GPU": 1.0 if use_gpu else 0.0}
-    cluster.require([bundle] * num_workers, what, hint)
+    cluster.require(_worker_bundles(num_workers, cpus_per_worker, use_gpu),
+                    f"{job} with num_workers={num_workers}, cpus_per_worker={cpus_per_worker}, "
+                    f"use_gpu={str(use_gpu).lower()}", "Lower num_workers or cpus_per_worker.",
+                    gpu_off="use_gpu = false")
+
+
+def _worker_bundles(num_workers: int, cpus_per_worker: int, use_gpu: bool) -> list[dict]:
+    return [{"CPU": float(cpus_per_worker), "GPU": 1.0 if use_gpu else 0.0}] * num_workers
 
 
 def run_ray(cfg: Config, d_in: int, n_train: int, init: dict, callbacks=None) -> dict:
@@ -553,11 +552,18 @@ def run_ray(cfg: Config, d_in: int, n_train: int, init: dict, callbacks=None) ->
     per_epoch = _steps_per_epoch(per_worker, bs)
     total = per_epoch * cfg.epochs if not cfg.max_steps else min(cfg.max_steps, per_epoch * cfg.epochs)
     datasets = {}
-    if cfg.data_loading == "stream" and not embeddings.is_npy(cfg.embeddings):
-        datasets["train"] = embeddings.ray_dataset(cfg.embeddings, cfg.train_split, d_in)
-    elif cfg.data_loading == "stream":
+    workers = _worker_bundles(cfg.num_workers, cfg.cpus_per_worker, cfg.use_gpu)
+    if cfg.data_loading == "stream" and embeddings.is_npy(cfg.embeddings):
         log.info("%s is a .npy file: each worker reads it (data_loading = memory)", cfg.embeddings)
         cfg = config.from_dict(Config, {**config.to_dict(cfg), "data_loading": "memory"})
+    elif cfg.data_loading == "stream" and not cluster.fits(workers + [{"CPU": 1.0}],
+                                                           cluster.alive_nodes()):
+        # Ray Data's read tasks need a CPU of their own: streaming would wait for ever
+        log.info("the Train workers take every CPU of the cluster, none is left to stream the "
+                 "parquet: each worker reads its rows itself (data_loading = memory)")
+        cfg = config.from_dict(Config, {**config.to_dict(cfg), "data_loading": "memory"})
+    elif cfg.data_loading == "stream":
+        datasets["train"] = embeddings.ray_dataset(cfg.embeddings, cfg.train_split, d_in)
     loop_cfg = {"cfg": config.to_dict(cfg), "d_in": d_in, "init": init, "batch_size": bs,
                 "steps_per_epoch": per_epoch, "total_steps": total}
     fs, path = storage.arrow_fs(storage.join(cfg.output, "ray"))
