@@ -96,10 +96,11 @@ class Config:
 def plan(cfg: Config, nodes: list[dict]) -> Config:
     """Fill the auto (0) settings from the resources of the cluster's alive nodes.
 
-    GPU: one encoder actor per GPU with 2 CPUs of host work each (fewer on GPU nodes that have
-    fewer), 128-image batches, every other CPU decoding. CPU only: one actor per node reserving
-    all but one CPU (Ray Data's file-listing tasks need one whole CPU: reserving them all would
-    deadlock), with torch threads for every CPU of the node, because decoding costs a few
+    GPU: one encoder actor per GPU with 2 CPUs of host work each (fewer where that would leave
+    a GPU node no CPU of its own), 128-image batches, every other CPU decoding. CPU only: one
+    actor on each node with room for it, reserving all but one CPU (Ray Data's file-listing
+    tasks need one whole CPU: reserving them all would deadlock; on a 1-CPU node the actor
+    reserves none), with torch threads for every CPU of the node, because decoding costs a few
     percent of a forward pass and a core left to it would idle; decode tasks take a quarter CPU
     so several fit in the spare one.
     """
@@ -111,9 +112,10 @@ def plan(cfg: Config, nodes: list[dict]) -> Config:
     c = dataclasses.replace(cfg, device=device)
     if device == "cuda":
         c.num_encoders = c.num_encoders or max(1, int(gpus))
-        # two CPUs of host work per GPU actor, or all a GPU node has if that is fewer
-        largest = max((float(n.get("CPU", 0)) for n in nodes if n.get("GPU", 0) >= 1), default=0.0)
-        c.encoder_cpus = c.encoder_cpus or (min(2.0, largest) if largest > 0 else 2.0)
+        # two CPUs of host work per GPU actor, or fewer where a GPU node would have none left for
+        # Ray Data's listing and decode tasks
+        shares = [(float(n.get("CPU", 0)) - 1.0) / float(n["GPU"]) for n in nodes if n.get("GPU", 0) >= 1]
+        c.encoder_cpus = c.encoder_cpus or max(0.0, min([2.0, *shares]))
         c.decode_cpus = c.decode_cpus or 1.0
         c.batch_size = c.batch_size or 128
         c.precision = "bf16" if c.precision == "auto" else c.precision
@@ -124,9 +126,11 @@ def plan(cfg: Config, nodes: list[dict]) -> Config:
     else:
         node = max(cpus)
         per_node = max(1, c.num_encoders // len(cpus)) if c.num_encoders else 1
-        c.num_encoders = c.num_encoders or len(cpus)
         c.decode_cpus = c.decode_cpus or (0.25 if node <= 8 else 1.0)
-        c.encoder_cpus = c.encoder_cpus or max(1.0, (node - 1.0) / per_node)
+        # A 1-CPU node runs its encoder unreserved (0 CPUs), so the listing still gets its CPU.
+        c.encoder_cpus = c.encoder_cpus or ((node - 1.0) / per_node if node >= 2 else 0.0)
+        # one encoder per node that can hold one: all of them on the usual uniform cluster
+        c.num_encoders = c.num_encoders or max(1, sum(x >= c.encoder_cpus + c.decode_cpus for x in cpus))
         c.batch_size = c.batch_size or 32
         c.precision = "fp32" if c.precision == "auto" else c.precision
         c.encoder_threads = c.encoder_threads or max(1, math.ceil(node / per_node))

@@ -33,11 +33,31 @@ def test_fits_places_each_bundle_on_one_node():
         "3 nodes: 2 x {CPU 16, GPU 1} + 1 x {CPU 4}")
 
 
-def test_embed_plan_gives_a_gpu_actor_no_more_cpus_than_a_gpu_node_has():
+def test_embed_plan_leaves_each_gpu_node_a_cpu_of_its_own():
+    assert embed.plan(embed.Config(), [{"CPU": 16.0, "GPU": 1.0}]).encoder_cpus == 2.0
+    assert embed.plan(embed.Config(), [{"CPU": 8.0, "GPU": 4.0}]).encoder_cpus == 1.75
     small = embed.plan(embed.Config(), [{"CPU": 1.0, "GPU": 1.0}, {"CPU": 8.0}])
-    assert small.device == "cuda" and small.encoder_cpus == 1.0
-    big = embed.plan(embed.Config(), [{"CPU": 16.0, "GPU": 1.0}])
-    assert big.encoder_cpus == 2.0
+    assert small.device == "cuda" and small.encoder_cpus == 0.0 and small.encoder_threads == 1
+
+
+def test_embed_plan_fits_a_one_cpu_node_and_uneven_nodes():
+    def fits(c, nodes):
+        actors = [{"CPU": c.encoder_cpus, "GPU": 1.0 if c.device == "cuda" else 0.0}] * c.num_encoders
+        return cluster.fits(actors + [{"CPU": c.decode_cpus}], nodes)
+
+    # 1 CPU: the encoder reserves none, or Ray Data's listing task (one whole CPU) never runs
+    one = embed.plan(embed.Config(), [{"CPU": 1.0}])
+    assert (one.num_encoders, one.encoder_cpus, one.encoder_threads) == (1, 0.0, 1)
+    # a small head beside two big workers: an encoder on each node that can hold one
+    uneven = [{"CPU": 2.0}, {"CPU": 16.0}, {"CPU": 16.0}]
+    big = embed.plan(embed.Config(), uneven)
+    assert (big.num_encoders, big.encoder_cpus) == (2, 15.0) and fits(big, uneven)
+    # two encoders asked on a 2-CPU laptop share the CPU left beside the listing
+    two = embed.plan(embed.Config(num_encoders=2), [{"CPU": 2.0}])
+    assert two.encoder_cpus == 0.5 and fits(two, [{"CPU": 2.0}])
+    for nodes in ([{"CPU": 1.0}], [{"CPU": 2.0}], [{"CPU": 16.0}] * 4, [{"CPU": 16.0, "GPU": 1.0}],
+                  [{"CPU": 1.0, "GPU": 1.0}, {"CPU": 8.0}], [{"CPU": 8.0, "GPU": 4.0}]):
+        assert fits(embed.plan(embed.Config(), nodes), nodes), nodes
 
 
 def _galaxysae(*args: str) -> subprocess.CompletedProcess:
