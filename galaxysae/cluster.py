@@ -8,6 +8,7 @@ Without an address, a laptop or a `docker run` gets a private local Ray instance
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 
@@ -86,20 +87,23 @@ def require(bundles: list[dict], what: str, hint: str, gpu_off: str = "") -> Non
     grow into the request: with GALAXYSAE_RESOURCE_WAIT_S set, wait up to that long for them."""
     wait = float(os.environ.get(WAIT_ENV, "0") or 0)
     deadline = time.monotonic() + wait
-    nodes = alive_nodes()
+    nodes, said = alive_nodes(), -math.inf
     while not fits(bundles, nodes):
-        if time.monotonic() >= deadline:
+        now = time.monotonic()
+        if now >= deadline:
             if any(b.get("GPU", 0) > 0 for b in bundles) and not any(n.get("GPU", 0) for n in nodes):
                 hint = ("A GPU needs a cluster with GPUs (Slurm: --gpus or --gres=gpu:N; KubeRay: "
-                        f"the gpu worker group), or {gpu_off}.")
+                        "the gpu worker group)" + (f", or {gpu_off}." if gpu_off else "."))
             waited = f" (after waiting {wait:g} s)" if wait else ""
             raise ResourceError(
                 f"{what}: needs {_counted(bundles)}, which the Ray cluster ({describe_nodes(nodes)}) "
                 f"cannot place{waited}. {hint} If the cluster adds nodes on demand, set {WAIT_ENV} "
                 "to the seconds to wait for them.")
-        log.info("waiting up to %.0f s for the cluster (%s) to fit %s", deadline - time.monotonic(),
-                 describe_nodes(nodes), what)
-        time.sleep(min(5.0, max(0.0, deadline - time.monotonic())))
+        if now - said >= 60:  # a line a minute while waiting
+            said = now
+            log.info("waiting up to %.0f s more for the cluster (%s) to fit %s (%s)", deadline - now,
+                     describe_nodes(nodes), what, _counted(bundles))
+        time.sleep(min(5.0, deadline - now))
         nodes = alive_nodes()
 
 

@@ -114,7 +114,8 @@ def plan(cfg: Config, nodes: list[dict]) -> Config:
         c.num_encoders = c.num_encoders or max(1, int(gpus))
         # two CPUs of host work per GPU actor, or fewer where a GPU node would have none left for
         # Ray Data's listing and decode tasks
-        shares = [(float(n.get("CPU", 0)) - 1.0) / float(n["GPU"]) for n in nodes if n.get("GPU", 0) >= 1]
+        shares = [(float(n.get("CPU", 0)) - 1.0) / float(n["GPU"])
+                  for n in nodes if n.get("GPU", 0) >= 1]
         c.encoder_cpus = c.encoder_cpus or max(0.0, min([2.0, *shares]))
         c.decode_cpus = c.decode_cpus or 1.0
         c.batch_size = c.batch_size or 128
@@ -130,7 +131,8 @@ def plan(cfg: Config, nodes: list[dict]) -> Config:
         # A 1-CPU node runs its encoder unreserved (0 CPUs), so the listing still gets its CPU.
         c.encoder_cpus = c.encoder_cpus or ((node - 1.0) / per_node if node >= 2 else 0.0)
         # one encoder per node that can hold one: all of them on the usual uniform cluster
-        c.num_encoders = c.num_encoders or max(1, sum(x >= c.encoder_cpus + c.decode_cpus for x in cpus))
+        room = c.encoder_cpus + c.decode_cpus
+        c.num_encoders = c.num_encoders or max(1, sum(x >= room for x in cpus))
         c.batch_size = c.batch_size or 32
         c.precision = "fp32" if c.precision == "auto" else c.precision
         c.encoder_threads = c.encoder_threads or max(1, math.ceil(node / per_node))
