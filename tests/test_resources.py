@@ -148,3 +148,16 @@ def test_ray_train_whose_workers_take_every_cpu_reads_in_memory_instead_of_waiti
     assert "none is left to stream the parquet: each worker reads its rows itself" in res.stderr
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["train"]["mode"] == "ray" and metrics["train"]["steps"] == 2 * (128 // 64)
+
+
+def test_sweep_whose_trial_cannot_fit_fails_before_tune_starts(ray_cluster, tmp_path):
+    from galaxysae import cli
+
+    make_embeddings(str(tmp_path / "emb"), n_train=128, n_test=32)
+    out = tmp_path / "sweep"
+    with pytest.raises(cluster.ResourceError, match=r"sweep trial with num_workers=2, "
+                       r"cpus_per_worker=3, use_gpu=false: needs 2 x \{CPU 3\}"):
+        cli.main(["sweep", "--config", str(REPO / "configs/demo/sweep.toml"), "--embeddings",
+                  str(tmp_path / "emb"), "--output", str(out), "--num_workers", "2",
+                  "--cpus_per_worker", "3"])
+    assert not (out / "tune").exists()
