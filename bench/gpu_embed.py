@@ -23,6 +23,9 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from measurement import attempt  # noqa: E402 - bench/, beside this script
 
 ENCODER = "convnext_nano"
 
@@ -141,20 +144,11 @@ def main(argv=None) -> int:
     chunks = [(images[i:i + a.batch], a.size) for i in range(0, len(images), a.batch)]
     rates: dict[str, float | None] = {}
 
-    def measure(key: str, label: str, fn) -> float | None:
-        """Run one measurement and print its row. A failure (out of memory, an op the GPU
-        lacks) is printed in its place and the other measurements still run."""
-        try:
-            rate = fn()
-            print(f"  {label:<34} {rate:10.1f} img/s", flush=True)
-        except Exception as exc:  # noqa: BLE001 - any failure: report it, measure the rest
-            rate = None
-            print(f"  {label:<34} ERROR {type(exc).__name__}: {str(exc).splitlines()[0][:200]}",
-                  flush=True)
-            if device == "cuda":
-                torch.cuda.empty_cache()
-        rates[key] = rate
-        return rate
+    def measure(key: str, label: str, fn) -> None:
+        """One row of the table; a failure is printed in its place (``measurement.attempt``)."""
+        rates[key] = attempt(f"  {label:<34}", fn, device)
+        if rates[key] is not None:
+            print(f"  {label:<34} {rates[key]:10.1f} img/s", flush=True)
 
     measure("original", "original: DataLoader fp32 loop", lambda: original(images, a.size, device))
 

@@ -19,6 +19,9 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from measurement import attempt  # noqa: E402 - bench/, beside this script
 
 
 def _bench_train():
@@ -82,33 +85,28 @@ def main(argv=None) -> int:
     tag = "gpu_" if device == "cuda" else "cpu_"
     rows, part_rows, lines, failed = [], [], [], []
 
-    def attempt(what: str, fn) -> bool:
-        """fn(); a failure (out of memory, say) is printed and the other measurements still run."""
-        try:
-            fn()
-            return True
-        except Exception as exc:  # noqa: BLE001 - reported, and the exit status says so
+    def run(what: str, fn):
+        """fn() or None; a failure is printed (``measurement.attempt``) and counted."""
+        out = attempt(f"{what}:", fn, device)
+        if out is None:
             failed.append(what)
-            print(f"{what}: ERROR {type(exc).__name__}: {str(exc).splitlines()[0][:200]}", flush=True)
-            if device == "cuda":
-                torch.cuda.empty_cache()
-            return False
+        return out
 
     for kind in ("topk", "matryoshka"):
-        if not attempt(f"{kind} training", lambda k=kind: rows.extend(
-                bt.compare(k, x_train, x_test, args.epochs, device, shrink=shrink))):
+        trained = run(f"{kind} training",
+                      lambda k=kind: bt.compare(k, x_train, x_test, args.epochs, device, shrink=shrink))
+        if trained is None:
             lines.append(f"target {tag}{kind}_speedup_at_equal_fvu: not measured (see ERROR above) FAIL")
-        attempt(f"{kind} parts", lambda k=kind: part_rows.extend(
-            bt.parts(k, x_train, device, reps=2 if args.smoke else 10, shrink=shrink)))
+        rows += trained or []
+        part_rows += run(f"{kind} parts", lambda k=kind: bt.parts(
+            k, x_train, device, reps=2 if args.smoke else 10, shrink=shrink)) or []
     if part_rows:
         bt.report_parts(part_rows)
     if rows:
         lines = bt.report(rows, source, prefix=tag) + lines
     if device == "cuda":
         print(f"GPU memory peak: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
-    checked: list = []
-    syncs = checked if attempt("sync check", lambda: checked.extend(
-        sync_check(bt, x_train, device, shrink))) else None
+    syncs = run("sync check", lambda: sync_check(bt, x_train, device, shrink))  # None: it failed
     if device == "cuda":
         for msg in syncs or []:
             print(f"host sync in a training step: {msg}")

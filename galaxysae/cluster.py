@@ -79,15 +79,17 @@ def alive_nodes() -> list[dict]:
     return [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
 
 
-def require(bundles: list[dict], what: str, hint: str, gpu_off: str = "") -> None:
+def require(bundles: list[dict], what: str, hint: str, gpu_off: str = "",
+            nodes: list[dict] | None = None) -> list[dict]:
     """Fail now when the cluster cannot place ``bundles`` (Ray would wait for them for ever, or
     for minutes), naming ``what`` (the config keys behind the request), the cluster's nodes and
     what to change: ``hint``, or, when a GPU is asked of a cluster without any, how to get one
     or ``gpu_off`` (the setting that runs without). A cluster that adds nodes on demand may only
-    grow into the request: with GALAXYSAE_RESOURCE_WAIT_S set, wait up to that long for them."""
+    grow into the request: with GALAXYSAE_RESOURCE_WAIT_S set, wait up to that long for them.
+    ``nodes``: the caller's ``alive_nodes()``, if it has them. Returns the nodes that fit."""
     wait = float(os.environ.get(WAIT_ENV, "0") or 0)
     deadline = time.monotonic() + wait
-    nodes, said = alive_nodes(), -math.inf
+    nodes, said = (alive_nodes() if nodes is None else nodes), -math.inf
     while not fits(bundles, nodes):
         now = time.monotonic()
         if now >= deadline:
@@ -105,6 +107,7 @@ def require(bundles: list[dict], what: str, hint: str, gpu_off: str = "") -> Non
                      describe_nodes(nodes), what, _counted(bundles))
         time.sleep(min(5.0, deadline - now))
         nodes = alive_nodes()
+    return nodes
 
 
 def _counted(bundles: list[dict]) -> str:

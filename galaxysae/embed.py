@@ -145,10 +145,10 @@ def plan(cfg: Config, nodes: list[dict]) -> Config:
     return c
 
 
-def require_resources(cfg: Config) -> None:
-    """The planned encoder actors and one decode task must fit the cluster: Ray Data would wait
-    for ever for an actor no node can hold (a GPU on a CPU-only cluster, more CPUs than a node
-    has). Raises :class:`cluster.ResourceError` naming the keys."""
+def require_resources(cfg: Config, nodes: list[dict]) -> None:
+    """The planned encoder actors and one decode task must fit the cluster's ``nodes``: Ray Data
+    would wait for ever for an actor no node can hold (a GPU on a CPU-only cluster, more CPUs
+    than a node has). Raises :class:`cluster.ResourceError` naming the keys."""
     from galaxysae import cluster
 
     gpu = 1.0 if cfg.device == "cuda" else 0.0
@@ -156,7 +156,7 @@ def require_resources(cfg: Config) -> None:
     cluster.require(bundles, f"embed with device={cfg.device!r}, num_encoders={cfg.num_encoders}, "
                     f"encoder_cpus={cfg.encoder_cpus:g}, decode_cpus={cfg.decode_cpus:g}",
                     "Lower those keys (0 chooses them from the cluster).",
-                    gpu_off="device = 'auto' to embed on the CPUs")
+                    gpu_off="device = 'auto' to embed on the CPUs", nodes=nodes)
 
 
 def _absolute(cfg: Config) -> Config:
@@ -267,8 +267,9 @@ def _run(cfg: Config, claim) -> int:
     cluster.connect()
     import ray
 
-    cfg = plan(cfg, cluster.alive_nodes())
-    require_resources(cfg)
+    nodes = cluster.alive_nodes()
+    cfg = plan(cfg, nodes)
+    require_resources(cfg, nodes)
     writer.provenance["precision"] = cfg.precision
     config.save(cfg, cfg.output)
     log.info("plan: device=%s precision=%s encoders=%d x (%.3g CPU, %d threads) batch=%d "

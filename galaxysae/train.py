@@ -523,12 +523,13 @@ def ray_train_loop(loop_cfg: dict) -> None:
                             json.dumps(state_line).encode())
 
 
-def require_resources(num_workers: int, cpus_per_worker: int, use_gpu: bool, job: str) -> None:
+def require_resources(num_workers: int, cpus_per_worker: int, use_gpu: bool, job: str) -> list[dict]:
     """The Train workers of one run must fit the cluster, or Ray Train waits minutes per attempt
-    before it fails. Raises :class:`cluster.ResourceError` naming the keys."""
+    before it fails. Raises :class:`cluster.ResourceError` naming the keys; returns the alive
+    nodes (``cluster.alive_nodes()``) they fit."""
     from galaxysae import cluster
 
-    cluster.require(_worker_bundles(num_workers, cpus_per_worker, use_gpu),
+    return cluster.require(_worker_bundles(num_workers, cpus_per_worker, use_gpu),
                     f"{job} with num_workers={num_workers}, cpus_per_worker={cpus_per_worker}, "
                     f"use_gpu={str(use_gpu).lower()}", "Lower num_workers or cpus_per_worker.",
                     gpu_off="use_gpu = false")
@@ -546,7 +547,7 @@ def run_ray(cfg: Config, d_in: int, n_train: int, init: dict, callbacks=None) ->
     from galaxysae import cluster, embeddings
 
     cluster.connect()
-    require_resources(cfg.num_workers, cfg.cpus_per_worker, cfg.use_gpu, "train")
+    nodes = require_resources(cfg.num_workers, cfg.cpus_per_worker, cfg.use_gpu, "train")
     per_worker = n_train // cfg.num_workers
     bs = min(cfg.batch_size, max(1, per_worker))
     per_epoch = _steps_per_epoch(per_worker, bs)
@@ -556,8 +557,7 @@ def run_ray(cfg: Config, d_in: int, n_train: int, init: dict, callbacks=None) ->
     if cfg.data_loading == "stream" and embeddings.is_npy(cfg.embeddings):
         log.info("%s is a .npy file: each worker reads it (data_loading = memory)", cfg.embeddings)
         cfg = config.from_dict(Config, {**config.to_dict(cfg), "data_loading": "memory"})
-    elif cfg.data_loading == "stream" and not cluster.fits(workers + [{"CPU": 1.0}],
-                                                           cluster.alive_nodes()):
+    elif cfg.data_loading == "stream" and not cluster.fits(workers + [{"CPU": 1.0}], nodes):
         # Ray Data's read tasks need a CPU of their own: streaming would wait for ever
         log.info("the Train workers take every CPU of the cluster, none is left to stream the "
                  "parquet: each worker reads its rows itself (data_loading = memory)")

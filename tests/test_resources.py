@@ -5,6 +5,8 @@ minutes per attempt (Ray Train). The test cluster has 4 CPUs and no GPU."""
 from __future__ import annotations
 
 import json
+import logging
+import re
 import subprocess
 import sys
 import time
@@ -77,8 +79,9 @@ def test_embed_on_cuda_without_a_gpu_fails_at_once_and_writes_nothing(
     assert "needs 1 x {CPU 2, GPU 1} + 1 x {CPU 1}" in last and "1 node: 1 x {CPU 4}" in last, last
     assert "Slurm: --gpus" in last and "or device = 'auto' to embed on the CPUs." in last, last
     assert cluster.WAIT_ENV in last, last
-    # nothing written, the claim released: a rerun with device = auto starts cleanly
-    assert sorted(p.name for p in out.rglob("*")) == []
+    # the output was claimed (its folder made), then released with nothing written: a rerun
+    # with device = auto starts cleanly
+    assert out.is_dir() and sorted(p.name for p in out.rglob("*")) == []
 
 
 def test_embed_asking_more_cpus_than_a_node_has_fails_at_once(
@@ -103,17 +106,22 @@ def test_ray_train_with_use_gpu_without_a_gpu_fails_at_once(ray_cluster, tmp_pat
     assert not (tmp_path / "sae" / "ray").exists()  # Ray Train never started
 
 
-def test_resource_wait_polls_for_nodes_then_says_how_long_it_waited(ray_cluster, monkeypatch):
+def test_resource_wait_polls_for_nodes_then_says_how_long_it_waited(ray_cluster, monkeypatch, caplog):
     cluster.connect()
     monkeypatch.setenv(cluster.WAIT_ENV, "3")
     t0 = time.monotonic()
-    with pytest.raises(cluster.ResourceError, match=r"\(after waiting 3 s\)"):
-        cluster.require([{"CPU": 1.0, "GPU": 1.0}], "a test request", "No hint.")
+    with caplog.at_level(logging.INFO, logger="galaxysae.cluster"):
+        with pytest.raises(cluster.ResourceError, match=r"\(after waiting 3 s\)"):
+            cluster.require([{"CPU": 1.0, "GPU": 1.0}], "a test request", "No hint.")
     assert time.monotonic() - t0 >= 3.0  # it waited for the cluster to grow, then gave up
+    assert re.search(r"waiting up to [0-3] s more for the cluster \(1 node: 1 x \{CPU 4\}\) to fit "
+                     r"a test request", caplog.text), caplog.text
+    caplog.clear()
     monkeypatch.setenv(cluster.WAIT_ENV, "30")
-    t0 = time.monotonic()
-    cluster.require([{"CPU": 1.0}] * 4, "a request that fits", "No hint.")  # returns at once
-    assert time.monotonic() - t0 < 3.0
+    with caplog.at_level(logging.INFO, logger="galaxysae.cluster"):
+        nodes = cluster.require([{"CPU": 1.0}] * 4, "a request that fits", "No hint.")
+    assert "waiting" not in caplog.text  # it fits: no wait at all
+    assert cluster.fits([{"CPU": 1.0}] * 4, nodes) and not cluster.fits([{"CPU": 1.0}] * 5, nodes)
 
 
 def test_local_train_on_cuda_without_a_gpu_is_an_error_not_a_silent_cpu_run(tmp_path):
