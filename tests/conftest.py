@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
 import uuid
 from pathlib import Path
@@ -69,6 +70,11 @@ def ray_cluster(s3_server, session_root):
     head = RayHead(num_cpus=4).start()
     saved = {k: os.environ.get(k) for k in head.client_env()}
     os.environ.update(head.client_env())
+    if "ray._raylet" in sys.modules:
+        # a test imported ray before this head existed, and ray read RAY_AUTH_MODE then: reread
+        from ray._private.authentication_test_utils import reset_auth_token_state
+
+        reset_auth_token_state()
     yield head
     try:
         import ray

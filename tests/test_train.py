@@ -1,14 +1,9 @@
 """`galaxysae train`: inputs (parquet local/s3, research .npy), the original TOML layout, local
-and Ray Train modes, checkpoints and resume after a kill, evaluation and --eval-only."""
+and Ray Train modes, checkpoints, evaluation and --eval-only (resume after a kill: tests/faults/)."""
 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -155,46 +150,8 @@ def test_bad_embeddings_are_named(tmp_path):
         load(root, "train", "valid")
 
 
-def _train_cmd(emb, out, epochs):
-    return [sys.executable, "-m", "galaxysae", "train", "--embeddings", emb, "--output", out,
-            "--mode", "local", *SMALL, "--epochs", str(epochs), "--batch_size", "16",
-            "--checkpoint_every", "1", "--log_every", "30"]
-
-
-def test_killed_run_resumes_from_its_checkpoint(tmp_path):
-    make_embeddings(str(tmp_path / "emb"), n_train=480, n_test=64)
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    out = tmp_path / "killed"
-    cmd = _train_cmd(str(tmp_path / "emb"), str(out), epochs=40)
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    deadline = time.time() + 120
-    ckpts = out / "checkpoints"
-    while time.time() < deadline and not (ckpts.is_dir() and list(ckpts.glob("epoch-*.pt"))):
-        assert proc.poll() is None, proc.stdout.read().decode()
-        time.sleep(0.05)
-    time.sleep(0.3)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    done = sorted(p.name for p in ckpts.glob("epoch-*.pt"))
-    assert done and not (out / "metrics.json").exists(), "the run finished before it was killed"
-    resumed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resuming from" in resumed.stderr
-    first_epoch = int(resumed.stderr.split("resuming from")[1].split("(epoch ")[1].split(",")[0])
-    assert first_epoch >= 1
-    metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["train"]["steps"] == 40 * (480 // 16)
-    assert metrics["train"]["epochs"] == 40
-    # the same run uninterrupted ends with the very same weights
-    ref = tmp_path / "ref"
-    whole = subprocess.run(_train_cmd(str(tmp_path / "emb"), str(ref), epochs=40), env=env,
-                           capture_output=True, text=True, timeout=300)
-    assert whole.returncode == 0, whole.stderr[-3000:]
-    a = SparseAutoencoder.load(str(out)).state_dict()
-    b = SparseAutoencoder.load(str(ref)).state_dict()
-    for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6, msg=name)
+# A run SIGKILLed after a checkpoint resumes to the uninterrupted run's weights:
+# tests/faults/test_kill_resume.py (at three seeded points).
 
 
 @pytest.mark.slow

@@ -95,6 +95,7 @@ def test_embed_killed_at_three_seeded_points_then_rerun_matches_the_uninterrupte
         for f in out.glob("*/*.parquet"):
             pq.read_table(f)
         assert embed.run(_cfg(dataset, out)) == 0
+        assert _shards_done(out) == N_SHARDS  # one file per shard, none written twice
         ids, got = _read(out)
         lost, dup = ledger.rows(expected, ids)
         assert lost == 0 and dup == 0

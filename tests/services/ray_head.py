@@ -90,7 +90,7 @@ class RayHead:
         if self.proc and self.proc.poll() is None:
             try:
                 os.killpg(self.proc.pid, signal.SIGTERM)
-                self.proc.wait(30)
+                self.proc.wait(5)  # a test head holds nothing worth a longer drain
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(10)

@@ -108,6 +108,9 @@ class SlurmCluster:
             "JobCompType=jobcomp/none",
             "MpiDefault=none",
             "SchedulerType=sched/backfill",
+            # A requeued job becomes eligible after cred_expire; the scheduling loops (default every
+            # 60 s, backfill 30 s) then start it: poll often so the requeue test does not idle.
+            "SchedulerParameters=sched_interval=2,bf_interval=2",
             "SelectType=select/cons_tres",
             "SelectTypeParameters=CR_CPU",
             "GresTypes=gpu",
