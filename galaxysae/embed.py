@@ -194,7 +194,8 @@ def build_dataset(cfg: Config, shards: list[sources.Shard], min_blocks: int = 1)
     # Only the columns we need leave the files (gz_euclid has ~150 label columns).
     ds = ds.select_columns(["id_str", cfg.image_column, "path"])
     ds = ds.map_batches(decode_batch, batch_size=cfg.batch_size, batch_format="pyarrow",
-                        num_cpus=cfg.decode_cpus, concurrency=cfg.decode_tasks or None,
+                        num_cpus=cfg.decode_cpus,
+                        compute=ray.data.TaskPoolStrategy(size=cfg.decode_tasks or None),
                         fn_kwargs={"image_size": cfg.image_size, "image_column": cfg.image_column})
     # On a CPU the encoder process reuses freed memory instead of page-faulting every batch's
     # activations in again (allocator.py: 15-35% more img/s here); on a GPU they live in
