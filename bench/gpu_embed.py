@@ -146,9 +146,10 @@ def main(argv=None) -> int:
 
     def measure(key: str, label: str, fn) -> None:
         """One row of the table; a failure is printed in its place (``measurement.attempt``)."""
-        rates[key] = attempt(f"  {label:<34}", fn, device)
+        row = f"  {label:<34}"
+        rates[key] = attempt(row, fn, device)
         if rates[key] is not None:
-            print(f"  {label:<34} {rates[key]:10.1f} img/s", flush=True)
+            print(f"{row} {rates[key]:10.1f} img/s", flush=True)
 
     measure("original", "original: DataLoader fp32 loop", lambda: original(images, a.size, device))
 

@@ -89,7 +89,8 @@ def require(bundles: list[dict], what: str, hint: str, gpu_off: str = "",
     ``nodes``: the caller's ``alive_nodes()``, if it has them. Returns the nodes that fit."""
     wait = float(os.environ.get(WAIT_ENV, "0") or 0)
     deadline = time.monotonic() + wait
-    nodes, said = (alive_nodes() if nodes is None else nodes), -math.inf
+    nodes = alive_nodes() if nodes is None else nodes
+    said = -math.inf  # when the last waiting line was logged
     while not fits(bundles, nodes):
         now = time.monotonic()
         if now >= deadline:

@@ -530,9 +530,9 @@ def require_resources(num_workers: int, cpus_per_worker: int, use_gpu: bool, job
     from galaxysae import cluster
 
     return cluster.require(_worker_bundles(num_workers, cpus_per_worker, use_gpu),
-                    f"{job} with num_workers={num_workers}, cpus_per_worker={cpus_per_worker}, "
-                    f"use_gpu={str(use_gpu).lower()}", "Lower num_workers or cpus_per_worker.",
-                    gpu_off="use_gpu = false")
+                           f"{job} with num_workers={num_workers}, cpus_per_worker={cpus_per_worker}, "
+                           f"use_gpu={str(use_gpu).lower()}", "Lower num_workers or cpus_per_worker.",
+                           gpu_off="use_gpu = false")
 
 
 def _worker_bundles(num_workers: int, cpus_per_worker: int, use_gpu: bool) -> list[dict]:

@@ -51,7 +51,7 @@ def test_gpu_bench_smoke_runs_without_ray_and_prints_every_figure(tmp_path):
         assert abs(by[(kind, "ours")] - by[(kind, "original")]) < 0.02, by
 
 
-@pytest.mark.slow  # ~15 s alone
+@pytest.mark.slow  # ~20 s alone
 def test_gpu_bench_failure_costs_only_its_own_figures(tmp_path):
     """On a lent GPU one failed measurement (out of memory, say) must not lose the others: here
     the original embed loop raises (injected through the PY the script runs). Every other figure
@@ -67,11 +67,9 @@ def test_gpu_bench_failure_costs_only_its_own_figures(tmp_path):
         "gpu_embed.original = boom\n"
         "sys.exit(gpu_embed.main(sys.argv[1:]))\n")
     py = tmp_path / "py"
-    # the training bench itself is the other test's: here a stand-in shows that gpu.sh ran it
     py.write_text("#!/usr/bin/env bash\n"
                   f'if [[ "$1" == bench/gpu_embed.py ]]; then shift; exec "{sys.executable}" '
                   f'"{harness}" "$@"; fi\n'
-                  'if [[ "$1" == bench/gpu_train.py ]]; then echo "training bench ran: $*"; exit 0; fi\n'
                   f'exec "{sys.executable}" "$@"\n')
     py.chmod(0o755)
     proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu.sh"), "--smoke"], cwd=ROOT,
@@ -86,4 +84,5 @@ def test_gpu_bench_failure_costs_only_its_own_figures(tmp_path):
     assert "target cpu_embed_vs_original: not measured (see ERROR above) (goal >= 5) FAIL" in out, out
     assert "bench/gpu.sh: bench/gpu_embed.py failed (exit 1)" in err, err
     assert "bench/gpu.sh: failed: bench/gpu_embed.py\n" in err, err  # gpu_train.py did not fail
-    assert "training bench ran: bench/gpu_train.py --smoke" in out, out  # after the failure
+    targets = re.findall(r"^target (cpu_\w+_speedup\w*): ", out, re.M)
+    assert len(targets) == 4, out  # the training bench ran after the failure
