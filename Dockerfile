@@ -13,11 +13,23 @@ ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     RAY_DISABLE_USAGE_STATS=1 \
+    HOME=/home/galaxysae \
     HF_HOME=/home/galaxysae/.cache/huggingface
 
-# A non-root user with a fixed uid (the k8s manifests run as 1000:1000).
+# wget: KubeRay's readiness and liveness probes run `wget` inside the Ray containers (operators
+# before 1.6, and 1.6+ with older Ray); without it no pod ever becomes Ready.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends wget \
+    && rm -rf /var/lib/apt/lists/*
+
+# A non-root user with a fixed uid (the k8s manifests run as 1000:1000). HOME is set in the image
+# and open to every uid (sticky, like /tmp): `docker run --user "$(id -u):$(id -g)"` with a uid the
+# image does not know would otherwise get HOME=/, where Ray cannot write its auth token (~/.ray)
+# and nothing can write ~/.cache.
 RUN groupadd --gid 1000 galaxysae \
-    && useradd --uid 1000 --gid 1000 --create-home --shell /bin/bash galaxysae
+    && useradd --uid 1000 --gid 1000 --create-home --shell /bin/bash galaxysae \
+    && chmod 1777 /home/galaxysae
 
 WORKDIR /opt/galaxysae
 

@@ -121,7 +121,11 @@ def test_manifest_validates(path, rayjob_validator):
 def _check_rayjob(doc: dict, configmaps: dict, where: str) -> None:
     spec = doc["spec"]
     assert spec.get("shutdownAfterJobFinishes") is True, f"{where}: shutdownAfterJobFinishes must be true"
-    assert spec.get("ttlSecondsAfterFinished", 0) > 0, f"{where}: needs a ttlSecondsAfterFinished"
+    # the TTL is how long the finished job's GPU pods are kept: minutes, not hours
+    assert 0 < spec.get("ttlSecondsAfterFinished", 0) <= 600, \
+        f"{where}: ttlSecondsAfterFinished must be set, at most 600 s (GPU pods are held that long)"
+    assert spec["rayClusterSpec"].get("authOptions", {}).get("mode") == "token", \
+        f"{where}: Ray token auth must be on (rayClusterSpec.authOptions.mode: token)"
     job = re.match(r"galaxysae (\w+) --config (\S+)", spec["entrypoint"])
     assert job, f"{where}: entrypoint must run `galaxysae <job> --config FILE`: {spec['entrypoint']}"
     cluster = spec["rayClusterSpec"]

@@ -8,6 +8,7 @@ Scripts are discovered, not listed: any tracked or new (not git-ignored) file th
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -95,6 +96,13 @@ def test_dockerfile_contract():
     copy_code = next(i for i, ln in enumerate(lines) if ln.startswith("COPY galaxysae"))
     assert copy_reqs < copy_code
     assert any("-r requirements.txt -c requirements.lock" in ln for ln in lines)
+    # Any uid can run it (`docker run --user "$(id -u):$(id -g)"`): HOME is set in the image and
+    # writable by all, else an unknown uid gets HOME=/ and Ray fails writing ~/.ray.
+    env_home = re.search(r"^\s*HOME=(\S+)", text, re.M)
+    assert env_home and env_home.group(1) == "/home/galaxysae", "the image must set ENV HOME"
+    assert "chmod 1777 /home/galaxysae" in text, "HOME must be writable by any uid"
+    # KubeRay's exec probes run wget in the Ray containers
+    assert re.search(r"apt-get install[^\n]*\bwget\b", text), "the image needs wget (KubeRay probes)"
     ignored = (REPO / ".dockerignore").read_text().split()
     for heavy in (".venv", ".git", "demo", "results"):
         assert heavy in ignored, f".dockerignore must exclude {heavy}"
