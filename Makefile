@@ -34,7 +34,7 @@ clean:
 
 # ----------------------------------------------------------------------------- launchers
 # Each launcher runs the same `galaxysae <job> --config FILE.toml [--key value ...]`.
-#   make submit-embed CONFIG=configs/embed.toml PARTITION=gpu NODES=2 GPUS=4 CPUS=16 TIME=04:00:00 \
+#   make submit-embed CONFIG=configs/embed.toml PARTITION=gpu NODES=2 GPUS=4 CPUS=16 MEM=128G TIME=04:00:00 \
 #        EXTRA="--output s3://bucket/embeddings" SBATCH_FLAGS="--account=myproj"
 #   make ray-submit-embed CONFIG=configs/embed.toml EXTRA="..."   (against $$RAY_ADDRESS)
 #   make image [IMAGE=galaxysae:latest]
@@ -44,6 +44,7 @@ PARTITION ?=
 NODES ?= 1
 GPUS ?= 1
 CPUS ?= 8
+MEM ?=
 TIME ?=
 EXTRA ?=
 SBATCH_FLAGS ?=
@@ -61,7 +62,7 @@ $(addprefix submit-,$(LAUNCH_JOBS)): submit-%:
 	@test -f "$(call _config,$*)" || { echo "make: config $(call _config,$*) not found (set CONFIG=FILE.toml)" >&2; exit 2; }
 	@mkdir -p "$(SLURM_LOG_DIR)"
 	@out=$$(sbatch --parsable --job-name=gs-$* --output="$(abspath $(SLURM_LOG_DIR))/%x-%j.out" \
-	  --nodes=$(NODES) --cpus-per-task=$(CPUS) $(if $(TIME),--time=$(TIME)) \
+	  --nodes=$(NODES) --cpus-per-task=$(CPUS) $(if $(TIME),--time=$(TIME)) $(if $(MEM),--mem=$(MEM)) \
 	  $(if $(PARTITION),--partition=$(PARTITION)) $(if $(filter-out 0,$(GPUS)),--gres=gpu:$(GPUS)) \
 	  $(SBATCH_FLAGS) slurm/$*.sbatch --config "$(call _config,$*)" $(EXTRA)) || exit $$?; \
 	  id=$${out%%;*}; \

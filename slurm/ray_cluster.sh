@@ -8,6 +8,8 @@
 #      per-job --temp-dir, and the CPUs/GPUs Slurm allocated;
 #   2. token authentication with a random per-job token (exported to the steps, never printed);
 #   3. `galaxysae JOB ...` with RAY_ADDRESS pointing at the head;
+#   Ray is sized to the job's memory (--mem / --mem-per-cpu), not to the whole node's RAM, which it
+#   would otherwise see: its object store is 30% of the job's memory per node;
 #   4. Ray stopped on exit, and on SIGTERM (`#SBATCH --signal=B:TERM@120`: time limit or
 #      preemption), after which the job is requeued: outputs are resumable, so a requeued job
 #      skips what is already done.
@@ -22,6 +24,8 @@
 #   RAY_NODE_IP        the head's address (default: the first node's resolved IPv4 address)
 #   RAY_PORT_BASE      first port of this job's block (default: derived from SLURM_JOB_ID)
 #   GALAXYSAE_REQUEUE_ON_TERM  1 (default): requeue the job after SIGTERM; 0: just stop
+#   GALAXYSAE_MAX_REQUEUES     requeue at most this many times (default 10): a unit of work
+#                      (a shard, an epoch) longer than the time limit would otherwise loop for ever
 #   RAY_START_TIMEOUT  seconds to wait for every node to join (default 300)
 #   RAY_STOP_GRACE     seconds each part (driver, workers, head) gets to exit after SIGTERM
 #                      before SIGKILL (default 10; outputs are whole files by then, so nothing
@@ -34,6 +38,9 @@ _gs_setup() {
   CONTAINER_IMAGE=${CONTAINER_IMAGE:-}
   CONTAINER_RUNTIME=${CONTAINER_RUNTIME:-apptainer}
   CONTAINER_MOUNTS=${CONTAINER_MOUNTS:-}
+  # Steps inherit SLURM_EXPORT_ENV from sbatch: after `--export=NONE` (or SBATCH_EXPORT=NONE, a
+  # site default in places) they would not see RAY_ADDRESS or the token set below.
+  export SLURM_EXPORT_ENV=ALL
   _GS_STEP=(srun --overlap --ntasks-per-node=1 --kill-on-bad-exit=0)
   _GS_EXEC=()
   if [[ -n $CONTAINER_IMAGE ]]; then
@@ -46,7 +53,8 @@ _gs_setup() {
         _GS_EXEC+=("$CONTAINER_IMAGE")
         ;;
       pyxis)
-        _GS_STEP+=(--container-image="$CONTAINER_IMAGE" --container-mounts="$mounts"
+        # Each step is its own container: the host's /tmp gives them one Ray temp dir (sockets).
+        _GS_STEP+=(--container-image="$CONTAINER_IMAGE" --container-mounts="/tmp:/tmp,$mounts"
           --container-workdir="$PWD")
         ;;
       *)
@@ -75,6 +83,11 @@ _gs_setup() {
   _GS_NNODES=${#_GS_NODES[@]}
   _GS_CPUS=${SLURM_CPUS_ON_NODE:-1}
   _GS_GPUS=${SLURM_GPUS_ON_NODE:-0}
+  # The job's memory per node in MB (empty: Slurm said nothing, Ray sizes itself to the node).
+  _GS_MEM_MB=${SLURM_MEM_PER_NODE:-}
+  if [[ -z $_GS_MEM_MB && -n ${SLURM_MEM_PER_CPU:-} ]]; then
+    _GS_MEM_MB=$((SLURM_MEM_PER_CPU * _GS_CPUS))
+  fi
   # Short: Ray's unix socket paths must fit in 107 characters.
   _GS_TMP=/tmp/ray-${SLURM_JOB_ID}
 }
@@ -114,6 +127,16 @@ _gs_ray_ports() {
     --min-worker-port=$((b + 10)) --max-worker-port=$((b + 399))
 }
 
+_gs_ray_memory() {
+  # Ray reads the memory limit from the root cgroup only, so inside a Slurm job it sees the whole
+  # node and gives its object store 30% of that: a streaming job could then fill far more shared
+  # memory than the job was granted, and be killed for it. Size both to the job instead.
+  [[ -n $_GS_MEM_MB ]] || return 0
+  local total=$((_GS_MEM_MB * 1024 * 1024)) store
+  store=$((total * 3 / 10))
+  printf '%s\n' --object-store-memory=$store --memory=$((total - store))
+}
+
 ray_cluster_start() {
   _gs_setup || return
   # The node's own address, never 0.0.0.0; a name that resolves to loopback (a laptop-style
@@ -127,10 +150,12 @@ ray_cluster_start() {
   RAY_AUTH_TOKEN=$(od -An -N24 -tx1 /dev/urandom | tr -d ' \n')
   export RAY_AUTH_TOKEN
   export RAY_DISABLE_USAGE_STATS=1
-  local ports
+  local ports memory
   mapfile -t ports < <(_gs_ray_ports)
+  mapfile -t memory < <(_gs_ray_memory)
   _gs_log "job $SLURM_JOB_ID: Ray head on $_GS_HEAD ($RAY_ADDRESS), $_GS_NNODES node(s)," \
-    "$_GS_CPUS CPUs and $_GS_GPUS GPUs per node, temp dir $_GS_TMP"
+    "$_GS_CPUS CPUs and $_GS_GPUS GPUs per node, memory per node:" \
+    "${_GS_MEM_MB:+$_GS_MEM_MB MB}${_GS_MEM_MB:-as Ray finds it (no --mem given)}, temp dir $_GS_TMP"
   # The head runs on this (the batch) node: its pid file lets the stop reach it alone.
   rm -f "$_GS_TMP.head.pid"
   # shellcheck disable=SC2016  # $$ and $1 belong to the inner shell
@@ -138,14 +163,14 @@ ray_cluster_start() {
     bash -c 'echo $$ >"$1"; shift; exec "$@"' pidfile "$_GS_TMP.head.pid" \
     "$_GS_RAY" start --head --block --node-ip-address="$_GS_IP" --port="$_GS_BASE" \
     --dashboard-host=127.0.0.1 --dashboard-port=$((_GS_BASE + 1)) \
-    --ray-client-server-port=$((_GS_BASE + 2)) "${ports[@]}" \
+    --ray-client-server-port=$((_GS_BASE + 2)) "${ports[@]}" "${memory[@]}" \
     --num-cpus="$_GS_CPUS" --num-gpus="$_GS_GPUS" --temp-dir="$_GS_TMP" \
     --disable-usage-stats &
   _GS_HEAD_PID=$!
   if ((_GS_NNODES > 1)); then
     "${_GS_STEP[@]}" --job-name=gs-ray-workers --nodes=$((_GS_NNODES - 1)) --ntasks=$((_GS_NNODES - 1)) \
       --exclude="$_GS_HEAD" "${_GS_EXEC[@]}" \
-      "$_GS_RAY" start --block --address="$RAY_ADDRESS" "${ports[@]}" \
+      "$_GS_RAY" start --block --address="$RAY_ADDRESS" "${ports[@]}" "${memory[@]}" \
       --num-cpus="$_GS_CPUS" --num-gpus="$_GS_GPUS" --temp-dir="$_GS_TMP" &
     _GS_WORKERS_PID=$!
   fi
@@ -188,7 +213,8 @@ _gs_stop_step() {
   if [[ -n $pidfile && -s $pidfile ]]; then
     kill -TERM "$(<"$pidfile")" 2>/dev/null || true
   else
-    step=$(squeue -h -s -j "$SLURM_JOB_ID" -o '%i %j' 2>/dev/null | awk -v n="$name" '$2 == n { print $1 }')
+    # `|| true`: under `set -e` a slow controller must not end the stop half-way
+    step=$(squeue -h -s -j "$SLURM_JOB_ID" -o '%i %j' 2>/dev/null | awk -v n="$name" '$2 == n { print $1 }') || true
     if [[ -n $step ]]; then
       # shellcheck disable=SC2086  # one step id per word
       scancel --signal=TERM $step 2>/dev/null || true
@@ -219,7 +245,13 @@ ray_cluster_stop() {
   _gs_stop_step "${_GS_HEAD_PID:-}" gs-ray-head "$_GS_TMP.head.pid"
   rm -f "$_GS_TMP.head.pid"
   # Keep Ray's logs when something went wrong; they are per job, so nothing else is touched.
-  if [[ ${_GS_RC:-1} -eq 0 && -n ${_GS_TMP:-} ]]; then rm -rf "$_GS_TMP"; fi
+  if [[ ${_GS_RC:-1} -eq 0 && -n ${_GS_TMP:-} ]]; then
+    rm -rf "$_GS_TMP"
+    if ((${_GS_NNODES:-1} > 1)); then  # and on the worker nodes
+      "${_GS_STEP[@]}" --job-name=gs-ray-clean --nodes=$((_GS_NNODES - 1)) --ntasks=$((_GS_NNODES - 1)) \
+        --exclude="$_GS_HEAD" rm -rf "$_GS_TMP" || true
+    fi
+  fi
 }
 
 _gs_on_term() {
@@ -227,13 +259,18 @@ _gs_on_term() {
   # Read the state first: scancel marks the job CANCELLED before it signals us, while the
   # time-limit warning (--signal=B:TERM@120) and preemption leave it RUNNING. Slurm also lets
   # a finished job be requeued, so a cancelled job must be told apart here, not by requeue failing.
-  local state
-  state=$(scontrol show job "$SLURM_JOB_ID" 2>/dev/null | grep -o 'JobState=[A-Z_]*' | cut -d= -f2)
+  # (`|| true`: under `set -e` a controller that times out would end this handler before the stop)
+  local state restarts=${SLURM_RESTART_COUNT:-0} max=${GALAXYSAE_MAX_REQUEUES:-10}
+  state=$(scontrol show job "$SLURM_JOB_ID" 2>/dev/null | grep -o 'JobState=[A-Z_]*' | cut -d= -f2) || true
   _gs_log "SIGTERM (job state ${state:-unknown}): stopping the job and Ray (outputs written so far are kept)"
   _GS_RC=143
   ray_cluster_stop
   if [[ ${GALAXYSAE_REQUEUE_ON_TERM:-1} == 1 && $state == RUNNING ]]; then
-    if scontrol requeue "$SLURM_JOB_ID" 2>/dev/null; then
+    if ((restarts >= max)); then
+      _gs_log "job $SLURM_JOB_ID not requeued: $restarts requeue(s) already" \
+        "(GALAXYSAE_MAX_REQUEUES=$max); is one unit of work longer than the time limit?" \
+        "Resubmit with a longer TIME: finished outputs are kept"
+    elif scontrol requeue "$SLURM_JOB_ID" 2>/dev/null; then
       _gs_log "job $SLURM_JOB_ID requeued: the rerun skips what is already done"
     fi
   fi

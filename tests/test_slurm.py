@@ -45,10 +45,13 @@ def _write_config(path: Path, **cfg) -> Path:
     return path
 
 
-def _submit(slurm, config: Path, log_dir: Path, **make_vars) -> tuple[str, Path]:
-    """`make submit-embed`; -> (job id, log path) as make prints them."""
+def _submit(slurm, config: Path, log_dir: Path, job_env: dict | None = None,
+            **make_vars) -> tuple[str, Path]:
+    """`make submit-embed`; -> (job id, log path) as make prints them. ``job_env`` is added to the
+    submitter's environment, which sbatch hands to the job."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}  # no test cluster
     env.update(slurm.env())
+    env.update(job_env or {})
     # Ray's head often ignores SIGTERM for longer than this; SIGKILL then (sbatch exports the
     # submitter's environment to the job).
     env["RAY_STOP_GRACE"] = "5"
@@ -117,13 +120,16 @@ def test_submit_embed_completes(slurm, offline_hub, synth_dataset, s3_prefix, tm
                            splits=["train", "test"])
     # GPUS=1 asks Slurm for the node's (fake, File=/dev/null) GPU: the Ray cluster must report
     # it; the encoder is told to stay on the CPU since no CUDA device exists behind it.
-    job, log = _submit(slurm, config, tmp_path / "logs", GPUS=1, EXTRA="--device cpu")
+    # MEM: Ray must be sized to the job's memory, not the node's (30% of it for the object store)
+    job, log = _submit(slurm, config, tmp_path / "logs", GPUS=1, MEM=3000, EXTRA="--device cpu")
     state = _wait_final(slurm, job, log)
     text = log.read_text()
     assert state == "COMPLETED", f"job {job} ended {state}; log:\n{text[-6000:]}"
     stats = embed_contract.check(output, embed_contract.input_ids(synth_dataset))
     assert stats["embedded"] + stats["failed"] == 64
     assert "1 GPUs per node" in text and "'GPU': 1.0" in text, text[-3000:]
+    store = re.search(r"'object_store_memory': ([0-9.e+]+)", text)
+    assert store and float(store.group(1)) == 3000 * 2**20 * 3 // 10, text[-3000:]
     assert "finished with exit code 0" in text
     _assert_no_secret(text)
     _assert_no_ray_left(job)
@@ -179,6 +185,17 @@ def test_cancel_resubmit_and_requeue(slurm, offline_hub, many_shards, s3_prefix,
     assert slurm.job_state(job1) == "CANCELLED", "a cancelled job must not be requeued"
     assert slurm.job_field(job1, "Restarts") == "0"
     shutil.rmtree(f"/tmp/ray-{job1}", ignore_errors=True)  # kept for debugging by design
+
+    # 1b. a job that already used its requeues (GALAXYSAE_MAX_REQUEUES) stops at SIGTERM and
+    # says why, instead of looping on a unit of work longer than its time limit.
+    job1b, log1b = _submit(slurm, config, logs, GPUS=0, job_env={"GALAXYSAE_MAX_REQUEUES": "0"})
+    _wait_for_shards(slurm, job1b, log1b, output, len(_etags(output, "train")) + 1)
+    subprocess.run(["scancel", "--batch", "--signal=TERM", job1b], env=env, check=True)
+    assert _wait_final(slurm, job1b, log1b, timeout=90) != "COMPLETED"
+    assert slurm.job_field(job1b, "Restarts") == "0", "a job past GALAXYSAE_MAX_REQUEUES was requeued"
+    assert "not requeued: 0 requeue(s) already (GALAXYSAE_MAX_REQUEUES=0)" in log1b.read_text()
+    _assert_no_ray_left(job1b)
+    shutil.rmtree(f"/tmp/ray-{job1b}", ignore_errors=True)
     first = _etags(output, "train")
     assert 1 <= len(first) < total, f"the cancel did not land mid-way ({len(first)} shards)"
     assert cancel_s < 60, f"job {job1} took {cancel_s:.0f} s to end after scancel"
