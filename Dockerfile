@@ -33,8 +33,8 @@ RUN groupadd --gid 1000 galaxysae \
 
 WORKDIR /opt/galaxysae
 
-# Dependencies first, from the same pins as `make setup`: this layer is rebuilt only when the
-# pins change, not when the code does.
+# Dependencies first, the jobs' pins (`make setup` adds the test tools of requirements-dev.txt):
+# this layer is rebuilt only when the pins change, not when the code does.
 COPY requirements.txt requirements.lock ./
 RUN python -m pip install -r requirements.txt -c requirements.lock
 

@@ -8,9 +8,9 @@ export PYTHONUNBUFFERED := 1
 
 .PHONY: setup system-deps demo test lint clean
 
-$(VENV)/.installed: requirements.txt requirements.lock pyproject.toml
+$(VENV)/.installed: requirements.txt requirements-dev.txt requirements.lock pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt -c requirements.lock
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements-dev.txt -c requirements.lock
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
 	touch $@
 

@@ -1,6 +1,6 @@
 # Data flow of `galaxysae embed`:
 #
-#   sources.resolve(--dataset)  -> parquet shards per split (hf:// snapshot, local dir, s3://)
+#   sources.resolve(--dataset)  -> parquet shards per split (hf:// at a pinned commit, local, s3://)
 #   scan (driver)               -> id_str of every pending shard: row counts, duplicate check
 #   ray.data.read_parquet       -> id_str, image, path            (CPU tasks, in parallel)
 #   decode.decode_batch         -> pixels [N,3,S,S] uint8 (float32 for >8-bit images), reason
@@ -19,6 +19,7 @@ import functools
 import logging
 import math
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -173,8 +174,10 @@ def _absolute(cfg: Config) -> Config:
     return c
 
 
-def build_dataset(cfg: Config, shards: list[sources.Shard], min_blocks: int = 1):
-    """The Ray Data pipeline over the pending shards: read -> decode -> encode."""
+def build_dataset(cfg: Config, shards: list[sources.Shard], min_blocks: int = 1,
+                  encoder_name: str = ""):
+    """The Ray Data pipeline over the pending shards: read -> decode -> encode (the actors load
+    ``encoder_name``, default ``cfg.encoder``)."""
     import ray.data
 
     from galaxysae.decode import decode_batch
@@ -208,7 +211,8 @@ def build_dataset(cfg: Config, shards: list[sources.Shard], min_blocks: int = 1)
         compute=ray.data.ActorPoolStrategy(size=cfg.num_encoders),
         num_cpus=cfg.encoder_cpus, num_gpus=1 if cfg.device == "cuda" else 0, **remote_args,
         fn_constructor_kwargs={
-            "name": cfg.encoder, "pretrained": cfg.pretrained, "image_size": cfg.image_size,
+            "name": encoder_name or cfg.encoder, "pretrained": cfg.pretrained,
+            "image_size": cfg.image_size,
             "device": cfg.device, "precision": cfg.precision,
             "threads": cfg.encoder_threads,
             "localize": functools.partial(sources.localize_encoder, cache=cfg.encoder_cache or None),
@@ -253,9 +257,14 @@ def _run(cfg: Config, claim) -> int:
         sources.localize_encoder(cfg.encoder, cfg.encoder_cache or None), cfg.pretrained)
     if stand_in:
         log.warning("STAND-IN ENCODER %s: %s", cfg.encoder, stand_in)
+    # Every actor loads the commit recorded in the output, not "main" looked up again on its own.
+    pinned = cfg.encoder
+    if cfg.encoder.startswith("hf_hub:") and "@" not in cfg.encoder and re.fullmatch(r"[0-9a-f]{40}", revision):
+        pinned = f"{cfg.encoder}@{revision}"
     writer = ShardWriter(cfg.output, before_commit=claim.check, provenance={
         "encoder": cfg.encoder, "encoder_revision": revision, "encoder_stand_in": stand_in,
         "image_size": str(cfg.image_size), "source": config.redact(cfg.dataset),
+        "source_revision": sources.dataset_revision(shards),
     })
     pending = [s for s in shards if cfg.overwrite or not writer.done(s)]
     skipped = len(shards) - len(pending)
@@ -299,7 +308,8 @@ def _run(cfg: Config, claim) -> int:
         ctx.target_max_block_size = max(1 << 20, cfg.batch_size * 3 * cfg.image_size ** 2 * 4)
         writer.expect(todo, expected)
         last = start
-        ds = build_dataset(cfg, todo, min_blocks=int(ray.cluster_resources().get("CPU", 1)))
+        ds = build_dataset(cfg, todo, min_blocks=int(ray.cluster_resources().get("CPU", 1)),
+                           encoder_name=pinned)
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             writer.add(batch)
             now = time.monotonic()

@@ -2,10 +2,13 @@
 
 Three kinds of source, one layout (the Hugging Face one of ``mwalmsley/gz_euclid``):
 
-- ``hf://datasets/owner/name[@revision]``: resolved with ``huggingface_hub.snapshot_download``,
-  fetching only the README and the shards of the chosen config and splits. It honours
-  ``HF_HUB_OFFLINE`` (served from the local cache) and ``HF_TOKEN`` (read by huggingface_hub
-  itself: the token never passes through this code, so it cannot reach a log).
+- ``hf://datasets/owner/name[@revision]``: the revision is pinned to its commit (one Hub call on
+  the driver) and the shards are ``hf://datasets/owner/name@<commit>/...`` URLs that every read
+  task streams from the Hub itself (``HfFileSystem``): nothing is downloaded onto the driver, and
+  a run reads one commit even if the dataset changes meanwhile. With ``HF_HUB_OFFLINE`` set the
+  shards come from the local Hugging Face cache instead (``snapshot_download``; on a cluster of
+  several nodes that cache must be on a shared filesystem, or stage the dataset). ``HF_TOKEN``
+  (or a ``hf auth login`` token) is read by huggingface_hub, never logged or written.
 - a local directory in the same layout;
 - an ``s3://`` prefix in the same layout (endpoint and keys from the standard AWS variables).
 
@@ -29,7 +32,8 @@ from galaxysae import storage
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Shard", "SourceError", "resolve", "hf_repo", "localize_encoder", "encoder_cache_dir"]
+__all__ = ["Shard", "SourceError", "resolve", "shards_at", "hf_repo", "hf_root", "hf_snapshot",
+           "hf_offline", "dataset_revision", "localize_encoder", "encoder_cache_dir"]
 
 
 class SourceError(ValueError):
@@ -48,11 +52,14 @@ class Shard:
 
 
 def hf_repo(dataset: str) -> tuple[str, str | None]:
-    """``hf://datasets/owner/name[@rev]`` -> (``owner/name``, revision or None)."""
-    m = re.fullmatch(r"hf://datasets/([^/@]+/[^/@]+)(?:@([^/]+))?/?", dataset)
+    """``hf://datasets/owner/name[@rev]`` -> (``owner/name``, revision or None). A revision may hold
+    slashes, plain or %2F-encoded (``@refs/convert/parquet``)."""
+    from urllib.parse import unquote
+
+    m = re.fullmatch(r"hf://datasets/([^/@]+/[^/@]+)(?:@([^@]+?))?/?", dataset)
     if not m:
         raise SourceError(f"dataset {dataset!r}: expected hf://datasets/OWNER/NAME[@REVISION]")
-    return m.group(1), m.group(2)
+    return m.group(1), unquote(m.group(2)) if m.group(2) else None
 
 
 def _front_matter(text: str) -> dict:
@@ -131,8 +138,27 @@ def _shards_under(root: str, readme: str, config: str, splits: list[str], what: 
         if not rels:
             raise SourceError(f"{what}: no parquet shards for config {config!r}, split {split!r} "
                               f"(looked for {patterns})")
+        _check_complete(rels, f"{what}, split {split!r}")
         shards += [Shard(split, storage.join(root, rel), rel) for rel in rels]
     return shards
+
+
+def _check_complete(rels: list[str], what: str) -> None:
+    """Shards named the Hub's way (``train-00003-of-00008.parquet``) must all be there: a copy or
+    ``galaxysae stage`` that was interrupted would otherwise be embedded as a silent subset."""
+    parts = [re.search(r"-(\d+)-of-(\d+)\.parquet$", posixpath.basename(r)) for r in rels]
+    if not parts or not all(parts):
+        return
+    by_total: dict[int, set[int]] = {}
+    for m in parts:
+        by_total.setdefault(int(m.group(2)), set()).add(int(m.group(1)))
+    for total, have in by_total.items():
+        missing = sorted(set(range(total)) - have)
+        if missing:
+            shown = ", ".join(f"{i:05d}" for i in missing[:10]) + (" ..." if len(missing) > 10 else "")
+            raise SourceError(f"{what}: {len(missing)} of {total} shards are missing ({shown}): an "
+                              "interrupted copy or `galaxysae stage`? Rerun it (it skips what is "
+                              "there)")
 
 
 def _hf_allow_patterns(readme: str, config: str, splits: list[str]) -> list[str]:
@@ -141,6 +167,40 @@ def _hf_allow_patterns(readme: str, config: str, splits: list[str]) -> list[str]
     for split in splits:
         pats += declared.get(split, []) if declared else _default_patterns(config, split)
     return pats
+
+
+def hf_offline() -> bool:
+    """huggingface_hub's own reading of ``HF_HUB_OFFLINE`` (taken when it is imported)."""
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def _hub_error(dataset: str, exc: Exception) -> SourceError:
+    """The failure named with the dataset, token-free (huggingface_hub's messages carry no token;
+    redacted anyway)."""
+    from huggingface_hub import get_token
+
+    from galaxysae import config
+
+    detail = " ".join(str(exc).split())[:300]
+    token = get_token()
+    if token:
+        detail = detail.replace(token, "***")
+    return SourceError(f"dataset {dataset}: cannot resolve from the Hugging Face Hub: "
+                       f"{type(exc).__name__}: {config.redact(detail)}")
+
+
+def hf_root(dataset: str) -> str:
+    """``hf://datasets/owner/name[@rev]`` -> ``hf://datasets/owner/name@<commit sha>`` (online)."""
+    from huggingface_hub import HfApi
+
+    repo_id, revision = hf_repo(dataset)
+    try:
+        sha = HfApi().dataset_info(repo_id, revision=revision).sha
+    except Exception as exc:  # noqa: BLE001 - re-raised with the dataset named
+        raise _hub_error(dataset, exc) from None
+    return f"hf://datasets/{repo_id}@{sha}"
 
 
 def hf_snapshot(dataset: str, config: str, splits: list[str]) -> str:
@@ -160,18 +220,22 @@ def hf_snapshot(dataset: str, config: str, splits: list[str]) -> str:
     except SourceError:
         raise
     except Exception as exc:  # noqa: BLE001 - re-raised with the dataset named, token-free
-        offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
-        hint = " (HF_HUB_OFFLINE is set and the dataset is not in the local cache)" if offline else ""
-        raise SourceError(f"dataset {dataset}: cannot resolve from the Hugging Face Hub: "
-                          f"{type(exc).__name__}{hint}") from None
+        err = _hub_error(dataset, exc)
+        if hf_offline():
+            err = SourceError(f"{err} (HF_HUB_OFFLINE is set: the dataset must be in the local "
+                              "Hugging Face cache, complete)")
+        raise err from None
 
 
 def resolve(dataset: str, config: str = "default", splits: list[str] | tuple = ("train", "test")) -> list[Shard]:
     """``--dataset`` -> the shards of each split, in (split, file name) order."""
     splits = list(splits)
-    if dataset.startswith("hf://"):
+    if dataset.startswith("hf://") and hf_offline():
         root = hf_snapshot(dataset, config, splits)
-        what = f"dataset {dataset} (snapshot {root})"
+        what = f"dataset {dataset} (offline cache {root})"
+    elif dataset.startswith("hf://"):
+        root = hf_root(dataset)
+        what = f"dataset {dataset} (commit {root.rpartition('@')[2]})"
     elif dataset.startswith("s3://") or not storage.is_remote(dataset):
         root = dataset.rstrip("/") if storage.is_remote(dataset) else os.path.abspath(dataset)
         if not storage.exists(root):
@@ -180,9 +244,22 @@ def resolve(dataset: str, config: str = "default", splits: list[str] | tuple = (
     else:
         raise SourceError(f"dataset {dataset!r}: expected hf://datasets/OWNER/NAME, a local "
                           "directory or an s3:// prefix")
+    return shards_at(root, what, config, splits)
+
+
+def dataset_revision(shards: list[Shard]) -> str:
+    """The Hub commit the shards come from ('' for a local directory or an s3:// prefix)."""
+    url = shards[0].url if shards else ""
+    m = (re.match(r"hf://datasets/[^/]+/[^/@]+@([^/]+)/", url)
+         or re.search(r"/snapshots/([0-9a-f]{40})/", url))  # the offline cache's layout
+    return m.group(1) if m else ""
+
+
+def shards_at(root: str, what: str, config: str, splits: list[str]) -> list[Shard]:
+    """The shards under a dataset root (local, s3:// or hf://...@commit) per its README."""
     readme_url = storage.join(root, "README.md")
     readme = storage.read_bytes(readme_url).decode("utf-8", "replace") if storage.exists(readme_url) else ""
-    return _shards_under(root, readme, config, splits, what)
+    return _shards_under(root, readme, config, list(splits), what)
 
 
 # ----------------------------------------------------------------------------- staged encoders

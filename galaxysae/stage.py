@@ -81,7 +81,8 @@ def copy_file(src: Path, dest: str, overwrite: bool = False) -> bool:
 def stage_dataset(cfg: Config) -> str:
     repo_id, _ = sources.hf_repo(cfg.dataset)
     snapshot = Path(sources.hf_snapshot(cfg.dataset, cfg.dataset_config, cfg.splits))
-    shards = sources.resolve(cfg.dataset, cfg.dataset_config, cfg.splits)
+    shards = sources.shards_at(str(snapshot), f"dataset {cfg.dataset} (snapshot {snapshot})",
+                               cfg.dataset_config, cfg.splits)
     dest_root = storage.join(cfg.output, repo_id.split("/")[-1])
     rels = [s.rel for s in shards] + (["README.md"] if (snapshot / "README.md").is_file() else [])
     copied = 0

@@ -71,11 +71,17 @@ def _env_key() -> tuple:
 
 
 def fsspec_fs(url: str):
-    """(fsspec filesystem, path without scheme) for a local path or an ``s3://`` URL."""
+    """(fsspec filesystem, path without scheme) for a local path, an ``s3://`` or ``hf://`` URL."""
     url = str(url)
     if url.startswith("s3://"):
         fs = _s3fs(_env_key())
         return fs, url[len("s3://"):]
+    if url.startswith("hf://"):
+        # The driver's endpoint and token travel with the filesystem object to every read task
+        # (as the S3 keys do), so nodes need neither a login nor HF_ENDPOINT of their own.
+        from huggingface_hub import HfFileSystem, constants, get_token
+
+        return HfFileSystem(endpoint=constants.ENDPOINT, token=get_token()), url[len("hf://"):]
     if is_remote(url):
         import fsspec
 

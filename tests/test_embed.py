@@ -120,6 +120,74 @@ def test_local_s3_and_hub_sources_give_identical_embeddings(
     assert storage.exists(f"{s3_prefix}/emb/config.toml")
 
 
+HUB_TOKEN = "hf_online_test_token_5f0c2e"  # the stand-in Hub refuses requests without it
+
+
+def _online_env(hub, tmp_path: Path, token: str = HUB_TOKEN) -> dict:
+    """A process that is online against the stand-in Hub: its own local Ray (whose workers get
+    no HF_* settings but the driver's), a fresh HF cache, the token in HF_TOKEN."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "RAY_"))}
+    env.update(HF_ENDPOINT=hub.url, HF_TOKEN=token, HF_HOME=str(tmp_path / "hf-home"))
+    return env
+
+
+@pytest.fixture
+def hub(synth_dataset):
+    from tests.services.hub_server import HubServer
+
+    server = HubServer({"mwalmsley/gz_euclid": synth_dataset}, token=HUB_TOKEN).start()
+    yield server
+    server.stop()
+
+
+def test_online_hub_dataset_streams_to_the_read_tasks_at_a_pinned_commit(
+        local_run, hub, offline_hub, tmp_path):
+    """hf:// online: one commit for the whole run, shards read by range requests from the Hub
+    (the token reaching every reader), nothing downloaded into the driver's cache, and the
+    embeddings of the local-directory run."""
+    out = tmp_path / "online"
+    env = _online_env(hub, tmp_path)
+    res = subprocess.run(
+        [sys.executable, "-m", "galaxysae", "embed", "--dataset", "hf://datasets/mwalmsley/gz_euclid",
+         "--output", str(out), "--encoder", f"local-dir:{offline_hub['encoder_snapshot']}",
+         "--image-size", str(SIZE), "--batch-size", "16", "--encoder-threads", "2",
+         "--read-unit-bytes", "1"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-4000:]
+    local, online = embeddings(str(local_run)), embeddings(str(out))
+    assert set(online) == set(local)
+    assert max(float(np.abs(online[i] - local[i]).max()) for i in local) == 0.0
+    sha = hub.sha["mwalmsley/gz_euclid"]
+    meta = pq.read_schema(out / "train" / "train-00000-of-00002.parquet").metadata
+    assert meta[b"source_revision"].decode() == sha
+    shard_reads = [r for r in hub.requests if "/resolve/" in r["path"] and r["path"].endswith(".parquet")]
+    assert shard_reads and all(r["range"] and f"/resolve/{sha}/" in r["path"] for r in shard_reads)
+    assert {r["path"].rsplit("/", 1)[1] for r in shard_reads} == {
+        p.name for p in (Path(offline_hub["dataset_snapshot"]) / "data").glob("*.parquet")}
+    # (huggingface_hub also fetches a public registry of its own, without a token: not ours)
+    refused = [r["path"] for r in hub.requests if "gz_euclid" in r["path"] and not r["authorized"]]
+    assert not refused, f"dataset requests reached the Hub without the token: {refused}"
+    downloaded = list((tmp_path / "hf-home").rglob("*.parquet"))
+    assert not downloaded, f"shards were downloaded onto the driver: {downloaded}"
+    written = res.stdout + res.stderr + "".join(
+        f.read_text(errors="replace") for f in out.rglob("*") if f.is_file() and f.suffix != ".parquet")
+    assert HUB_TOKEN not in written
+
+
+def test_online_hub_errors_name_the_dataset_and_never_the_token(hub, tmp_path):
+    code = ("from galaxysae import sources\n"
+            "try:\n    sources.resolve('hf://datasets/{repo}')\n"
+            "except sources.SourceError as exc:\n    print(exc)\n")
+    for repo, token, expect in (("mwalmsley/nope", HUB_TOKEN, "RepositoryNotFound"),
+                                ("mwalmsley/gz_euclid@v9", HUB_TOKEN, "RevisionNotFound"),
+                                ("mwalmsley/gz_euclid", "hf_wrong_token_3b9d", "401")):
+        res = subprocess.run([sys.executable, "-c", code.format(repo=repo)], cwd=REPO, timeout=120,
+                             env=_online_env(hub, tmp_path, token), capture_output=True, text=True)
+        assert f"dataset hf://datasets/{repo}: cannot resolve from the Hugging Face Hub" in res.stdout, \
+            res.stdout + res.stderr[-2000:]
+        assert expect in res.stdout, res.stdout
+        assert token not in res.stdout + res.stderr
+
+
 def test_output_contract_readable_by_plain_pyarrow(local_run, offline_hub):
     shard = local_run / "train" / "train-00000-of-00002.parquet"
     code = (
@@ -141,6 +209,7 @@ def test_output_contract_readable_by_plain_pyarrow(local_run, offline_hub):
     assert "NOT the real Zoobot weights" in meta["encoder_stand_in"]
     assert meta["image_size"] == str(SIZE) and meta["precision"] == "fp32"
     assert meta["source_shard"] == "data/train-00000-of-00002.parquet" and meta["code_version"]
+    assert meta["source_revision"] == ""  # a local directory has no commit
 
 
 def test_embeddings_match_a_direct_single_process_forward(local_run, synth_dataset):

