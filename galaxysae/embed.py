@@ -259,7 +259,8 @@ def _run(cfg: Config, claim) -> int:
         log.warning("STAND-IN ENCODER %s: %s", cfg.encoder, stand_in)
     # Every actor loads the commit recorded in the output, not "main" looked up again on its own.
     pinned = cfg.encoder
-    if cfg.encoder.startswith("hf_hub:") and "@" not in cfg.encoder and re.fullmatch(r"[0-9a-f]{40}", revision):
+    if (cfg.encoder.startswith("hf_hub:") and "@" not in cfg.encoder
+            and re.fullmatch(r"[0-9a-f]{40}", revision)):
         pinned = f"{cfg.encoder}@{revision}"
     writer = ShardWriter(cfg.output, before_commit=claim.check, provenance={
         "encoder": cfg.encoder, "encoder_revision": revision, "encoder_stand_in": stand_in,
