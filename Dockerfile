@@ -1,7 +1,7 @@
 # galaxysae: one image for every job (synth, embed, train, sweep, render, ... `galaxysae --help`).
 #   docker build -t galaxysae .            (or: make image)
-#   docker run --rm galaxysae embed --config /data/embed.toml            # CPU
-#   docker run --rm --gpus all galaxysae embed --config /data/embed.toml # GPU, same image
+#   docker run --rm --init galaxysae embed --config /data/embed.toml            # CPU
+#   docker run --rm --init --gpus all galaxysae embed --config /data/embed.toml # GPU, same image
 # torch is the CUDA build from PyPI: it uses a GPU when the container has one and falls back to
 # the CPU otherwise, with no flag. KubeRay and Slurm (Apptainer/Pyxis) run `ray start` and
 # `galaxysae` from this image too. No secret is baked in: S3/HF credentials come from the
