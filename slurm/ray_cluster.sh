@@ -5,11 +5,10 @@
 #   1. a Ray head on the first node and one Ray worker on every other node, each an `srun` step
 #      (so Slurm tracks and reaps them), bound to the node's own address, with ports derived
 #      from the job id (probed free on the head) so jobs sharing a node never collide, a short
-#      per-job --temp-dir, and the CPUs/GPUs Slurm allocated;
+#      per-job --temp-dir, and the CPUs, GPUs and memory Slurm allocated (--mem / --mem-per-cpu:
+#      the object store gets 30% of it; Ray would otherwise size itself to the node's whole RAM);
 #   2. token authentication with a random per-job token (exported to the steps, never printed);
 #   3. `galaxysae JOB ...` with RAY_ADDRESS pointing at the head;
-#   Ray is sized to the job's memory (--mem / --mem-per-cpu), not to the whole node's RAM, which it
-#   would otherwise see: its object store is 30% of the job's memory per node;
 #   4. Ray stopped on exit, and on SIGTERM (`#SBATCH --signal=B:TERM@120`: time limit or
 #      preemption), after which the job is requeued: outputs are resumable, so a requeued job
 #      skips what is already done.
@@ -83,11 +82,16 @@ _gs_setup() {
   _GS_NNODES=${#_GS_NODES[@]}
   _GS_CPUS=${SLURM_CPUS_ON_NODE:-1}
   _GS_GPUS=${SLURM_GPUS_ON_NODE:-0}
+  # Each step gets every CPU of its node (steps overlap): srun 22.05-23.02 does not inherit
+  # --cpus-per-task from sbatch, so a step would get one CPU, and with task/cgroup or
+  # task/affinity a whole Ray node (raylet and every worker) would run on that one core.
+  _GS_STEP+=(--cpus-per-task="$_GS_CPUS")
   # The job's memory per node in MB (empty: Slurm said nothing, Ray sizes itself to the node).
   _GS_MEM_MB=${SLURM_MEM_PER_NODE:-}
-  if [[ -z $_GS_MEM_MB && -n ${SLURM_MEM_PER_CPU:-} ]]; then
+  if [[ -z $_GS_MEM_MB && ${SLURM_MEM_PER_CPU:-} =~ ^[0-9]+$ ]]; then
     _GS_MEM_MB=$((SLURM_MEM_PER_CPU * _GS_CPUS))
   fi
+  [[ $_GS_MEM_MB =~ ^[1-9][0-9]*$ ]] || _GS_MEM_MB=  # --mem=0 (the whole node): Ray's own sizing
   # Short: Ray's unix socket paths must fit in 107 characters.
   _GS_TMP=/tmp/ray-${SLURM_JOB_ID}
 }
@@ -181,7 +185,7 @@ _gs_wait_nodes() {
   local timeout=${RAY_START_TIMEOUT:-300}
   # ray.init retries until the head answers; then count the nodes that have joined.
   "${_GS_STEP[@]}" --job-name=gs-ray-wait --nodes=1 --ntasks=1 -w "$_GS_HEAD" "${_GS_EXEC[@]}" "$_GS_PY" -c "
-import sys, time
+import os, sys, time
 import ray
 want, deadline = $_GS_NNODES, time.time() + $timeout
 while True:
@@ -195,7 +199,9 @@ while True:
 while True:
     alive = sum(1 for n in ray.nodes() if n['Alive'])
     if alive >= want:
-        print(f'Ray cluster ready: {alive} node(s), resources {ray.cluster_resources()}', file=sys.stderr)
+        cpus = os.environ.get('SLURM_CPUS_PER_TASK', '1 (srun default)')
+        print(f'Ray cluster ready: {alive} node(s), resources {ray.cluster_resources()};'
+              f' CPUs per step: {cpus}', file=sys.stderr)
         break
     if time.time() > deadline:
         sys.exit(f'only {alive} of {want} Ray nodes joined within ${timeout}s')

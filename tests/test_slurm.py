@@ -128,6 +128,8 @@ def test_submit_embed_completes(slurm, offline_hub, synth_dataset, s3_prefix, tm
     stats = embed_contract.check(output, embed_contract.input_ids(synth_dataset))
     assert stats["embedded"] + stats["failed"] == 64
     assert "1 GPUs per node" in text and "'GPU': 1.0" in text, text[-3000:]
+    # every step (head, driver) gets all the node's CPUs, not srun's default of one
+    assert f"CPUs per step: {slurm.cpus}" in text, text[-3000:]
     store = re.search(r"'object_store_memory': ([0-9.e+]+)", text)
     assert store and float(store.group(1)) == 3000 * 2**20 * 3 // 10, text[-3000:]
     assert "finished with exit code 0" in text
