@@ -80,9 +80,8 @@ class HubServer:
         if m and method == "GET":
             repo = self._repo(h, m.group(1), unquote(m.group(2) or "main"))
             if repo:
-                files = [p for p in self._files(repo)]
                 self._json(h, 200, {"id": repo, "sha": self.sha[repo], "private": False,
-                                    "siblings": [{"rfilename": p} for p in files]})
+                                    "siblings": [{"rfilename": p} for p in self._files(repo)]})
             return
         m = re.fullmatch(r"/api/datasets/([^/]+/[^/]+)/tree/([^/]+)(/.*)?", url.path)
         if m and method == "GET":
