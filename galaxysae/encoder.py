@@ -12,7 +12,6 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import logging
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -99,7 +98,9 @@ def load(name: str, pretrained: bool = True, image_size: int = 224,
     try:
         model = timm.create_model(name, pretrained=pretrained, num_classes=0)
     except Exception as exc:
-        offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+        from galaxysae.sources import hf_offline
+
+        offline = hf_offline()
         hint = (" (HF_HUB_OFFLINE is set: stage the encoder with `galaxysae stage` or use "
                 "local-dir:PATH)") if offline else ""
         raise RuntimeError(f"cannot load encoder {name!r}: {type(exc).__name__}: {exc}{hint}") from None

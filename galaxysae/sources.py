@@ -33,7 +33,7 @@ from galaxysae import storage
 log = logging.getLogger(__name__)
 
 __all__ = ["Shard", "SourceError", "resolve", "shards_at", "hf_repo", "hf_root", "hf_snapshot",
-           "hf_offline", "dataset_revision", "localize_encoder", "encoder_cache_dir"]
+           "hf_offline", "hub_error", "dataset_revision", "localize_encoder", "encoder_cache_dir"]
 
 
 class SourceError(ValueError):
@@ -176,9 +176,9 @@ def hf_offline() -> bool:
     return bool(constants.HF_HUB_OFFLINE)
 
 
-def _hub_error(dataset: str, exc: Exception) -> SourceError:
-    """The failure named with the dataset, token-free (huggingface_hub's messages carry no token;
-    redacted anyway)."""
+def hub_error(what: str, exc: Exception) -> SourceError:
+    """A Hub failure named with ``what`` ("dataset hf://...", "encoder hf_hub:..."), with the Hub's
+    reason, token-free (huggingface_hub's messages carry no token; redacted anyway)."""
     from huggingface_hub import get_token
 
     from galaxysae import config
@@ -187,7 +187,7 @@ def _hub_error(dataset: str, exc: Exception) -> SourceError:
     token = get_token()
     if token:
         detail = detail.replace(token, "***")
-    return SourceError(f"dataset {dataset}: cannot resolve from the Hugging Face Hub: "
+    return SourceError(f"{what}: cannot resolve from the Hugging Face Hub: "
                        f"{type(exc).__name__}: {config.redact(detail)}")
 
 
@@ -199,7 +199,7 @@ def hf_root(dataset: str) -> str:
     try:
         sha = HfApi().dataset_info(repo_id, revision=revision).sha
     except Exception as exc:  # noqa: BLE001 - re-raised with the dataset named
-        raise _hub_error(dataset, exc) from None
+        raise hub_error(f"dataset {dataset}", exc) from None
     return f"hf://datasets/{repo_id}@{sha}"
 
 
@@ -220,7 +220,7 @@ def hf_snapshot(dataset: str, config: str, splits: list[str]) -> str:
     except SourceError:
         raise
     except Exception as exc:  # noqa: BLE001 - re-raised with the dataset named, token-free
-        err = _hub_error(dataset, exc)
+        err = hub_error(f"dataset {dataset}", exc)
         if hf_offline():
             err = SourceError(f"{err} (HF_HUB_OFFLINE is set: the dataset must be in the local "
                               "Hugging Face cache, complete)")

@@ -100,8 +100,7 @@ def stage_encoder(cfg: Config) -> str:
     try:
         snapshot = Path(snapshot_download(repo_id, revision=revision or None))
     except Exception as exc:  # noqa: BLE001 - named, token-free
-        raise RuntimeError(f"encoder {cfg.encoder}: cannot resolve from the Hugging Face Hub "
-                           f"({type(exc).__name__})") from None
+        raise sources.hub_error(f"encoder {cfg.encoder}", exc) from None
     dest_root = storage.join(cfg.output, repo_id.split("/")[-1])
     files = sorted(p for p in snapshot.rglob("*") if p.is_file() and not p.name.startswith("."))
     copied = 0
