@@ -55,9 +55,9 @@ def main(argv: list[str] | None = None) -> int:
             module.Config, rest, prog=f"galaxysae {name}",
             preprocess=getattr(module, "preprocess_toml", None),
         )
+        result = module.run(cfg)  # may still find a key at fault (a path, a file it names)
     except config.ConfigError as exc:
         config.exit_on_error(exc)
-    result = module.run(cfg)
     return result if isinstance(result, int) else 0
 
 

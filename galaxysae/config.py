@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 import sys
 import tomllib
@@ -18,7 +19,8 @@ import typing
 from pathlib import Path
 from typing import Any, Literal, Union
 
-__all__ = ["ConfigError", "from_dict", "parse_args", "to_dict", "to_toml", "save", "redact"]
+__all__ = ["ConfigError", "from_dict", "parse_args", "to_dict", "to_toml", "save", "redact",
+           "absolute_paths"]
 
 _SECRET_KEY = re.compile(r"(token|secret|password|passwd|credential|api_?key)", re.I)
 _URL_USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][\w+.-]*://)[^/@\s]+@")
@@ -332,6 +334,42 @@ def save(cfg: Any, url: str, name: str = "config.toml") -> str:
     text = to_toml(redact(to_dict(cfg)))
     storage.write_bytes(target, text.encode())
     return target
+
+
+# `ray job submit` runs its entrypoint in Ray's unpacked copy of the uploaded working dir, e.g.
+# /tmp/ray/session_*/runtime_resources/working_dir_files/_ray_pkg_<hash>/: a cache that Ray
+# deletes, and a new one whenever the checkout changes.
+_RAY_WORKING_DIR_COPY = "/runtime_resources/working_dir_files/"
+
+
+def absolute_paths(cfg: Any, inputs: tuple[str, ...] = (), outputs: tuple[str, ...] = ()) -> Any:
+    """A copy of ``cfg`` whose local paths in the named keys are absolute (URLs and "" stay).
+
+    Ray Train and Tune workers run in directories of their own, so a relative path means
+    another place on every worker; resolved on the driver it means the same place everywhere.
+    A relative *output* is refused when the job runs in a `ray job submit` copy of the working
+    dir: written there, it would be deleted with Ray's cache and not found by a rerun.
+    """
+    from galaxysae import storage
+
+    cwd = os.getcwd()
+
+    def resolve(key: str, value: str) -> str:
+        if not value or storage.is_remote(value):
+            return value
+        path = value[len("file://"):] if value.startswith("file://") else value
+        if key in outputs and not os.path.isabs(path) and _RAY_WORKING_DIR_COPY in cwd + "/":
+            raise ConfigError(
+                f"'{key}' = {value!r} is a relative path, and this job runs in Ray's temporary copy "
+                f"of the uploaded working dir ({cwd}), which Ray deletes: give an s3:// URL or an "
+                "absolute path on storage that every node of the cluster sees")
+        return os.path.abspath(path)
+
+    changes = {}
+    for key in inputs + outputs:
+        value = getattr(cfg, key)
+        changes[key] = [resolve(key, v) for v in value] if isinstance(value, list) else resolve(key, value)
+    return dataclasses.replace(cfg, **changes)
 
 
 def exit_on_error(exc: ConfigError) -> typing.NoReturn:

@@ -162,13 +162,7 @@ def require_resources(cfg: Config, nodes: list[dict]) -> None:
 
 def _absolute(cfg: Config) -> Config:
     """Workers run in other directories: local paths must be absolute before they travel."""
-    c = dataclasses.replace(cfg)
-    if not storage.is_remote(c.dataset):
-        c.dataset = os.path.abspath(c.dataset)
-    if not storage.is_remote(c.output):
-        c.output = os.path.abspath(c.output)
-    if c.encoder_cache:
-        c.encoder_cache = os.path.abspath(c.encoder_cache)
+    c = config.absolute_paths(cfg, inputs=("dataset", "encoder_cache"), outputs=("output",))
     if c.encoder.startswith("local-dir:") and not storage.is_remote(c.encoder[len("local-dir:"):]):
         c.encoder = "local-dir:" + os.path.abspath(c.encoder[len("local-dir:"):])
     return c

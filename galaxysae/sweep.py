@@ -2,7 +2,7 @@
 
 Data flow:
   sweep TOML (search space + a base train TOML) -> Ray Tune (grid or random, ASHA on the
-  per-epoch train MSE) -> one trial = one function trainable that builds its own TorchTrainer
+  per-epoch train MSE among trials of the same k and dictionary size) -> one trial = one function trainable that builds its own TorchTrainer
   (Train V2) under a unique run name, training into {output}/trials/{trial}/ (checkpoints,
   artifact, metrics.json on the test split) -> results.csv + fvu_vs_l0.png in {output}.
 
@@ -20,6 +20,7 @@ import csv
 import io
 import json
 import logging
+import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +45,10 @@ class Space:
 
 @dataclass
 class Asha:
+    """Early stopping on the train MSE, among trials of one dictionary shape (k, n_latents,
+    groups) only: a larger k or dictionary always reconstructs better, so across shapes ASHA
+    would stop the small ones and lose the low-L0 end of the FVU-L0 frontier."""
+
     grace_period: int = field(default=2, metadata={
         "help": "epochs before a trial may be stopped; >= epochs: never stopped"})
     reduction_factor: int = 2
@@ -53,7 +58,8 @@ class Asha:
 class Config:
     """A Ray Tune sweep of SAE trainings: galaxysae sweep --config S.toml."""
 
-    train_config: str = field(default="", metadata={"help": "base train TOML (our or the original layout)"})
+    train_config: str = field(default="", metadata={
+        "help": "base train TOML (our or the original layout); relative: to the working dir"})
     embeddings: str = field(default="", metadata={"help": "as for train (overrides the base config)"})
     output: str = field(default="", metadata={"help": "sweep directory, local or s3://"})
     search: Literal["grid", "random"] = "grid"
@@ -85,9 +91,10 @@ def base_train_config(cfg: Config) -> dict:
     if not path.is_file():
         raise config.ConfigError(f"train_config {cfg.train_config} does not exist")
     data = train_job.preprocess_toml(tomllib.loads(path.read_text()), str(path))
+    # the sweep's resources, not the base's (the original Matryoshka TOML says device = "cuda")
     data.update(embeddings=cfg.embeddings, mode="ray", num_workers=cfg.num_workers,
                 cpus_per_worker=cfg.cpus_per_worker, use_gpu=cfg.use_gpu,
-                data_loading=cfg.data_loading)
+                device="cuda" if cfg.use_gpu else "cpu", data_loading=cfg.data_loading)
     if cfg.epochs:
         data["epochs"] = cfg.epochs
     data.setdefault("output", cfg.output)
@@ -138,6 +145,20 @@ def _trial(params: dict, base: dict, sweep_output: str) -> None:
                  "l0": metrics["l0"], "dead": metrics["dead_fraction"], "done": True})
 
 
+def shape_of(params: dict) -> tuple:
+    """A trial's dictionary shape: its sampled parameters other than the learning rate."""
+    return tuple((k, repr(v)) for k, v in sorted(params.items()) if k != "lr")
+
+
+def scheduler(cfg: Config, epochs: int):
+    """ASHA on the per-epoch train MSE within each dictionary shape (see :class:`Asha`)."""
+    from galaxysae.scheduler import ShapeASHA
+
+    return ShapeASHA(shape_of, time_attr="epoch", metric="mse", mode="min", max_t=epochs + 1,
+                     grace_period=min(cfg.asha.grace_period, epochs + 1),
+                     reduction_factor=cfg.asha.reduction_factor)
+
+
 def _space(cfg: Config):
     from ray import tune
 
@@ -152,17 +173,25 @@ def _space(cfg: Config):
     return space
 
 
+class SweepError(RuntimeError):
+    """Trials of a sweep failed: the job fails too, after writing results.csv."""
+
+
 def run(cfg: Config) -> dict:
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
 
     from galaxysae import cluster
 
+    cfg = config.absolute_paths(cfg, inputs=("train_config", "embeddings"), outputs=("output",))
     base = base_train_config(cfg)
     epochs = base.get("epochs", 200)
     cluster.connect()
     # one trial must fit (Tune runs fewer at once when not all of them do)
-    train_job.require_resources(cfg.num_workers, cfg.cpus_per_worker, cfg.use_gpu, "sweep trial")
+    nodes = train_job.require_resources(cfg.num_workers, cfg.cpus_per_worker, cfg.use_gpu,
+                                        "sweep trial")
+    gpus = sum(n.get("GPU", 0) for n in nodes)
+    if gpus and not cfg.use_gpu:
+        log.warning("the cluster has %g GPUs, but use_gpu = false: the trials train on CPUs", gpus)
     fs, path = storage.arrow_fs(storage.join(cfg.output, "tune"))
     exp_path = f"{path.rstrip('/')}/sweep"
     trainable = tune.with_resources(
@@ -179,22 +208,26 @@ def run(cfg: Config) -> dict:
             param_space=_space(cfg),
             tune_config=tune.TuneConfig(
                 num_samples=cfg.num_samples, max_concurrent_trials=cfg.max_concurrent_trials,
-                scheduler=ASHAScheduler(time_attr="epoch", metric="mse", mode="min", max_t=epochs + 1,
-                                        grace_period=min(cfg.asha.grace_period, epochs + 1),
-                                        reduction_factor=cfg.asha.reduction_factor)),
+                scheduler=scheduler(cfg, epochs)),
             run_config=tune.RunConfig(name="sweep", storage_path=path, storage_filesystem=fs),
         )
     grid = tuner.fit()
     rows = collect(cfg, grid)
     write_results(cfg.output, rows)
     done = sum(r["status"] == "finished" for r in rows)
-    log.info("sweep: %d trials (%d finished, %d stopped early) -> %s", len(rows), done,
-             len(rows) - done, storage.join(cfg.output, "results.csv"))
+    failed = [r for r in rows if r["status"] == "error"]
+    log.info("sweep: %d trials (%d finished, %d stopped early, %d failed) -> %s", len(rows), done,
+             len(rows) - done - len(failed), len(failed), storage.join(cfg.output, "results.csv"))
+    if failed or not done:
+        raise SweepError(
+            f"sweep {cfg.output}: {len(failed)} of {len(rows)} trials failed, {done} finished "
+            f"(results.csv lists them; a rerun retries the failed ones): "
+            + "; ".join(f"{r['trial']}: {r['error']}" for r in failed[:3]))
     return {"trials": len(rows), "finished": done}
 
 
 COLUMNS = ["trial", "status", "k", "n_latents", "lr", "matryoshka_groups", "epochs", "train_mse",
-           "fvu", "mse", "l0", "dead_fraction", "pca_fvu", "output"]
+           "fvu", "mse", "l0", "dead_fraction", "pca_fvu", "output", "error"]
 
 
 def collect(cfg: Config, grid) -> list[dict]:
@@ -202,7 +235,9 @@ def collect(cfg: Config, grid) -> list[dict]:
     rows = []
     for result in grid:
         params = result.config or {}
-        name = (result.metrics or {}).get("trial_id", "")
+        # a trial that failed before its first report has no trial_id metric: its directory
+        # (Tune's, named <trainable>_<trial id>_...) still names it
+        name = (result.metrics or {}).get("trial_id") or _trial_id_from_path(result.path)
         out = storage.join(cfg.output, "trials", name)
         metrics_url = storage.join(out, "metrics.json")
         m = json.loads(storage.read_bytes(metrics_url)) if storage.exists(metrics_url) else {}
@@ -216,12 +251,24 @@ def collect(cfg: Config, grid) -> list[dict]:
             "fvu": m.get("fvu", ""), "mse": m.get("mse", ""), "l0": m.get("l0", ""),
             "dead_fraction": m.get("dead_fraction", ""), "pca_fvu": m.get("pca", {}).get("fvu", ""),
             "output": out,
+            "error": _first_line(result.error) if result.error and not m else "",
         })
         if m and rows[-1]["n_latents"] == "":
             rows[-1]["n_latents"] = m["n_latents"]
         if m and rows[-1]["k"] == "":
             rows[-1]["k"] = m["k"]
     return sorted(rows, key=lambda r: r["trial"])
+
+
+def _trial_id_from_path(path: str | None) -> str:
+    parts = os.path.basename((path or "").rstrip("/")).split("_")
+    return parts[1] if len(parts) > 2 else ""
+
+
+def _first_line(error: BaseException) -> str:
+    """The cause of a trial's error, on one line (Tune wraps it in TuneError/RayTaskError)."""
+    lines = [ln.strip() for ln in str(error).strip().splitlines() if ln.strip()]
+    return (lines[-1] if lines else type(error).__name__)[:300]
 
 
 def write_results(output: str, rows: list[dict]) -> None:

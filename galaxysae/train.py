@@ -14,6 +14,7 @@ metrics.json already exists. ``--eval-only`` re-evaluates an existing artifact.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import logging
@@ -80,17 +81,22 @@ class Config:
     test_split: str = "test"
     test_fraction: float = field(default=0.1, metadata={"help": ".npy input without a test file"})
     epochs: int = 200
-    batch_size: int = 1024
+    batch_size: int = field(default=1024, metadata={
+        "help": "samples per optimiser step, over all Ray Train workers together"})
     max_steps: int = field(default=0, metadata={"help": "stop after this many steps; 0 = all epochs"})
     seed: int = 0
     mode: Literal["auto", "local", "ray"] = field(
         default="auto", metadata={"help": "ray: TorchTrainer; local: plain loop; auto: ray if RAY_ADDRESS"})
     num_workers: int = field(default=1, metadata={"help": "Ray Train workers (data parallel)"})
-    use_gpu: bool = False
-    cpus_per_worker: int = field(default=1, metadata={"help": "CPUs reserved per worker = torch threads"})
+    use_gpu: bool = field(default=False, metadata={
+        "help": "ray mode: a GPU per worker (as device = 'cuda'); device 'auto' also takes them"})
+    cpus_per_worker: int = field(default=0, metadata={
+        "help": "ray mode: CPUs reserved per worker = its torch threads; 0: chosen from the cluster"})
     data_loading: Literal["stream", "memory"] = field(
         default="stream", metadata={"help": "ray mode: stream parquet via Ray Data, or read per worker"})
-    device: str = field(default="auto", metadata={"help": "local mode: auto, cpu, cuda"})
+    device: str = field(default="auto", metadata={"help": (
+        "auto: a GPU when there is one (local: torch sees one; ray: the cluster has one per "
+        "worker); cpu; cuda: a GPU or an error")})
     checkpoint_every: int = field(default=1, metadata={"help": "epochs between checkpoints"})
     keep_checkpoints: int = 2
     log_every: int = field(default=50, metadata={"help": "steps between progress lines"})
@@ -105,10 +111,16 @@ class Config:
             raise ValueError("'embeddings' is required (embed output root or a .npy file)")
         if not self.output:
             raise ValueError("'output' is required (artifact directory, local or s3://)")
-        for name in ("epochs", "batch_size", "num_workers", "cpus_per_worker", "checkpoint_every",
-                     "log_every"):
+        for name in ("epochs", "batch_size", "num_workers", "checkpoint_every", "log_every"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"'{name}' must be positive, got {getattr(self, name)}")
+        if self.cpus_per_worker < 0:
+            raise ValueError(f"'cpus_per_worker' must be >= 0 (0: chosen from the cluster), got "
+                             f"{self.cpus_per_worker}")
+        if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
+            raise ValueError(f"'device' must be auto, cpu or cuda, got {self.device!r}")
+        if self.use_gpu and self.device == "cpu":
+            raise ValueError("'use_gpu' = true contradicts 'device' = 'cpu': drop one of them")
         m = self.model
         if m.matryoshka_groups and sum(m.matryoshka_groups) != m.n_latents:
             raise ValueError(f"'model.matryoshka_groups' {m.matryoshka_groups} sum to "
@@ -515,6 +527,7 @@ def ray_train_loop(loop_cfg: dict) -> None:
 
     progress = Progress(cfg.log_every, total, prefix=f"[rank {rank}] ")
     last = train_steps(cfg, ddp, opt, sched, batches, state, progress, on_epoch_end)
+    last["train_samples_per_s"] *= world  # the workers step together: rank 0's rate, times world
     if rank == 0:
         model.cpu().save(cfg.output)
         state_line = {k: v for k, v in last.items() if isinstance(v, (int, float))}
@@ -532,11 +545,42 @@ def require_resources(num_workers: int, cpus_per_worker: int, use_gpu: bool, job
     return cluster.require(_worker_bundles(num_workers, cpus_per_worker, use_gpu),
                            f"{job} with num_workers={num_workers}, cpus_per_worker={cpus_per_worker}, "
                            f"use_gpu={str(use_gpu).lower()}", "Lower num_workers or cpus_per_worker.",
-                           gpu_off="use_gpu = false")
+                           gpu_off="use_gpu = false (and device = 'auto')")
 
 
 def _worker_bundles(num_workers: int, cpus_per_worker: int, use_gpu: bool) -> list[dict]:
     return [{"CPU": float(cpus_per_worker), "GPU": 1.0 if use_gpu else 0.0}] * num_workers
+
+
+# An SAE step is a few GEMMs: more host threads than this per GPU worker only wait.
+MAX_CPUS_PER_GPU_WORKER = 8
+
+
+def plan_workers(cfg: Config, nodes: list[dict]) -> Config:
+    """Ray mode: the workers' GPU and CPUs from the cluster's ``nodes`` where the config leaves
+    them open. GPU: ``use_gpu`` or ``device = "cuda"``; ``device = "auto"`` takes one per worker
+    when the cluster has that many (all workers or none: DDP workers step together). CPUs:
+    ``cpus_per_worker = 0`` gives each worker as many as fit (at most
+    MAX_CPUS_PER_GPU_WORKER on GPU), leaving one for Ray Data's read tasks when the parquet is
+    streamed. The chosen values are returned in the config (``device`` says cuda or cpu)."""
+    from galaxysae import cluster, embeddings
+
+    gpu = cfg.use_gpu or cfg.device.startswith("cuda")
+    if cfg.device == "auto" and not gpu:
+        gpu = cluster.fits([{"GPU": 1.0}] * cfg.num_workers, nodes)
+    cpus = cfg.cpus_per_worker
+    if not cpus:
+        stream = cfg.data_loading == "stream" and not embeddings.is_npy(cfg.embeddings)
+        reader = [{"CPU": 1.0}] if stream else []
+        if gpu:
+            top = min(MAX_CPUS_PER_GPU_WORKER, max(
+                (int(n.get("CPU", 0) // n["GPU"]) for n in nodes if n.get("GPU", 0) >= 1), default=1))
+        else:
+            top = int(max((n.get("CPU", 0) for n in nodes), default=1))
+        cpus = next((c for c in range(max(1, top), 0, -1)
+                     if cluster.fits(_worker_bundles(cfg.num_workers, c, gpu) + reader, nodes)), 1)
+    device = cfg.device if cfg.device.startswith("cuda") else ("cuda" if gpu else "cpu")
+    return dataclasses.replace(cfg, use_gpu=gpu, cpus_per_worker=cpus, device=device)
 
 
 def run_ray(cfg: Config, d_in: int, n_train: int, init: dict, callbacks=None) -> dict:
@@ -547,10 +591,19 @@ def run_ray(cfg: Config, d_in: int, n_train: int, init: dict, callbacks=None) ->
     from galaxysae import cluster, embeddings
 
     cluster.connect()
+    cfg = plan_workers(cfg, cluster.alive_nodes())
     nodes = require_resources(cfg.num_workers, cfg.cpus_per_worker, cfg.use_gpu, "train")
     per_worker = n_train // cfg.num_workers
-    bs = min(cfg.batch_size, max(1, per_worker))
+    # batch_size is the global batch, as in a one-process run: each worker takes its share
+    bs = max(1, cfg.batch_size // cfg.num_workers)
+    if cfg.batch_size % cfg.num_workers:
+        log.warning("batch_size %d does not divide over %d workers: %d samples per step (%d each)",
+                    cfg.batch_size, cfg.num_workers, bs * cfg.num_workers, bs)
+    bs = min(bs, max(1, per_worker))
     per_epoch = _steps_per_epoch(per_worker, bs)
+    log.info("Ray Train: %d worker(s) x {CPU %d%s}, %d samples per step (%d per worker), %d steps "
+             "per epoch", cfg.num_workers, cfg.cpus_per_worker, ", GPU 1" if cfg.use_gpu else "",
+             bs * cfg.num_workers, bs, per_epoch)
     total = per_epoch * cfg.epochs if not cfg.max_steps else min(cfg.max_steps, per_epoch * cfg.epochs)
     datasets = {}
     workers = _worker_bundles(cfg.num_workers, cfg.cpus_per_worker, cfg.use_gpu)
@@ -580,7 +633,9 @@ def run_ray(cfg: Config, d_in: int, n_train: int, init: dict, callbacks=None) ->
         datasets=datasets or None,
     )
     trainer.fit()
-    return json.loads(storage.read_bytes(storage.join(cfg.output, "train_state.json")))
+    last = json.loads(storage.read_bytes(storage.join(cfg.output, "train_state.json")))
+    return {**last, "workers": cfg.num_workers, "cpus_per_worker": cfg.cpus_per_worker,
+            "use_gpu": cfg.use_gpu, "batch_size": bs * cfg.num_workers, "data_loading": cfg.data_loading}
 
 
 # ----------------------------------------------------------------------------- the job
@@ -612,6 +667,8 @@ def run(cfg: Config, callbacks=None) -> dict:
     from galaxysae import evaluation
     from galaxysae.sae import SparseAutoencoder
 
+    cfg = config.absolute_paths(cfg, inputs=("embeddings", "ids", "test_embeddings", "test_ids"),
+                                outputs=("output",))  # Ray Train workers run elsewhere
     metrics_url = storage.join(cfg.output, "metrics.json")
     storage.check_writable(cfg.output)  # wrong credentials / unreachable store: fail first
     train, test = load_data(cfg)

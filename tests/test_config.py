@@ -89,3 +89,35 @@ def test_saved_config_round_trips_and_redacts(tmp_path):
     data = tomllib.loads(text)
     back = config.from_dict(Job, data, target)
     assert dataclasses.replace(back, output=cfg.output) == cfg
+
+
+@dataclass
+class Paths:
+    data: str = ""
+    parts: list[str] = field(default_factory=list)
+    output: str = ""
+
+
+def test_absolute_paths_resolve_local_paths_on_the_driver_and_leave_urls(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = Paths(data="emb", parts=["a", "s3://b/c", "/abs"], output="file://sae")
+    out = config.absolute_paths(cfg, inputs=("data", "parts"), outputs=("output",))
+    assert out == Paths(data=str(tmp_path / "emb"), parts=[str(tmp_path / "a"), "s3://b/c", "/abs"],
+                        output=str(tmp_path / "sae"))
+    assert cfg.data == "emb"  # a copy: the caller's config is untouched
+    assert config.absolute_paths(Paths(), inputs=("data",), outputs=("output",)) == Paths()
+
+
+def test_a_relative_output_inside_a_ray_job_working_dir_copy_is_refused(tmp_path, monkeypatch):
+    # where `ray job submit --working-dir .` runs the entrypoint
+    copy = tmp_path / "session_x" / "runtime_resources" / "working_dir_files" / "_ray_pkg_0123"
+    copy.mkdir(parents=True)
+    monkeypatch.chdir(copy)
+    with pytest.raises(ConfigError, match=r"'output' = 'sae/topk' is a relative path, and this job "
+                       r"runs in Ray's temporary copy of the uploaded working dir"):
+        config.absolute_paths(Paths(output="sae/topk"), outputs=("output",))
+    # inputs shipped with the working dir, absolute outputs and URLs are fine there
+    out = config.absolute_paths(Paths(data="configs/x", output="/shared/sae"), inputs=("data",),
+                                outputs=("output",))
+    assert out.data == str(copy / "configs/x") and out.output == "/shared/sae"
+    assert config.absolute_paths(Paths(output="s3://b/sae"), outputs=("output",)).output == "s3://b/sae"

@@ -35,6 +35,31 @@ def test_fits_places_each_bundle_on_one_node():
         "3 nodes: 2 x {CPU 16, GPU 1} + 1 x {CPU 4}")
 
 
+def test_train_plan_takes_the_clusters_gpus_and_cpus_where_the_config_leaves_them_open():
+    from galaxysae import train
+
+    def plan(nodes, **kw):
+        cfg = train.Config(embeddings="s3://b/emb", output="s3://b/sae", **kw)
+        p = train.plan_workers(cfg, nodes)
+        return p.use_gpu, p.cpus_per_worker, p.device
+
+    gpu_nodes = [{"CPU": 16.0, "GPU": 4.0}] * 2
+    # 8 GPU workers: 3 CPUs each leaves every node one for Ray Data's read tasks
+    assert plan(gpu_nodes, num_workers=8) == (True, 3, "cuda")
+    assert plan(gpu_nodes, num_workers=8, data_loading="memory") == (True, 4, "cuda")
+    assert plan([{"CPU": 64.0, "GPU": 1.0}]) == (True, train.MAX_CPUS_PER_GPU_WORKER, "cuda")
+    # more workers than GPUs: all on CPUs, not some; a CPU cluster: every CPU but the reader's
+    assert plan(gpu_nodes, num_workers=9) == (False, 3, "cpu")
+    assert plan([{"CPU": 8.0}]) == (False, 7, "cpu")
+    assert plan([{"CPU": 8.0}], device="cpu", data_loading="memory") == (False, 8, "cpu")
+    # what the config says wins; a GPU asked of a CPU cluster is kept (require() then says so)
+    assert plan(gpu_nodes, device="cpu", cpus_per_worker=2) == (False, 2, "cpu")
+    assert plan([{"CPU": 8.0}], device="cuda")[0] is True
+    assert plan([{"CPU": 8.0}], use_gpu=True)[0] is True
+    with pytest.raises(ValueError, match="'use_gpu' = true contradicts 'device' = 'cpu'"):
+        train.Config(embeddings="e", output="o", use_gpu=True, device="cpu").validate()
+
+
 def test_embed_plan_leaves_each_gpu_node_a_cpu_of_its_own():
     assert embed.plan(embed.Config(), [{"CPU": 16.0, "GPU": 1.0}]).encoder_cpus == 2.0
     assert embed.plan(embed.Config(), [{"CPU": 8.0, "GPU": 4.0}]).encoder_cpus == 1.75
@@ -62,9 +87,9 @@ def test_embed_plan_fits_a_one_cpu_node_and_uneven_nodes():
         assert fits(embed.plan(embed.Config(), nodes), nodes), nodes
 
 
-def _galaxysae(*args: str) -> subprocess.CompletedProcess:
+def _galaxysae(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
     # A subprocess with a deadline: without the checks these runs wait for ever.
-    return subprocess.run([sys.executable, "-m", "galaxysae", *args], cwd=REPO, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "galaxysae", *args], cwd=cwd, capture_output=True,
                           text=True, timeout=180)
 
 
@@ -102,7 +127,7 @@ def test_ray_train_with_use_gpu_without_a_gpu_fails_at_once(ray_cluster, tmp_pat
     last = res.stderr.strip().splitlines()[-1]
     assert last.startswith("galaxysae.cluster.ResourceError: train with num_workers=1, "
                            "cpus_per_worker=1, use_gpu=true: needs 1 x {CPU 1, GPU 1}"), res.stderr[-3000:]
-    assert "or use_gpu = false." in last, last
+    assert "or use_gpu = false (and device = 'auto')." in last, last
     assert not (tmp_path / "sae" / "ray").exists()  # Ray Train never started
 
 
@@ -146,16 +171,20 @@ def test_activations_asking_more_cpus_than_a_node_has_fail_at_once(ray_cluster, 
 
 @pytest.mark.slow  # a Ray Train run: ~1 min
 def test_ray_train_whose_workers_take_every_cpu_reads_in_memory_instead_of_waiting(ray_cluster, tmp_path):
-    # 2 workers x 2 CPUs fill the 4-CPU cluster: Ray Data's read tasks would never get a CPU
+    # 2 workers x 2 CPUs fill the 4-CPU cluster: Ray Data's read tasks would never get a CPU.
+    # Relative paths: the Train workers run in directories of their own, the driver in tmp_path.
     make_embeddings(str(tmp_path / "emb"), n_train=256, n_test=64)
     out = tmp_path / "sae"
-    res = _galaxysae("train", "--embeddings", str(tmp_path / "emb"), "--output", str(out),
+    res = _galaxysae("train", "--embeddings", "emb", "--output", "sae",
                      "--mode", "ray", "--num_workers", "2", "--cpus_per_worker", "2",
-                     "--data_loading", "stream", *SMALL, "--epochs", "2")
+                     "--data_loading", "stream", *SMALL, "--epochs", "2", cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "none is left to stream the parquet: each worker reads its rows itself" in res.stderr
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["train"]["mode"] == "ray" and metrics["train"]["steps"] == 2 * (128 // 64)
+    assert (out / "sae.safetensors").is_file() and (out / "checkpoints").is_dir()
+    # batch_size 64 is the global batch (32 a worker): as many steps as one process takes
+    assert metrics["train"]["mode"] == "ray" and metrics["train"]["steps"] == 2 * (256 // 64)
+    assert metrics["train"]["batch_size"] == 64 and metrics["train"]["data_loading"] == "memory"
 
 
 def test_sweep_whose_trial_cannot_fit_fails_before_tune_starts(ray_cluster, tmp_path):

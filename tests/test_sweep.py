@@ -45,30 +45,62 @@ def test_space_searches_every_key_given():
 
 
 @pytest.mark.slow
-def test_sweep_runs_its_trials_end_to_end(ray_cluster, s3_prefix, tmp_path):
-    # two trials (a trial is ~25 s of Ray Train start-up here); the grid's crossing of keys is
-    # Tune's, checked above on the space we hand it
+def test_sweep_runs_its_trials_end_to_end(ray_cluster, s3_prefix, tmp_path, monkeypatch):
+    # two trials that train (a trial is ~25 s of Ray Train start-up here) and one that fails at
+    # once (k > n_latents); the grid's crossing of keys is Tune's, checked above. Relative
+    # paths: the trials run in directories of their own.
     make_embeddings(f"{s3_prefix}/emb", n_train=256, n_test=64)
+    monkeypatch.chdir(tmp_path)
     out = str(tmp_path / "sweep")
     args = ["--config", str(REPO / "configs/demo/sweep.toml"), "--embeddings", f"{s3_prefix}/emb",
-            "--output", out, "--epochs", "3", "--space.n_latents", "32", "--space.k", "2,4",
-            "--max_concurrent_trials", "2",
-            "--asha.grace_period", "100"]  # no early stop: every trial must finish here
-    assert cli.main(["sweep", *args]) == 0
+            "--output", "sweep", "--epochs", "3", "--space.n_latents", "32", "--space.k", "2,4,64",
+            "--max_concurrent_trials", "2", "--train_config", str(REPO / "configs/demo/train_topk.toml"),
+            # ASHA stops at every epoch, but never a trial of one k for one of another
+            "--asha.grace_period", "1", "--asha.reduction_factor", "2"]
+    with pytest.raises(sweep_job.SweepError, match=r"1 of 3 trials failed, 2 finished .*'model.k' must be in 1..32"):
+        cli.main(["sweep", *args])
     rows = list(csv.DictReader(io.StringIO(storage.read_bytes(f"{out}/results.csv").decode())))
-    assert len(rows) == 2
+    assert len(rows) == 3 and len({r["trial"] for r in rows}) == 3
+    failed = [r for r in rows if r["status"] == "error"]
+    assert [r["k"] for r in failed] == ["64"] and "'model.k' must be in 1..32" in failed[0]["error"]
+    rows = [r for r in rows if r["status"] != "error"]
     assert {(r["k"], r["n_latents"]) for r in rows} == {("2", "32"), ("4", "32")}
-    assert len({r["trial"] for r in rows}) == 2
     assert all(r["status"] == "finished" for r in rows), rows
     for r in rows:
         assert 0 < float(r["fvu"]) < 1.5
         assert float(r["l0"]) == pytest.approx(float(r["k"]))
-        assert os.path.isfile(os.path.join(r["output"], "sae.safetensors"))
+        assert r["output"].startswith(out) and os.path.isfile(os.path.join(r["output"], "sae.safetensors"))
     assert os.path.getsize(f"{out}/fvu_vs_l0.png") > 1000
-    # a rerun restores the experiment instead of training again
+    # a rerun restores the experiment: the failed trial is retried, the finished ones are kept
     before = {r["trial"]: os.path.getmtime(os.path.join(r["output"], "sae.safetensors")) for r in rows}
-    assert cli.main(["sweep", *args]) == 0
+    with pytest.raises(sweep_job.SweepError, match="1 of 3 trials failed"):
+        cli.main(["sweep", *args])
     again = list(csv.DictReader(io.StringIO(storage.read_bytes(f"{out}/results.csv").decode())))
-    assert {r["trial"] for r in again} == set(before)
+    assert {r["trial"] for r in again if r["status"] == "finished"} == set(before)
     for r in again:
-        assert os.path.getmtime(os.path.join(r["output"], "sae.safetensors")) == before[r["trial"]]
+        if r["status"] == "finished":
+            assert os.path.getmtime(os.path.join(r["output"], "sae.safetensors")) == before[r["trial"]]
+
+def test_asha_compares_a_trial_only_with_trials_of_its_own_shape():
+    """A larger k always reconstructs better: ASHA across shapes would stop every small-k trial."""
+    from ray.tune.experiment import Trial
+    from ray.tune.schedulers import TrialScheduler
+
+    cfg = config.from_dict(sweep_job.Config, {
+        "train_config": "configs/demo/train_topk.toml", "embeddings": "e", "output": "o",
+        "space": {"k": [2, 8]}, "asha": {"grace_period": 1, "reduction_factor": 2}})
+    sched = sweep_job.scheduler(cfg, epochs=4)
+    trials = {name: Trial("t", config=params, stub=True) for name, params in {
+        "k8": {"k": 8, "lr": 1e-3}, "k2": {"k": 2, "lr": 1e-3}, "k2_slow": {"k": 2, "lr": 1e-5}}.items()}
+    for t in trials.values():
+        sched.on_trial_add(None, t)
+
+    def report(name: str, mse: float) -> str:
+        return sched.on_trial_result(None, trials[name], {"epoch": 1, "mse": mse})
+
+    assert report("k8", 0.1) == TrialScheduler.CONTINUE
+    # k=2 is far worse than k=8 at the first rung, but it is the first of its shape
+    assert report("k2", 0.5) == TrialScheduler.CONTINUE
+    # a k=2 trial worse than the other k=2 one is stopped
+    assert report("k2_slow", 0.9) == TrialScheduler.STOP
+    assert sweep_job.shape_of({"k": 2, "lr": 1e-5}) == sweep_job.shape_of({"lr": 1e-3, "k": 2})

@@ -159,10 +159,13 @@ def test_ray_train_mode_streams_parquet_from_s3(ray_cluster, s3_prefix):
     make_embeddings(f"{s3_prefix}/emb", n_train=512, n_test=64)
     out = f"{s3_prefix}/sae-ray"
     assert run_cli("--embeddings", f"{s3_prefix}/emb", "--output", out, "--mode", "ray",
-                   "--num_workers", "2", "--cpus_per_worker", "1", *SMALL, "--epochs", "3") == 0
+                   "--num_workers", "2", *SMALL, "--epochs", "3") == 0
     metrics = json.loads(storage.read_bytes(f"{out}/metrics.json"))
-    assert metrics["train"]["mode"] == "ray"
-    # 2 workers x (256 rows / 64) steps x 3 epochs, counted per worker
-    assert metrics["train"]["steps"] == 3 * (256 // 64)
+    t = metrics["train"]
+    # CPUs chosen from the 4-CPU cluster: one each, one left for Ray Data's read tasks
+    assert (t["mode"], t["workers"], t["cpus_per_worker"], t["use_gpu"], t["data_loading"]) == (
+        "ray", 2, 1, False, "stream")
+    # the global batch of 64 is split over the 2 workers: 512 rows / 64 steps an epoch, 3 epochs
+    assert t["batch_size"] == 64 and t["steps"] == 3 * (512 // 64)
     assert metrics["l0"] == pytest.approx(4.0) and metrics["fvu"] < 1
     assert storage.listdir(f"{out}/checkpoints", ".pt")
