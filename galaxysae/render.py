@@ -250,6 +250,9 @@ def run(cfg: Config) -> dict:
     from galaxysae import cluster, dictionary, image_index
 
     t0 = time.time()
+    # the grid tasks write from the cluster's workers, which run in directories of their own
+    cfg = config.absolute_paths(cfg, inputs=("dictionaries", "embeddings", "dataset"),
+                                outputs=("results",))
     storage.check_writable(cfg.results)  # wrong credentials / unreachable store: fail first
     cluster.connect()
     dicts = [dictionary.load(u) for u in cfg.dictionaries]
