@@ -103,25 +103,26 @@ def base_train_config(cfg: Config) -> dict:
 
 
 def trial_config(base: dict, params: dict, output: str) -> dict:
-    """One trial's train config data: the base with the sampled ``params`` applied."""
+    """One trial's train config data: the base with the sampled ``params`` applied. AuxK's and
+    multi-k's k keep their ratio to k from the base (k/4 and 4k in the research code)."""
     data = copy.deepcopy(base)
     model = data.setdefault("model", {})
     optim = data.setdefault("optim", {})
+    defaults = train_job.ModelConfig()
+    base_k = model.get("k", defaults.k)
     if "k" in params:
         model["k"] = params["k"]
     if "n_latents" in params:
         model["n_latents"] = params["n_latents"]
-        if model.get("matryoshka_groups") and "matryoshka_groups" not in params:
-            model["matryoshka_groups"] = []  # the base's groups no longer fit this size
     if params.get("matryoshka_groups"):
         model["matryoshka_groups"] = list(params["matryoshka_groups"])
         model["n_latents"] = sum(params["matryoshka_groups"])
     if "lr" in params:
         optim["lr"] = params["lr"]
-    n = model.get("n_latents", 5120)
-    model["aux_k"] = min(model.get("aux_k", 16), n)
-    if model.get("multik"):  # keep the base's multi-k ratio meaningful at every size
-        model["multik"] = max(model.get("k", 64), min(model["multik"], n))
+    n, k = model.get("n_latents", defaults.n_latents), model.get("k", base_k)
+    model["aux_k"] = max(1, min(round(model.get("aux_k", defaults.aux_k) * k / base_k), n))
+    if model.get("multik", defaults.multik):
+        model["multik"] = max(k, min(round(model.get("multik", defaults.multik) * k / base_k), n))
     data["output"] = output
     return data
 
@@ -173,6 +174,15 @@ def _space(cfg: Config):
     return space
 
 
+def check_space(cfg: Config, base: dict) -> None:
+    """A Matryoshka base's nested groups fix its size: 'space.n_latents' cannot change it (the
+    trials would silently become plain SAEs); sizes come with 'space.matryoshka_groups'."""
+    if base.get("model", {}).get("matryoshka_groups") and cfg.space.n_latents:
+        raise config.ConfigError(
+            f"sweep: {cfg.train_config} is a Matryoshka SAE (model.matryoshka_groups), whose size "
+            "its groups fix: search sizes with 'space.matryoshka_groups' instead of 'space.n_latents'")
+
+
 class SweepError(RuntimeError):
     """Trials of a sweep failed: the job fails too, after writing results.csv."""
 
@@ -184,6 +194,7 @@ def run(cfg: Config) -> dict:
 
     cfg = config.absolute_paths(cfg, inputs=("train_config", "embeddings"), outputs=("output",))
     base = base_train_config(cfg)
+    check_space(cfg, base)
     epochs = base.get("epochs", 200)
     cluster.connect()
     # one trial must fit (Tune runs fewer at once when not all of them do)

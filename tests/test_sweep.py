@@ -21,12 +21,29 @@ def test_sweep_config_names_bad_keys(tmp_path):
 
 
 def test_trial_config_applies_params():
-    base = {"model": {"n_latents": 64, "matryoshka_groups": [32, 32], "aux_k": 128}, "optim": {}}
+    base = {"model": {"n_latents": 64, "matryoshka_groups": [32, 32], "k": 4, "aux_k": 128,
+                      "multik": 0}, "optim": {}}
     d = sweep_job.trial_config(base, {"matryoshka_groups": [8, 8, 16], "lr": 0.5, "k": 3}, "o")
-    assert d["model"]["n_latents"] == 32 and d["model"]["aux_k"] == 32
+    assert d["model"]["n_latents"] == 32 and d["model"]["aux_k"] == 32  # capped at the size
     assert d["optim"]["lr"] == 0.5 and d["model"]["k"] == 3 and d["output"] == "o"
-    d = sweep_job.trial_config(base, {"n_latents": 128}, "o")
-    assert d["model"]["matryoshka_groups"] == []
+    assert d["model"]["multik"] == 0  # off stays off
+    # the research TopK: aux_k = k/4, multik = 4k at k = 64; the ratios hold at every k
+    topk = {"model": {"n_latents": 5120, "k": 64, "aux_k": 16, "multik": 256}}
+    for k, aux_k, multik in ((32, 8, 128), (128, 32, 512)):
+        m = sweep_job.trial_config(topk, {"k": k}, "o")["model"]
+        assert (m["k"], m["aux_k"], m["multik"]) == (k, aux_k, multik)
+    assert sweep_job.trial_config(topk, {"k": 64, "n_latents": 256}, "o")["model"]["multik"] == 256
+
+
+def test_a_matryoshka_base_cannot_be_resized_by_n_latents(tmp_path):
+    cfg = config.from_dict(sweep_job.Config, {
+        "train_config": "configs/demo/train_matryoshka.toml", "embeddings": "e", "output": "o",
+        "space": {"n_latents": [128]}})
+    base = sweep_job.base_train_config(cfg)
+    with pytest.raises(config.ConfigError, match="search sizes with 'space.matryoshka_groups'"):
+        sweep_job.check_space(cfg, base)
+    cfg.space.n_latents, cfg.space.matryoshka_groups = [], [[32, 96]]
+    sweep_job.check_space(cfg, base)
 
 
 def test_space_searches_every_key_given():
