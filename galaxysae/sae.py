@@ -191,17 +191,39 @@ class _SparseDecode(torch.autograd.Function):
     def backward(ctx, g):
         vals, w, bags, cols, ptr, corder, cptr = ctx.saved_tensors
         g = g.contiguous()
-        n_bags, M = ptr.numel() - 1, w.shape[0]
         grad_vals = grad_w = None
         with warnings.catch_warnings():  # "CSR is beta": the ops used here are tested
             warnings.simplefilter("ignore", UserWarning)
             if ctx.needs_input_grad[1]:
                 grad_w = _transpose_bag(bags, vals, g, corder, cptr)
             if ctx.needs_input_grad[0]:
-                mask = torch.sparse_csr_tensor(ptr, cols, torch.ones_like(vals), (n_bags, M),
-                                               check_invariants=False)
-                grad_vals = torch.sparse.sampled_addmm(mask, g, w.t(), beta=0.0).values()
+                grad_vals = _entry_dots(g, w, bags, cols, ptr, sampled=_host_paths(g))
         return grad_vals, grad_w, None, None, None, None, None
+
+
+# entries per gathered block of _entry_dots: 2 x 16384 x D floats (84 MB at D = 640)
+_DOT_BLOCK = 16384
+
+
+def _entry_dots(g: Tensor, w: Tensor, bags: Tensor, cols: Tensor, ptr: Tensor,
+                sampled: bool) -> Tensor:
+    """out[n] = g[bags[n]] . w[cols[n]] for every entry n (bags sorted, ``ptr`` their CSR row
+    pointer): the N dot products of a sampled matmul (SDDMM), not the dense [n_bags, M] one.
+
+    ``sampled``: torch's CSR ``sampled_addmm`` (the CPU kernel takes the entries in any order).
+    Else gathered rows in blocks: cuSPARSE's CSR routines assume the columns of a row sorted,
+    which top-k order is not, and a gathered dot product needs no such promise.
+    """
+    if sampled:
+        mask = torch.sparse_csr_tensor(ptr, cols, torch.ones(cols.numel(), dtype=g.dtype,
+                                                             device=g.device),
+                                       (ptr.numel() - 1, w.shape[0]), check_invariants=False)
+        return torch.sparse.sampled_addmm(mask, g, w.t(), beta=0.0).values()
+    out = torch.empty(cols.numel(), dtype=g.dtype, device=g.device)
+    for s in range(0, cols.numel(), _DOT_BLOCK):
+        b, c = bags[s:s + _DOT_BLOCK], cols[s:s + _DOT_BLOCK]
+        out[s:s + _DOT_BLOCK] = (g.index_select(0, b) * w.index_select(0, c)).sum(-1)
+    return out
 
 
 class _PrefixMSE(torch.autograd.Function):
