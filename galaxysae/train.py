@@ -92,8 +92,10 @@ class Config:
         "help": "ray mode: a GPU per worker (as device = 'cuda'); device 'auto' also takes them"})
     cpus_per_worker: int = field(default=0, metadata={
         "help": "ray mode: CPUs reserved per worker = its torch threads; 0: chosen from the cluster"})
-    data_loading: Literal["stream", "memory"] = field(
-        default="stream", metadata={"help": "ray mode: stream parquet via Ray Data, or read per worker"})
+    data_loading: Literal["stream", "memory"] = field(default="memory", metadata={"help": (
+        "ray mode: memory: each worker reads the split once and shuffles all of it every epoch "
+        "(the driver holds the split too); stream: Ray Data re-reads the parquet every epoch, "
+        "shuffled within a buffer")})
     device: str = field(default="auto", metadata={"help": (
         "auto: a GPU when there is one (local: torch sees one; ray: the cluster has one per "
         "worker); cpu; cuda: a GPU or an error")})

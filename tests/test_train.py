@@ -159,7 +159,7 @@ def test_ray_train_mode_streams_parquet_from_s3(ray_cluster, s3_prefix):
     make_embeddings(f"{s3_prefix}/emb", n_train=512, n_test=64)
     out = f"{s3_prefix}/sae-ray"
     assert run_cli("--embeddings", f"{s3_prefix}/emb", "--output", out, "--mode", "ray",
-                   "--num_workers", "2", *SMALL, "--epochs", "3") == 0
+                   "--num_workers", "2", "--data_loading", "stream", *SMALL, "--epochs", "3") == 0
     metrics = json.loads(storage.read_bytes(f"{out}/metrics.json"))
     t = metrics["train"]
     # CPUs chosen from the 4-CPU cluster: one each, one left for Ray Data's read tasks
