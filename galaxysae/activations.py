@@ -189,6 +189,9 @@ def compute(d, embeddings: str, split: str, out: str, top_n: int = 30, batch_siz
     cluster.connect()
     cluster.require([{"CPU": float(cpus_per_actor)}], f"activations of {d.name} with "
                     f"cpus_per_actor={cpus_per_actor}", "Lower cpus_per_actor.")
+    # Ray Data's read tasks and the encode actors read these on any node
+    cluster.require_shared({"dictionary": d.url, "embeddings": embeddings}, {},
+                           f"activations of {d.name}")
     t0 = time.time()
     n_galaxies = _n_rows(files)
     fs, _ = storage.arrow_fs(files[0])

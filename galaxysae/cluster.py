@@ -21,6 +21,10 @@ class ResourceError(RuntimeError):
     """The cluster cannot place what a job asks for (a GPU it lacks, more CPUs than a node has)."""
 
 
+class SharedPathError(RuntimeError):
+    """A local path of the config is not the same place on every node of the cluster."""
+
+
 def connect(address: str | None = None) -> None:
     """Initialise Ray once per process (a second call only re-applies the Ray Data settings)."""
     import ray
@@ -120,3 +124,82 @@ def _counted(bundles: list[dict]) -> str:
         counts[kind] += 1
     return " + ".join(f"{n} x {{{', '.join(f'{k} {v:g}' for k, v in kind) or 'CPU 0'}}}"
                       for kind, n in counts.items())
+
+
+def _fingerprint(path: str) -> tuple:
+    """What a node sees at an input path: its entries (a folder) or its size and mtime (a file)."""
+    if os.path.isdir(path):
+        return ("dir", tuple(sorted(os.listdir(path))))
+    if os.path.isfile(path):
+        st = os.stat(path)
+        return ("file", st.st_size, int(st.st_mtime))
+    return ("missing",)
+
+
+def _look(outputs: dict[str, tuple[str, str]], inputs: dict[str, tuple]) -> list[str]:
+    """On one node: the keys whose path shows something else than on the driver."""
+    wrong = []
+    for key, (probe, token) in outputs.items():
+        try:
+            with open(probe) as f:
+                if f.read() != token:
+                    wrong.append(key)
+        except OSError:
+            wrong.append(key)
+    wrong += [key for key, (path, seen) in inputs.items() if _fingerprint(path) != seen]
+    return wrong
+
+
+def require_shared(inputs: dict[str, str], outputs: dict[str, str], what: str,
+                   timeout: float = 120.0) -> None:
+    """Local paths (config key -> path; URLs and "" are skipped) that Ray tasks read (``inputs``)
+    or write (``outputs``) must be the same place on every alive node, or a multi-node job
+    writes its results where the driver never finds them (after hours of training) or reads
+    nothing. The driver leaves a probe file in each output folder (created if missing) and
+    fingerprints each input; a zero-CPU task on every node checks them. One node: nothing to
+    check. Raises :class:`SharedPathError` naming the keys, the paths and the nodes."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from galaxysae import storage
+
+    def local(paths: dict[str, str]) -> dict[str, str]:
+        return {k: p for k, p in paths.items() if p and not storage.is_remote(p)}
+
+    inputs = {k: p for k, p in local(inputs).items() if os.path.exists(p)}  # else: loaders say so
+    outputs = local(outputs)
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) < 2 or not (inputs or outputs):
+        return
+    token = os.urandom(16).hex()
+    probes: dict[str, tuple[str, str]] = {}
+    try:
+        for key, path in outputs.items():
+            os.makedirs(path, exist_ok=True)
+            probes[key] = (os.path.join(path, f".galaxysae-probe-{token}"), token)
+            with open(probes[key][0], "w") as f:
+                f.write(token)
+        seen = {key: (path, _fingerprint(path)) for key, path in inputs.items()}
+        look = ray.remote(num_cpus=0)(_look)
+        refs = [look.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+            n["NodeID"], soft=False)).remote(probes, seen) for n in nodes]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout)
+        answers = {i: ray.get(r) for i, r in enumerate(refs) if r in ready}
+    finally:
+        for probe, _ in probes.values():
+            try:
+                os.remove(probe)
+            except OSError:
+                pass
+    if len(answers) < len(nodes):
+        log.warning("%s: %d of %d nodes did not answer the shared-path check within %.0f s",
+                    what, len(nodes) - len(answers), len(nodes), timeout)
+    blind = {nodes[i]["NodeManagerAddress"]: keys for i, keys in answers.items() if keys}
+    if blind:
+        keys = sorted({k for ks in blind.values() for k in ks})
+        paths = ", ".join(f"{k} = {({**inputs, **outputs})[k]!r}" for k in keys)
+        raise SharedPathError(
+            f"{what}: {paths}: a local path that {len(blind)} of {len(nodes)} nodes of the Ray "
+            f"cluster ({', '.join(sorted(blind))}) do not see as the driver does, so Ray tasks "
+            "there would read or write elsewhere. Use s3:// URLs, or a filesystem that every "
+            "node mounts at the same path.")

@@ -273,6 +273,9 @@ def _run(cfg: Config, claim) -> int:
     import ray
 
     nodes = cluster.alive_nodes()
+    # read tasks open the dataset's shards and encoder actors load a local-dir encoder, on any node
+    local_encoder = cfg.encoder[len("local-dir:"):] if cfg.encoder.startswith("local-dir:") else ""
+    cluster.require_shared({"dataset": cfg.dataset, "encoder": local_encoder}, {}, "embed")
     cfg = plan(cfg, nodes)
     require_resources(cfg, nodes)
     writer.provenance["precision"] = cfg.precision

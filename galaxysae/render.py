@@ -255,6 +255,8 @@ def run(cfg: Config) -> dict:
                                 outputs=("results",))
     storage.check_writable(cfg.results)  # wrong credentials / unreachable store: fail first
     cluster.connect()
+    # thumbnail tasks read the dataset's shards, grid tasks write the results, on any node
+    cluster.require_shared({"dataset": cfg.dataset}, {"results": cfg.results}, "render")
     dicts = [dictionary.load(u) for u in cfg.dictionaries]
     index = image_index.load_or_build(cfg.dataset, cfg.split,
                                       storage.join(cfg.results, "_image_index", f"{cfg.split}.parquet"))

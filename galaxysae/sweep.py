@@ -197,6 +197,9 @@ def run(cfg: Config) -> dict:
     check_space(cfg, base)
     epochs = base.get("epochs", 200)
     cluster.connect()
+    # trials (each a driver of its own Train run) run on any node: read the embeddings, write
+    # their output
+    cluster.require_shared({"embeddings": cfg.embeddings}, {"output": cfg.output}, "sweep")
     # one trial must fit (Tune runs fewer at once when not all of them do)
     nodes = train_job.require_resources(cfg.num_workers, cfg.cpus_per_worker, cfg.use_gpu,
                                         "sweep trial")

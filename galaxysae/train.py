@@ -619,6 +619,9 @@ def run_ray(cfg: Config, d_in: int, n_train: int, init: dict, callbacks=None) ->
         cfg = config.from_dict(Config, {**config.to_dict(cfg), "data_loading": "memory"})
     elif cfg.data_loading == "stream":
         datasets["train"] = embeddings.ray_dataset(cfg.embeddings, cfg.train_split, d_in)
+    # rank 0 writes the output, and in memory mode every worker reads the inputs, on any node
+    reads = ("embeddings", "ids", "test_embeddings", "test_ids") if cfg.data_loading == "memory" else ()
+    cluster.require_shared({k: getattr(cfg, k) for k in reads}, {"output": cfg.output}, "train")
     loop_cfg = {"cfg": config.to_dict(cfg), "d_in": d_in, "init": init, "batch_size": bs,
                 "steps_per_epoch": per_epoch, "total_steps": total}
     fs, path = storage.arrow_fs(storage.join(cfg.output, "ray"))
