@@ -3,8 +3,8 @@
 Data flow::
 
     {results}/{name}/dictionary.json, activations/{split}/*.parquet, compare.parquet, grids/*.png
-    {results}/compare/*.png
-    --> {output}/index.html               dictionaries, metrics, per-level curves, comparison plots
+    {results}/compare/*.png, summary.json (chance level and shares per dictionary)
+    --> {output}/index.html               dictionaries, metrics, FVU against L0, comparison plots
         {output}/{name}/index.html        sortable, filterable feature table
         {output}/{name}/f/{feature}.html  grid, activation histogram, top galaxies, label alignment
         {output}/assets/                  one CSS and one JS file (no external assets)
@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from galaxysae import config, storage
+from galaxysae import compare, config, storage
 
 log = logging.getLogger(__name__)
 
@@ -38,13 +38,24 @@ KIND_TEXT = {"pca": "PCA baseline", "sae": "TopK sparse autoencoder",
 GLOSSARY = [
     ("FVU", "fraction of variance unexplained: how much of the (standardised) embedding the "
             "dictionary fails to reconstruct on the test split; 0 is perfect."),
-    ("L0", "average number of features active per galaxy (PCA uses every component)."),
-    ("Dead fraction", "share of features that never activate on the test split."),
+    ("L0", "average number of features active per galaxy (PCA uses every component, so its L0 is "
+           "its number of components). Dictionaries are compared at equal L0, not equal size."),
+    ("k (training)", "the number of active features per galaxy the SAE was trained with (BatchTopK: "
+                     "on average over a batch); L0 is what it actually uses on the test split."),
+    ("Dead fraction", "share of SAE latents that activate on no galaxy at all, neither of the test "
+                      "split nor of the training split (a sample of up to 65,536 training galaxies)."),
     ("Frequency", "share of test galaxies on which a feature is active (PCA: score above zero)."),
     ("Best Galaxy Zoo answer", "the vote fraction with the largest |Spearman ρ| with the feature, "
-                               "over galaxies whose volunteers were asked that question."),
+                               "over galaxies whose volunteers were asked that question (by at least "
+                               "min_votes volunteers: fractions from fewer votes are noise)."),
+    ("fewer votes for: …", "the best answer with a negative ρ: the feature is strongest on the "
+                           "galaxies with the LOWEST vote fraction for that answer."),
     ("Spearman ρ", "rank correlation between the feature and that vote fraction (sign kept): "
-                   "|ρ| near 1 means the feature tracks the volunteers' answer."),
+                   "|ρ| near 1 means the feature tracks the volunteers' answer. Tables sort on |ρ|."),
+    ("Chance level, share above chance", "the best |ρ| over ~60 vote fractions is well above 0 even "
+     "for a feature unrelated to the votes. Chance level: the 95th percentile of the same statistic "
+     "with the votes shuffled over the galaxies; share above chance: the share of active features "
+     "whose best |ρ| exceeds it (about 5% if the features knew nothing of the votes)."),
     ("Novelty", "1 − R² of a linear fit of the feature on all vote fractions (R² adjusted for the "
                 "number of fractions): near 1, the votes do not explain the feature (new, or noise); "
                 "near 0, it restates them."),
@@ -156,9 +167,24 @@ def svg_histogram(values: np.ndarray, bins: int, xlabel: str, width: int = 320, 
             "</svg>")
 
 
+def fvu_points(doc: dict) -> list[tuple[float, float]]:
+    """[(L0, test FVU)] of a dictionary: one per Matryoshka prefix or PCA component count, else one.
+
+    L0 (active features per galaxy), not dictionary size, is the fair x: a 256-latent TopK SAE with
+    k = 16 describes a galaxy with 16 numbers, a 32-component PCA with 32. PCA's L0 is its number
+    of components.
+    """
+    m = doc.get("metrics") or {}
+    pca = doc.get("kind") == "pca"
+    pts = [(lv.get("l0", lv.get("n_latents") if pca else None), lv.get("fvu")) for lv in m.get("levels", [])]
+    if not pts and m.get("fvu") is not None:
+        pts = [(m.get("l0", doc["n_latents"] if pca else None), m["fvu"])]
+    return [(float(x), float(v)) for x, v in pts if x is not None and v is not None]
+
+
 def svg_levels(series: list[tuple[str, str, list[tuple[float, float]]]], width: int = 620,
                height: int = 300) -> str:
-    """FVU against dictionary size (log2 x axis): one line per dictionary [(name, colour, [(n, fvu)])]."""
+    """FVU against L0 (log2 x axis): one line per dictionary [(name, colour, [(l0, fvu)])]."""
     pts = [p for _, _, s in series for p in s if p[0] > 0 and math.isfinite(p[1])]
     if not pts:
         return ""
@@ -190,16 +216,16 @@ def svg_levels(series: list[tuple[str, str, list[tuple[float, float]]]], width: 
             continue
         path = " ".join(f"{'M' if j == 0 else 'L'}{X(n):.1f},{Y(v):.1f}" for j, (n, v) in enumerate(s))
         parts.append(f'<path d="{path}" fill="none" stroke="{colour}" stroke-width="2"/>')
-        parts += [f'<circle cx="{X(n):.1f}" cy="{Y(v):.1f}" r="3" fill="{colour}"><title>{esc(name)}: '
-                  f'{int(n)} latents, FVU {v:.3f}</title></circle>' for n, v in s]
+        parts += [f'<circle cx="{X(n):.1f}" cy="{Y(v):.1f}" r="3" fill="{colour}" data-l0="{n:.4g}" '
+                  f'data-fvu="{v:.4g}"><title>{esc(name)}: L0 {n:.1f}, FVU {v:.3f}</title></circle>' for n, v in s]
         parts.append(f'<rect x="{ml + w + 14}" y="{mt + 8 + 18 * i}" width="10" height="10" fill="{colour}"/>'
                      f'<text x="{ml + w + 30}" y="{mt + 17 + 18 * i}">{esc(name)}</text>')
-    parts.append(f'<text x="{ml + w / 2}" y="{height - 6}" text-anchor="middle">dictionary size '
-                 f'(latents or components, log scale)</text>')
+    parts.append(f'<text x="{ml + w / 2}" y="{height - 6}" text-anchor="middle">active features per '
+                 f'galaxy (L0, log scale)</text>')
     parts.append(f'<text x="12" y="{mt + h / 2}" transform="rotate(-90 12 {mt + h / 2})" '
                  f'text-anchor="middle">test FVU (lower is better)</text>')
     return (f'<svg width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" '
-            f'aria-label="FVU per dictionary size">{"".join(parts)}</svg>')
+            f'aria-label="FVU against active features per galaxy (L0)">{"".join(parts)}</svg>')
 
 
 # ----------------------------------------------------------------------------- one dictionary
@@ -213,6 +239,7 @@ class Entry:
     grids: set
     histograms: dict
     plots: list[str]
+    chance: dict = field(default_factory=dict)  # this dictionary's entry of compare/summary.json
 
 
 def load_entry(results: str, name: str, cfg: Config) -> Entry | None:
@@ -230,6 +257,8 @@ def load_entry(results: str, name: str, cfg: Config) -> Entry | None:
             c = cmp.get(r["feature"], {})
             for k in ("best_column", "best_answer", "spearman", "abs_spearman", "novelty", "n_valid", "top_columns"):
                 r[k] = c.get(k)
+            # from the column and the sign, so results of older compare runs read right too
+            r["best_answer"] = compare.signed_answer(r["best_column"], r["spearman"]) or None
     grids = {int(posixpath.basename(u)[8:13]) for u in storage.listdir(storage.join(folder, "grids"), ".png")
              if posixpath.basename(u).startswith("feature_")}
     hist: dict[int, np.ndarray] = {}
@@ -243,7 +272,13 @@ def load_entry(results: str, name: str, cfg: Config) -> Entry | None:
         cuts = np.searchsorted(f, np.arange(doc["n_latents"] + 1))
         hist = {i: v[cuts[i]:cuts[i + 1]] for i in range(doc["n_latents"]) if cuts[i + 1] > cuts[i]}
     plots = storage.listdir(storage.join(folder, "plots"), ".png")
-    return Entry(name, doc, stats, grids, hist, plots)
+    return Entry(name, doc, stats, grids, hist, plots, compare_summary(results).get(name) or {})
+
+
+def compare_summary(results: str) -> dict:
+    """compare's summary.json ({name: {null_best_abs_rho_p95, share_above_null, ...}}), or {}."""
+    url = storage.join(results, "compare", "summary.json")
+    return json.loads(storage.read_bytes(url)) if storage.exists(url) else {}
 
 
 def _metric_rows(doc: dict) -> str:
@@ -252,7 +287,7 @@ def _metric_rows(doc: dict) -> str:
             ("Test galaxies", fmt(doc.get("n_galaxies")))]
     if doc.get("kind") == "sae":
         cfg = doc.get("cfg") or {}
-        rows.append(("k (active per galaxy)", f"{cfg.get('k', '–')} ({cfg.get('activation', '')})"))
+        rows.append(("k (training)", f"{cfg.get('k', '–')} ({cfg.get('activation', '')})"))
     rows += [("FVU", fmt(m.get("fvu"))), ("MSE", fmt(m.get("mse"))), ("L0", fmt(m.get("l0"))),
              ("Dead fraction", pct(m["dead_fraction"]) if m.get("dead_fraction") is not None else "–")]
     if isinstance(m.get("pca"), dict) and m["pca"].get("fvu") is not None:
@@ -284,19 +319,20 @@ def table_page(e: Entry, cfg: Config) -> str:
     if nested:
         opts = "".join(f'<option value="{i}">level {i} (≤ {n} latents)</option>' for i, n in enumerate(doc["levels"], 1))
         level_ctl = f'<label>Level <select id="level"><option value="">all</option>{opts}</select></label>'
-    sort = "feature" if doc["kind"] == "pca" else "frequency"
+    sort = "feature" if doc["kind"] == "pca" else "frequency"  # table.js: ascending on feature id
     heads = [("feature", "Feature", ""), *([("level", "Level", "num")] if nested else []),
              ("frequency", "Frequency", "num"), ("mean_active", "Mean when active", "num"),
              ("max", "Max", "num"), ("best_answer", "Best Galaxy Zoo answer", ""),
-             ("spearman", "Spearman ρ", "num"), ("novelty", "Novelty", "num")]
+             ("spearman", "Spearman ρ (sorts on |ρ|)", "num"), ("novelty", "Novelty", "num")]
     th = "".join(f'<th data-key="{k}" class="{c}">{esc(t)}</th>' for k, t, c in heads)
     alive = sum(1 for r in e.features if r["frequency"] > 0)
     body = f"""
 <p class="lead">{esc(KIND_TEXT.get(doc['family'], doc['kind']))} with {doc['n_latents']:,} latents;
 {alive:,} active on the {esc(doc.get('split', 'test'))} split ({doc.get('n_galaxies', 0):,} galaxies).
 Click a column to sort, type an answer (e.g. <i>spiral</i>, <i>edge-on</i>, <i>merger</i>) to filter,
-open a feature for its galaxies. Spearman ρ is with the best-matching vote fraction; novelty = 1 − R²
-of a linear fit on all vote fractions.</p>
+open a feature for its galaxies. Spearman ρ is with the best-matching vote fraction (negative: the
+feature is strongest where the fewest volunteers gave that answer, shown as <i>fewer votes for</i>);
+novelty = 1 − R² of a linear fit on all vote fractions.{_chance_line(e)}</p>
 <div class="controls">
 <label>Search <input type="search" id="search" placeholder="answer or feature id"></label>
 <label>min |ρ| <input type="number" id="min-rho" min="0" max="1" step="0.05" value="0"></label>
@@ -311,6 +347,26 @@ of a linear fit on all vote fractions.</p>
 <script src="../assets/table.js"></script>
 """
     return page(f"{cfg.title}: {e.name}", [("atlas", "../index.html"), (e.name, None)], body, 1)
+
+
+def _chance_line(e: Entry) -> str:
+    p95, share = e.chance.get("null_best_abs_rho_p95"), e.chance.get("share_above_null")
+    if p95 is None:
+        return ""
+    return (f" Chance level: |ρ| {fmt(p95, 2)} (95th percentile with the votes shuffled); "
+            f"{pct(share)} of the active features are above it.")
+
+
+def _alignment_rows(e: Entry) -> str:
+    """Card rows: shares of the active features (not counts: dictionaries differ in size), above
+    chance first."""
+    active = [r for r in e.features if r["frequency"] > 0]
+    aligned = sum(1 for r in active if (r.get("abs_spearman") or 0) >= 0.5) / len(active) if active else None
+    p95, share = e.chance.get("null_best_abs_rho_p95"), e.chance.get("share_above_null")
+    rows = [(f"Share of features above chance (|ρ| > {fmt(p95, 2)})" if p95 is not None
+             else "Share of features above chance", pct(share) if share is not None else "–"),
+            ("Share with |ρ| ≥ 0.5", pct(aligned) if aligned is not None else "–")]
+    return "".join(f"<dt>{esc(k)}</dt><dd>{esc(v)}</dd>" for k, v in rows)
 
 
 def _num(v):
@@ -335,12 +391,19 @@ def feature_page(e: Entry, r: dict, cfg: Config, prev_f, next_f) -> str:
     if len(doc.get("levels", [])) > 1:
         stats.append(("Matryoshka level", f"{r['level']} (first {doc['levels'][r['level'] - 1]:,} latents)"))
     if r.get("best_answer"):
-        stats += [("Best Galaxy Zoo answer", r["best_answer"]),
-                  ("Spearman ρ", f"{fmt(r.get('spearman'), 2)} (over {fmt(r.get('n_valid'))} galaxies asked)"),
-                  ("Novelty (1 − adjusted R²)", fmt(r.get("novelty"), 2))]
+        rho = _num(r.get("spearman"))
+        stats += [("Best Galaxy Zoo answer", r["best_answer"] + (f" (ρ {rho:+.2f})" if rho is not None else "")),
+                  ("Spearman ρ", f"{fmt(r.get('spearman'), 2)} (over {fmt(r.get('n_valid'))} galaxies asked)")]
+        p95 = e.chance.get("null_best_abs_rho_p95")
+        if p95 is not None:
+            above = (r.get("abs_spearman") or 0) > p95
+            stats.append(("Chance level (|ρ|, votes shuffled)",
+                          f"{fmt(p95, 2)}: this feature is {'above' if above else 'not above'} it"))
+        stats.append(("Novelty (1 − adjusted R²)", fmt(r.get("novelty"), 2)))
     dl = "".join(f"<dt>{esc(k)}</dt><dd>{esc(v)}</dd>" for k, v in stats)
     top3 = json.loads(r.get("top_columns") or "[]")
-    corr = "".join(f"<tr><td>{esc(rd)}</td><td class='num'>{rho:+.2f}</td></tr>" for _, rd, rho in top3)
+    corr = "".join(f"<tr><td>{esc(compare.signed_answer(col, rho))}</td><td class='num'>{rho:+.2f}</td></tr>"
+                   for col, _, rho in top3)
     corr_html = (f"<h2>Closest Galaxy Zoo answers</h2><table class='plain'><tr><th>answer</th><th>ρ</th></tr>{corr}</table>"
                  if corr else "")
     tops = "".join(f"<tr><td>{i + 1}</td><td><code>{esc(i_)}</code></td><td class='num'>{v:.4g}</td></tr>"
@@ -369,14 +432,10 @@ def index_page(entries: list[Entry], results: str, compare_plots: list[str], cfg
     cards, series = [], []
     for e in entries:
         colour = COLOURS.get(e.doc["family"], "#777")
-        m = e.doc.get("metrics") or {}
-        levels = [(lv.get("n_latents"), lv.get("fvu")) for lv in m.get("levels", []) if lv.get("fvu") is not None]
-        if not levels and m.get("fvu") is not None:
-            levels = [(e.doc["n_latents"], m["fvu"])]
-        if levels:
-            series.append((e.name, colour, [(float(n), float(v)) for n, v in levels]))
+        points = fvu_points(e.doc)
+        if points:
+            series.append((e.name, colour, points))
         alive = sum(1 for r in e.features if r["frequency"] > 0)
-        aligned = sum(1 for r in e.features if (r.get("abs_spearman") or 0) >= 0.5)
         plots = "".join(f'<div class="figure"><a href="{esc(e.name)}/plots/{esc(posixpath.basename(p))}">'
                         f'<img src="{esc(e.name)}/plots/{esc(posixpath.basename(p))}" '
                         f'alt="{esc(posixpath.basename(p))}"></a></div>' for p in e.plots)
@@ -384,17 +443,20 @@ def index_page(entries: list[Entry], results: str, compare_plots: list[str], cfg
 <h3><a href="{esc(e.name)}/index.html">{esc(e.name)}</a></h3>
 <dl class="metrics">{_metric_rows(e.doc)}
 <dt>Active features</dt><dd>{alive:,} of {e.doc['n_latents']:,}</dd>
-<dt>|ρ| ≥ 0.5 with a GZ answer</dt><dd>{aligned:,}</dd>
+{_alignment_rows(e)}
 <dt>Grids rendered</dt><dd>{len(e.grids):,}</dd></dl>
 <a href="{esc(e.name)}/index.html">Browse the features →</a>{plots}</div>""")
     curve = svg_levels(series)
-    curve_html = (f'<h2>Reconstruction vs dictionary size</h2><div class="figure">{curve}<div class="caption">'
-                  "Test FVU of each nested Matryoshka prefix, of PCA with its first k components, and of each "
-                  "TopK SAE (one point). Lower is better.</div></div>") if curve else ""
-    captions = {"distributions.png": "Left: how strongly each feature tracks a Galaxy Zoo answer. Middle: "
-                                     "how much of each feature the votes cannot explain. Right: both, per feature."}
+    curve_html = (f'<h2>Reconstruction vs active features per galaxy</h2><div class="figure">{curve}<div class="caption">'
+                  "Test FVU against L0, the average number of features active per galaxy: each nested "
+                  "Matryoshka prefix, PCA with its first k components (L0 = k), and each TopK SAE (one "
+                  "point). At equal L0 both describe a galaxy with as many numbers. Lower is better.</div></div>"
+                  ) if curve else ""
+    captions = {"distributions.png": "Left: how strongly each feature tracks a Galaxy Zoo answer; dashed: the "
+                                     "same with the votes shuffled over the galaxies (chance). Middle: how much "
+                                     "of each feature the votes cannot explain. Right: both, per feature."}
     figs = "".join(f'<div class="figure"><img src="compare/{esc(p)}" alt="{esc(p)}"><div class="caption">'
-                   f'{esc(captions.get(p, "Per Matryoshka level: level 1 is the coarsest prefix; dashed: PCA median."))}'
+                   f'{esc(captions.get(p, "Per Matryoshka level: level 1 is the coarsest prefix; dashed: PCA median; dotted: chance level."))}'
                    f"</div></div>" for p in compare_plots)
     figs_html = f"<h2>Alignment with Galaxy Zoo votes</h2>{figs}" if figs else ""
     gloss = "".join(f"<dt>{esc(k)}</dt><dd>{esc(v)}</dd>" for k, v in GLOSSARY)

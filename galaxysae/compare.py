@@ -3,13 +3,23 @@
 Data flow::
 
     dictionary + {embeddings}/{split} --activations (cached, shared with render)--> codes[N, M]
-    dataset shards (id_str + every *_fraction column only) --join on id_str--> labels[N, C]
+    dataset shards (id_str, *_fraction, *_total-votes) --mask low-vote questions, join on id_str--> labels[N, C]
     --> per feature: max |Spearman| over label columns (and which), novelty = 1 - R^2
-    --> {results}/{name}/compare.parquet + .csv, {results}/compare/ (all dictionaries, plots)
+    --> chance baseline: the same best |Spearman| with the labels shuffled over the galaxies
+    --> {results}/{name}/compare.parquet + .csv, {results}/compare/ (summary.json/.csv, plots)
+
+Vote counts. A fraction from 2 votes is 0, 0.5 or 1: noise, not a measurement. A galaxy's fractions
+of a question count only where at least ``min_votes`` volunteers answered it (its
+``{q}_total-votes``); below that, and wherever the total is 0, the question counts as not asked.
+
+Chance. With ~60 answer columns, the best |Spearman| of a feature is well above 0 even for a
+feature unrelated to the votes. Per dictionary, the same statistic is computed with the label rows
+shuffled (a fixed seed); its 95th percentile is the chance level, and ``share_above_null`` the share
+of active features whose best |Spearman| exceeds it.
 
 Missing fractions. A Galaxy Zoo question is only asked when an earlier answer leads to it (e.g.
 "spiral arms?" only for face-on disks), so its fractions are NaN for the other galaxies. They are
-never filled in:
+never filled in (nor are those with fewer than ``min_votes`` votes):
 
 - Spearman: each column is correlated over the galaxies that were asked that question only
   (pairwise complete), and only when at least ``min_valid`` were; ``n_valid`` is reported.
@@ -25,6 +35,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -52,6 +63,10 @@ QUESTION_TEXT = {
 }
 
 
+QUESTION_OF = {schema.fraction_column(q, a): q for q, ans in schema.QUESTIONS.items() for a in ans}
+NEGATIVE = "fewer votes for: "
+
+
 def readable(column: str | None) -> str:
     """``has-spiral-arms-euclid_yes_fraction`` -> ``Spiral arms? → yes``."""
     if not column:
@@ -63,28 +78,57 @@ def readable(column: str | None) -> str:
     return column
 
 
+def signed_answer(column: str | None, rho: float | None) -> str:
+    """The answer as a reader should take it: with rho < 0 the feature is strongest where the
+    fewest volunteers gave that answer, so it reads ``fewer votes for: Bulge size → dominant``."""
+    text = readable(column)
+    if text and rho is not None and math.isfinite(rho) and rho < 0:
+        return NEGATIVE + text
+    return text
+
+
 @dataclass
 class Config(DictionaryInputs):
     """Label alignment of every feature of every dictionary with the Galaxy Zoo vote fractions."""
 
     min_valid: int = field(default=20, metadata={"help": "fewest galaxies asked a question for its columns to be correlated"})
+    min_votes: int = field(default=5, metadata={"help": "fewest volunteers answering a question for a galaxy's fractions of it to count (fewer: not asked)"})
+    null_samples: int = field(default=1000, metadata={"help": "chance baseline: shuffle the labels ceil(null_samples / features) times (at least once)"})
+    seed: int = field(default=0, metadata={"help": "seed of the label shuffles of the chance baseline"})
 
     def validate(self) -> None:
         super().validate()
         if self.min_valid < 3:
             raise ValueError(f"key 'min_valid' must be >= 3, got {self.min_valid}")
+        if self.min_votes < 1:
+            raise ValueError(f"key 'min_votes' must be >= 1, got {self.min_votes}")
+        if self.null_samples < 1:
+            raise ValueError(f"key 'null_samples' must be >= 1, got {self.null_samples}")
 
 
 # ----------------------------------------------------------------------------- labels
 
 
-def read_labels(dataset: str, split: str) -> tuple[list[str], np.ndarray, list[str]]:
-    """-> (ids[N], fractions[N, C] float64 with NaN where not asked, column names[C])."""
+def mask_low_votes(fractions: np.ndarray, columns: list[str], totals: dict[str, np.ndarray],
+                   min_votes: int) -> np.ndarray:
+    """fractions[N, C], totals {question: votes[N]} -> a copy with NaN wherever the column's
+    question had fewer than ``min_votes`` votes (a total of 0 never counts, whatever its fraction)."""
+    out = fractions.copy()
+    for j, col in enumerate(columns):
+        total = totals[QUESTION_OF[col]]
+        out[(total < max(min_votes, 1)) | np.isnan(total), j] = np.nan
+    return out
+
+
+def read_labels(dataset: str, split: str, min_votes: int = 1) -> tuple[list[str], np.ndarray, list[str]]:
+    """-> (ids[N], fractions[N, C] float64, column names[C]); NaN where the question was not asked
+    of the galaxy or fewer than ``min_votes`` volunteers answered it."""
     import pyarrow.parquet as pq
 
     from galaxysae import sources
 
-    wanted = schema.fraction_columns()
+    fractions = schema.fraction_columns()
+    wanted = fractions + schema.total_columns()
     ids, blocks = [], []
     for shard in [s for s in sources.resolve(dataset, splits=[split]) if s.split == split]:
         fs, path = storage.arrow_fs(shard.url)
@@ -99,7 +143,9 @@ def read_labels(dataset: str, split: str) -> tuple[list[str], np.ndarray, list[s
                                        for c in wanted]))
     if not ids:
         raise FileNotFoundError(f"dataset {dataset}: no shards for split {split!r}")
-    return ids, np.concatenate(blocks), wanted
+    table = np.concatenate(blocks)
+    totals = {q: table[:, len(fractions) + i] for i, q in enumerate(schema.QUESTIONS)}
+    return ids, mask_low_votes(table[:, :len(fractions)], fractions, totals, min_votes), fractions
 
 
 def _ranks(a: np.ndarray) -> np.ndarray:
@@ -179,25 +225,48 @@ def novelty(codes: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.where(ss_tot > 0, 1.0 - np.clip(adj, 0.0, 1.0), np.nan), r2
 
 
+def _scores(rho: np.ndarray) -> np.ndarray:
+    """|rho| to rank columns by, -1 where NaN. The two answers of a yes/no question have exactly
+    opposite rho; the tiny bonus makes the positive one win that tie, so the best answer reads
+    "Spiral arms? → no" rather than "fewer votes for: Spiral arms? → yes"."""
+    return np.where(np.isnan(rho), -1.0, np.abs(rho) + 1e-9 * (rho > 0))
+
+
+def best_abs(rho: np.ndarray) -> np.ndarray:
+    """rho[M, C] -> each feature's best |rho| [M] (NaN where no column could be correlated)."""
+    absrho = np.abs(rho)
+    has = ~np.isnan(absrho).all(1)
+    return np.where(has, np.where(np.isnan(absrho), -1.0, absrho).max(1), np.nan)
+
+
+def closest(rho_f: np.ndarray, columns: list[str], n: int = 3) -> list[int]:
+    """Indices of the ``n`` strongest columns of one feature's rho[C], one per question: the
+    answers of a question share their galaxies, so a second answer of it repeats the first."""
+    seen, out = set(), []
+    for j in np.argsort(-_scores(rho_f), kind="stable"):
+        if np.isnan(rho_f[j]) or QUESTION_OF.get(columns[j], columns[j]) in seen:
+            continue
+        seen.add(QUESTION_OF.get(columns[j], columns[j]))
+        out.append(int(j))
+        if len(out) == n:
+            break
+    return out
+
+
 def align(codes: np.ndarray, labels: np.ndarray, columns: list[str], min_valid: int) -> dict:
     """Per feature: best |Spearman| column (signed rho, its n_valid), top-3 columns, novelty."""
     rho, n_valid = spearman(codes, labels, min_valid)
     absrho = np.abs(rho)
     has = ~np.isnan(absrho).all(1)
-    best = np.where(has, np.nanargmax(np.where(np.isnan(absrho), -1, absrho), axis=1), -1)
+    best = np.where(has, np.argmax(_scores(rho), axis=1), -1)
     x, _ = design_matrix(labels, columns)
     nov, r2 = novelty(codes, x)
-    top3 = []
-    for f in range(codes.shape[1]):
-        if not has[f]:
-            top3.append("[]")
-            continue
-        order = np.argsort(-np.nan_to_num(absrho[f], nan=-1))[:3]
-        top3.append(json.dumps([[columns[j], readable(columns[j]), round(float(rho[f, j]), 4)]
-                                for j in order if not np.isnan(rho[f, j])]))
+    top3 = [json.dumps([[columns[j], readable(columns[j]), round(float(rho[f, j]), 4)]
+                        for j in closest(rho[f], columns)]) if has[f] else "[]"
+            for f in range(codes.shape[1])]
     return {
         "best_column": [columns[b] if b >= 0 else None for b in best],
-        "best_answer": [readable(columns[b]) if b >= 0 else None for b in best],
+        "best_answer": [signed_answer(columns[b], rho[f, b]) if b >= 0 else None for f, b in enumerate(best)],
         "spearman": [float(rho[f, b]) if b >= 0 else np.nan for f, b in enumerate(best)],
         "abs_spearman": [float(absrho[f, b]) if b >= 0 else np.nan for f, b in enumerate(best)],
         "n_valid": [int(n_valid[b]) if b >= 0 else 0 for b in best],
@@ -205,6 +274,36 @@ def align(codes: np.ndarray, labels: np.ndarray, columns: list[str], min_valid: 
         "r2": r2.tolist(),
         "top_columns": top3,
     }
+
+
+def chance_baseline(codes: np.ndarray, labels: np.ndarray, min_valid: int, n_samples: int,
+                    seed: int) -> np.ndarray:
+    """codes[N, M], labels[N, C] -> best |rho| of every feature with the label rows shuffled, over
+    ceil(n_samples / M) shuffles (at least one): [<= shuffles * M], finite values only.
+
+    Shuffling whole rows keeps each galaxy's votes (and which questions it was asked) together and
+    each feature's distribution as is; only the link between the two is broken. Deterministic.
+    """
+    m = codes.shape[1]
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(max(1, math.ceil(n_samples / max(m, 1)))):
+        b = best_abs(spearman(codes, labels[rng.permutation(len(labels))], min_valid)[0])
+        out.append(b[np.isfinite(b)])
+    return np.concatenate(out)
+
+
+def chance_summary(abs_best, active, null: np.ndarray) -> dict:
+    """The chance level (95th percentile of the shuffled best |rho|) and the share of active
+    features above it, with the share at |rho| >= 0.5 beside it (shares, not counts: dictionaries
+    differ in size)."""
+    r = np.asarray(abs_best, float)[np.asarray(active, bool)]
+    p95 = float(np.percentile(null, 95)) if len(null) else None
+    above = (r > p95) if p95 is not None else np.zeros(len(r), bool)  # NaN > p95 is False
+    return {"active": int(len(r)), "null_best_abs_rho_p95": p95, "null_values": int(len(null)),
+            "share_above_null": float(above.mean()) if len(r) and p95 is not None else None,
+            "share_abs_rho_ge_0_5": float((r >= 0.5).mean()) if len(r) else None,
+            "median_abs_spearman": float(np.nanmedian(r)) if np.isfinite(r).any() else None}
 
 
 # ----------------------------------------------------------------------------- plots
@@ -219,8 +318,9 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
-def plots(tables: dict, out: str) -> list[str]:
-    """Distributions of max |Spearman| and novelty: dictionaries side by side, and per level."""
+def plots(tables: dict, out: str, nulls: dict | None = None) -> list[str]:
+    """Distributions of max |Spearman| (dashed: the same with shuffled labels, i.e. chance) and
+    novelty: dictionaries side by side, and per level."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -240,6 +340,10 @@ def plots(tables: dict, out: str) -> list[str]:
             if len(v):
                 a.hist(v, bins=bins, density=True, histtype="step", lw=2, color=c,
                        label=f"{name} ({len(v)} features)")
+        null = (nulls or {}).get(name)
+        if null is not None and len(null):
+            ax[0].hist(null, bins=bins, density=True, histtype="step", lw=1.5, ls="--", color=c,
+                       label=f"{name}, labels shuffled (chance)")
         ok = ~np.isnan(rho) & ~np.isnan(nov)
         ax[2].scatter(rho[ok], nov[ok], s=8, alpha=0.5, color=c, label=name)
     ax[0].set(xlabel="max |Spearman ρ| with any Galaxy Zoo vote fraction", ylabel="density",
@@ -267,6 +371,10 @@ def plots(tables: dict, out: str) -> list[str]:
                 v = np.asarray(tables[pca[0]][key], float)
                 a.axhline(np.nanmedian(v), color=colours["pca"], ls="--", label=f"{pca[0]} median")
                 a.legend(fontsize=8)
+            null = (nulls or {}).get(name)
+            if key == "abs_spearman" and null is not None and len(null):
+                a.axhline(np.percentile(null, 95), color="#888", ls=":", label="chance (95th pct., shuffled)")
+                a.legend(fontsize=8)
             a.set(xlabel="Matryoshka level (1 = coarsest, first group)", ylabel=label, title=f"{name}: {label} by level")
             a.grid(alpha=0.3)
         fname = f"levels_{name}.png"
@@ -275,8 +383,9 @@ def plots(tables: dict, out: str) -> list[str]:
     return written
 
 
-def level_summary(t: dict, levels: list[int]) -> list[dict]:
-    """Per nested prefix (features of levels 1..L): medians and the share of aligned features."""
+def level_summary(t: dict, levels: list[int], null_p95: float | None = None) -> list[dict]:
+    """Per nested prefix (features of levels 1..L): medians, the share of aligned features and
+    the share above the dictionary's chance level."""
     out = []
     lv = np.asarray(t["level"])
     alive = np.asarray(t["frequency"]) > 0
@@ -288,8 +397,22 @@ def level_summary(t: dict, levels: list[int]) -> list[dict]:
         out.append({"level": i, "n_latents": int(size), "alive": int(sel.sum()),
                     "median_abs_spearman": float(np.nanmedian(r)) if np.isfinite(r).any() else None,
                     "aligned_fraction": float(np.nanmean(r >= 0.5)) if len(r) else None,
+                    "share_above_null": float((r > null_p95).mean()) if len(r) and null_p95 is not None else None,
                     "median_novelty": float(np.nanmedian(nv)) if np.isfinite(nv).any() else None})
     return out
+
+
+def summary_csv(summary: dict) -> bytes:
+    """One row per dictionary: its size, activity and alignment with the votes, chance beside it."""
+    import pandas as pd
+
+    keys = ["kind", "family", "n_latents", "l0", "n_galaxies", "active", "median_abs_spearman",
+            "null_best_abs_rho_p95", "share_above_null", "share_abs_rho_ge_0_5", "null_values"]
+    rows = [{"dictionary": name, **{k: s.get(k) for k in keys}}
+            for name, s in summary.items() if not name.startswith("_")]
+    buf = io.BytesIO()
+    pd.DataFrame(rows, columns=["dictionary", *keys]).to_csv(buf, index=False)
+    return buf.getvalue()
 
 
 def run(cfg: Config) -> dict:
@@ -299,10 +422,11 @@ def run(cfg: Config) -> dict:
 
     t0 = time.time()
     storage.check_writable(cfg.results)  # wrong credentials / unreachable store: fail first
-    label_ids, labels, columns = read_labels(cfg.dataset, cfg.split)
+    label_ids, labels, columns = read_labels(cfg.dataset, cfg.split, cfg.min_votes)
     label_pos = {s: i for i, s in enumerate(label_ids)}
     dicts = [dictionary.load(u) for u in cfg.dictionaries]
     tables: dict = {}
+    nulls: dict = {}
     summary: dict = {}
     for d, name in zip(dicts, folder_names(dicts, cfg.names)):
         folder = storage.join(cfg.results, name)
@@ -316,28 +440,42 @@ def run(cfg: Config) -> dict:
         codes = activations.dense_matrix(acts.url, enc_ids, d.n_latents)
         lab = labels[[label_pos[i] for i in enc_ids]]
         res = align(codes, lab, columns, cfg.min_valid)
+        nulls[name] = chance_baseline(codes, lab, cfg.min_valid, cfg.null_samples, cfg.seed)
         feats = acts.features
+        active = np.asarray(feats.column("frequency").to_pylist(), float) > 0
+        chance = chance_summary(res["abs_spearman"], active, nulls[name])
+        p95 = chance["null_best_abs_rho_p95"]
         t = {"dictionary": [name] * d.n_latents, "family": d.family,
              "feature": feats.column("feature").to_pylist(), "level": feats.column("level").to_pylist(),
-             "frequency": feats.column("frequency").to_pylist(), **res}
+             "frequency": feats.column("frequency").to_pylist(), **res,
+             "above_null": [bool(p95 is not None and v > p95) for v in res["abs_spearman"]]}
         table = pa.table({k: v for k, v in t.items() if k != "family"})
         storage.write_parquet(table, storage.join(folder, "compare.parquet"))
         buf = io.BytesIO()
         table.to_pandas().to_csv(buf, index=False)
         storage.write_bytes(storage.join(folder, "compare.csv"), buf.getvalue())
         tables[name] = t
-        summary[name] = {"kind": d.kind, "family": d.family, "n_galaxies": len(enc_ids),
-                         "levels": level_summary(t, d.levels)}
+        summary[name] = {"kind": d.kind, "family": d.family, "n_latents": d.n_latents,
+                         "l0": (d.metrics or {}).get("l0"), "n_galaxies": len(enc_ids), **chance,
+                         "levels": level_summary(t, d.levels, p95)}
         best = int(np.nanargmax(np.nan_to_num(res["abs_spearman"], nan=-1)))
-        log.info("%s: %d galaxies; best aligned feature %d: %s (Spearman %.2f), median novelty %.2f",
+        log.info("%s: %d galaxies; best aligned feature %d: %s (Spearman %.2f), median novelty %.2f; "
+                 "chance |Spearman| (p95, shuffled) %.2f, %.0f%% of active features above it",
                  name, len(enc_ids), best, res["best_answer"][best], res["spearman"][best],
-                 float(np.nanmedian(res["novelty"])))
+                 float(np.nanmedian(res["novelty"])), p95 if p95 is not None else float("nan"),
+                 100 * (chance["share_above_null"] or 0.0))
     out = storage.join(cfg.results, "compare")
-    summary["_plots"] = plots(tables, out)
+    summary["_plots"] = plots(tables, out, nulls)
     summary["_missing_fractions"] = (
+        f"a question counts as asked of a galaxy when >= min_votes ({cfg.min_votes}) volunteers answered it; "
         "Spearman per column over the galaxies asked that question (>= min_valid); novelty from a "
         "regression on per-question 'asked' indicators and asked*fraction terms: nothing imputed")
+    summary["_chance"] = (
+        f"null_best_abs_rho_p95: 95th percentile of each feature's best |Spearman| with the label rows "
+        f"shuffled over the galaxies (seed {cfg.seed}, >= {cfg.null_samples} values); share_above_null: "
+        "share of active features whose best |Spearman| exceeds it")
     storage.write_bytes(storage.join(out, "summary.json"), json.dumps(summary, indent=1).encode())
+    storage.write_bytes(storage.join(out, "summary.csv"), summary_csv(summary))
     allt = pa.concat_tables([pa.table({k: v for k, v in t.items() if k != "family"}) for t in tables.values()])
     buf = io.BytesIO()
     allt.to_pandas().to_csv(buf, index=False)

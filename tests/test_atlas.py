@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import io
+import json
 import os
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from galaxysae import atlas, compare, config, render
+from galaxysae import atlas, compare, config, render, schema
 from tests import atlas_chain
 from tests.chromium import CHROMIUM, Browser
 
@@ -111,6 +114,128 @@ def test_atlas_cli_prints_the_index_path(site, tmp_path):
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert f"atlas: {tmp_path / 'again' / 'index.html'}" in proc.stdout
+
+
+# ----------------------------------------------------------------------------- small results, no Ray
+
+
+BULGE = "bulge-size-euclid_dominant_fraction"
+
+
+def _write_dictionary(results: Path, name: str, doc: dict, codes: np.ndarray, lab: np.ndarray,
+                      cols: list[str]) -> dict:
+    """What render and compare leave for one dictionary, from its codes[N, M] and the votes, with
+    compare's own alignment and chance baseline (no Ray, no encoder). -> its summary entry."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    n, m = codes.shape
+    folder = results / name
+    (folder / "activations" / "test").mkdir(parents=True)
+    active = codes > 0
+    freq = active.mean(0)
+    top = np.argsort(-codes, axis=0)[:5]
+    pq.write_table(pa.table({
+        "feature": np.arange(m, dtype=np.int32), "level": np.ones(m, np.int32), "frequency": freq,
+        "mean_active": [float(codes[active[:, f], f].mean()) if active[:, f].any() else float("nan") for f in range(m)],
+        "max": codes.max(0), "top_ids": [[f"g{i}" for i in top[:, f]] for f in range(m)],
+        "top_values": [codes[top[:, f], f].astype(np.float32).tolist() for f in range(m)]}),
+        folder / "activations" / "test" / "features.parquet")
+    res = compare.align(codes, lab, cols, min_valid=20)
+    chance = compare.chance_summary(res["abs_spearman"], freq > 0,
+                                    compare.chance_baseline(codes, lab, 20, 1000, seed=0))
+    pq.write_table(pa.table({"feature": np.arange(m), "frequency": freq, **res}), folder / "compare.parquet")
+    (folder / "dictionary.json").write_text(json.dumps({"name": name, "n_latents": m, "split": "test",
+                                                        "n_galaxies": n, **doc}))
+    return chance
+
+
+@pytest.fixture(scope="module")
+def small_site(tmp_path_factory):
+    """Two small dictionaries over 300 galaxies: PC 1 is the bulge-size "dominant" vote fraction
+    upside down (rho -1), the other components and every SAE latent are noise."""
+    rng = np.random.default_rng(7)
+    n = 300
+    cols = schema.fraction_columns()
+    lab = rng.uniform(0, 1, size=(n, len(cols)))
+    pca_codes = np.column_stack([0.5 - lab[:, cols.index(BULGE)], rng.normal(size=(n, 3))])  # centred, as PCA scores
+    sae_codes = np.maximum(rng.normal(size=(n, 8)) - 1.0, 0)
+    root = tmp_path_factory.mktemp("small_site")
+    results = root / "results"
+    summary = {
+        "pca": _write_dictionary(results, "pca", {
+            "kind": "pca", "family": "pca", "levels": [4], "cfg": {"kind": "pca"},
+            "metrics": {"fvu": 0.7, "l0": 4.0, "dead_fraction": 0.0,
+                        "levels": [{"n_latents": c, "fvu": 1 - 0.07 * c, "l0": float(c)} for c in (1, 2, 3, 4)]}},
+            pca_codes, lab, cols),
+        "sae": _write_dictionary(results, "sae", {
+            "kind": "sae", "family": "sae", "levels": [8], "cfg": {"k": 2, "activation": "topk"},
+            "metrics": {"fvu": 0.75, "l0": 1.3, "dead_fraction": 0.0,
+                        "levels": [{"n_latents": 8, "fvu": 0.75, "l0": 1.3}]}},
+            sae_codes, lab, cols)}
+    (results / "compare").mkdir()
+    (results / "compare" / "summary.json").write_text(json.dumps(summary))
+    out = root / "site"
+    atlas.run(config.from_dict(atlas.Config, {"results": str(results), "output": str(out)}))
+    return out, summary
+
+
+def _rows(table_html: str) -> list[dict]:
+    return json.loads(re.search(r'<script id="feature-data" type="application/json">(.*?)</script>',
+                                table_html, re.S).group(1).replace("<\\/", "</"))
+
+
+def test_a_negative_correlation_reads_as_fewer_votes_for(small_site):
+    out, _ = small_site
+    page = (out / "pca" / "f" / "0.html").read_text()
+    assert "fewer votes for: Bulge size → dominant (ρ -1.00)" in page
+    closest = re.findall(r"<tr><td>([^<]*)</td><td class='num'>", page)
+    assert closest[0] == "fewer votes for: Bulge size → dominant"
+    row = next(r for r in _rows((out / "pca" / "index.html").read_text()) if r["feature"] == 0)
+    assert row["best_answer"] == "fewer votes for: Bulge size → dominant" and row["spearman"] < 0
+    assert "bulge" in row["best_answer"].lower()  # the table's search still finds it
+
+
+def test_fvu_is_plotted_against_l0_not_dictionary_size(small_site):
+    out, _ = small_site
+    index = (out / "index.html").read_text()
+    svg = index[index.index("<svg"):index.index("</svg>")]
+    l0 = {name: sorted(float(x) for x in re.findall(r'data-l0="([^"]+)" data-fvu="[^"]+"><title>' + name + ":", svg))
+          for name in ("sae", "pca")}
+    assert l0 == {"sae": [1.3], "pca": [1.0, 2.0, 3.0, 4.0]}  # the SAE at its L0 1.3, not at its 8 latents
+    assert "active features per galaxy (L0" in svg and "dictionary size" not in svg
+    assert atlas.fvu_points({"kind": "pca", "n_latents": 3, "metrics": {"fvu": 0.5}}) == [(3.0, 0.5)]
+
+
+def test_cards_give_shares_above_chance_and_honest_labels(small_site):
+    out, summary = small_site
+    index = (out / "index.html").read_text()
+    for name in ("pca", "sae"):
+        p95, share = summary[name]["null_best_abs_rho_p95"], summary[name]["share_above_null"]
+        assert f"Share of features above chance (|ρ| &gt; {atlas.fmt(p95, 2)})</dt><dd>{atlas.pct(share)}</dd>" in index
+    assert summary["pca"]["share_above_null"] >= 0.25  # PC 1 of 4 is above chance
+    assert "Share with |ρ| ≥ 0.5</dt><dd>25.0%</dd>" in index  # a share of the 4 components, not a count
+    assert "with a GZ answer" not in index
+    assert "<dt>k (training)</dt><dd>2 (topk)</dd>" in index and "active per galaxy)" not in index
+    assert "never activate on the test split" not in index and "training split" in index
+    feature = (out / "pca" / "f" / "0.html").read_text()
+    assert "Chance level (|ρ|, votes shuffled)" in feature and "this feature is above it" in feature
+
+
+@needs_chromium
+def test_table_opens_on_pc_1_and_sorts_spearman_on_its_magnitude(small_site):
+    out, _ = small_site
+    with Browser() as b:
+        b.open((out / "pca" / "index.html").as_uri())
+        assert b.errors() == []
+        first = "document.querySelector('#feature-body tr td').textContent"
+        assert b.evaluate(first).startswith("PC 1")
+        b.evaluate("document.querySelector('th[data-key=spearman]').click()")
+        assert b.evaluate(first).startswith("PC 1")  # rho -1.00: the strongest match, on top
+        shown = b.evaluate("Array.from(document.querySelectorAll('#feature-body tr td:nth-child(6)'))"
+                           ".map(td => Math.abs(parseFloat(td.textContent)))")
+        assert shown == sorted(shown, reverse=True) and len(shown) == 4
+        assert b.errors() == []
 
 
 def test_missing_results_are_named(tmp_path):

@@ -68,6 +68,98 @@ def test_readable_answer_names():
     assert all("euclid" not in compare.readable(c) for c in schema.fraction_columns())
 
 
+def _write_labels(root, fractions: dict[str, np.ndarray], totals: dict[str, np.ndarray]) -> str:
+    """A one-shard dataset with id_str and every fraction and total-votes column (no images)."""
+    import pyarrow as pa
+
+    n = len(next(iter(totals.values())))
+    cols = {"id_str": [f"g{i}" for i in range(n)]}
+    for q, answers in schema.QUESTIONS.items():
+        for a in answers:
+            cols[schema.fraction_column(q, a)] = fractions.get(schema.fraction_column(q, a), np.full(n, 0.5))
+        cols[schema.total_column(q)] = totals.get(q, np.full(n, 40))
+    (root / "data").mkdir(parents=True)
+    pq.write_table(pa.table(cols), root / "data" / "test-00000-of-00001.parquet")
+    return str(root)
+
+
+def test_questions_answered_by_too_few_volunteers_count_as_not_asked(tmp_path):
+    """A fraction from 2 votes is 0, 0.5 or 1: below min_votes it is masked like an unasked
+    question, n_valid drops to the well-voted galaxies, and a total of 0 never counts even where
+    the dataset stores a fraction of 0 rather than NaN."""
+    rng = np.random.default_rng(4)
+    n = 200
+    q = "bulge-size-euclid"
+    total = np.where(np.arange(n) < 100, rng.integers(5, 30, n), rng.integers(0, 5, n))  # half well voted
+    total[150:160] = 0
+    frac = rng.uniform(0, 1, n)
+    frac[150:160] = 0.0  # not asked, stored as 0 instead of NaN
+    dataset = _write_labels(tmp_path / "ds", {schema.fraction_column(q, "dominant"): frac}, {q: total})
+    j = schema.fraction_columns().index(schema.fraction_column(q, "dominant"))
+
+    ids, lab, cols = compare.read_labels(dataset, "test", min_votes=5)
+    assert len(ids) == n and cols == schema.fraction_columns()
+    assert np.isnan(lab[100:, j]).all() and not np.isnan(lab[:100, j]).any()
+    assert not np.isnan(lab[:, cols.index("merging-euclid_none_fraction")]).any()  # 40 votes everywhere
+    feat = np.where(np.arange(n) < 100, frac, -frac)  # tracks the answer only where it was well voted
+    rho, n_valid = compare.spearman(feat[:, None], lab, min_valid=20)
+    assert n_valid[j] == 100 and rho[0, j] == pytest.approx(1.0)
+
+    _, lab1, _ = compare.read_labels(dataset, "test", min_votes=1)
+    assert (~np.isnan(lab1[:, j])).sum() == int((total >= 1).sum()) < n  # the ten 0-vote rows are out
+    _, n_valid1 = compare.spearman(feat[:, None], lab1, min_valid=20)
+    assert n_valid1[j] > n_valid[j]
+
+    assert compare.Config.__dataclass_fields__["min_votes"].default == 5
+    with pytest.raises(ValueError, match="min_votes"):
+        config.from_dict(compare.Config, {"dictionaries": ["d"], "embeddings": "e", "dataset": "x", "min_votes": 0})
+
+
+def test_chance_level_separates_an_aligned_feature_from_random_ones():
+    """Best |rho| over ~60 columns is far from 0 for pure noise; the shuffled-label baseline says
+    how far, and only the feature that tracks a vote fraction clears its 95th percentile."""
+    rng = np.random.default_rng(5)
+    lab, cols = _labels(300, rng)
+    j = cols.index("bulge-size-euclid_dominant_fraction")
+    codes = np.column_stack([lab[:, j] + 0.05 * rng.normal(size=300), rng.normal(size=(300, 40))])
+    null = compare.chance_baseline(codes, lab, min_valid=20, n_samples=1000, seed=0)
+    assert len(null) == 25 * 41  # ceil(1000 / 41) shuffles of 41 features
+    assert np.array_equal(null, compare.chance_baseline(codes, lab, min_valid=20, n_samples=1000, seed=0))
+    res = compare.align(codes, lab, cols, min_valid=20)
+    s = compare.chance_summary(res["abs_spearman"], np.ones(41, bool), null)
+    p95 = s["null_best_abs_rho_p95"]
+    assert 0.1 < p95 < 0.5  # chance alone gives a "best answer" with |rho| well above 0
+    assert res["abs_spearman"][0] > 0.9 > p95
+    random_above = np.mean(np.asarray(res["abs_spearman"][1:]) > p95)
+    assert random_above <= 0.15  # ~5% by construction
+    assert s["share_above_null"] == pytest.approx((1 + random_above * 40) / 41)
+    assert s["share_abs_rho_ge_0_5"] == pytest.approx(1 / 41)
+    # an inactive feature is left out of the share
+    s2 = compare.chance_summary([*res["abs_spearman"], np.nan], np.r_[np.ones(41, bool), False], null)
+    assert s2["share_above_null"] == s["share_above_null"] and s2["active"] == 41
+
+
+def test_a_negative_best_match_reads_as_fewer_votes_and_each_question_is_listed_once():
+    rng = np.random.default_rng(6)
+    lab, cols = _labels(300, rng)
+    yes, no = (cols.index(schema.fraction_column("has-spiral-arms-euclid", a)) for a in ("yes", "no"))
+    lab[:, no] = 1 - lab[:, yes]  # the two answers of a yes/no question sum to 1 (NaN stays NaN)
+    bulge = cols.index("bulge-size-euclid_dominant_fraction")
+    asked = ~np.isnan(lab[:, yes])
+    spiral = np.where(asked, np.nan_to_num(lab[:, yes]), rng.uniform(0, 1, 300))
+    codes = np.column_stack([-lab[:, bulge], -spiral, spiral])
+    res = compare.align(codes, lab, cols, min_valid=20)
+    assert res["spearman"][0] == pytest.approx(-1.0)
+    assert res["best_answer"][0] == "fewer votes for: Bulge size → dominant"
+    # fewer "yes" votes is more "no" votes: the exact tie goes to the positive reading
+    assert res["best_answer"][1:] == ["Spiral arms? → no", "Spiral arms? → yes"]
+    for top in res["top_columns"]:
+        entries = json.loads(top)
+        questions = [compare.QUESTION_OF[c] for c, _, _ in entries]
+        assert len(entries) == 3 and len(set(questions)) == 3, entries
+    assert compare.signed_answer("bulge-size-euclid_dominant_fraction", 0.3) == "Bulge size → dominant"
+
+
 # ----------------------------------------------------------------------------- the real chain
 
 
@@ -95,9 +187,14 @@ def test_compare_finds_the_bulge_feature_on_generated_galaxies(chain, tmp_path):
             if col == driven and abs(rho) >= 0.5]
     assert hits, f"no PCA component with |Spearman| >= 0.5 with {driven}: {[(r['best_column'], r['spearman']) for r in t]}"
     best = max(t, key=lambda r: r["abs_spearman"])
-    assert best["abs_spearman"] >= 0.5 and best["best_answer"].startswith(("Bulge size", "Smooth or featured"))
+    assert best["abs_spearman"] >= 0.5 and best["best_column"].startswith(("bulge-size", "smooth-or-featured"))
+    assert best["best_answer"].startswith("fewer votes for: ") == (best["spearman"] < 0)
     for r in t:
         assert 0.0 <= r["novelty"] <= 1.0 and r["n_valid"] >= 20
+    # the chance level: a PCA component that tracks the bulge is above it
+    p95 = summary["pca"]["null_best_abs_rho_p95"]
+    assert 0 < p95 < best["abs_spearman"] and best["above_null"]
+    assert summary["pca"]["share_above_null"] == pytest.approx(np.mean([r["abs_spearman"] > p95 for r in t]))
 
     # Matryoshka: one table row per latent, with its level, and a summary per nested prefix
     m = pq.read_table(storage.join(results, "matryoshka_sae", "compare.parquet")).to_pandas()
@@ -106,7 +203,9 @@ def test_compare_finds_the_bulge_feature_on_generated_galaxies(chain, tmp_path):
     levels = summary["matryoshka_sae"]["levels"]
     assert [lv["n_latents"] for lv in levels] == [8, 16, 32, 64]
     assert [lv["alive"] for lv in levels] == sorted(lv["alive"] for lv in levels)
-    for name in ("distributions.png", "levels_matryoshka_sae.png", "summary.json", "compare_all.csv"):
+    assert summary["matryoshka_sae"]["null_best_abs_rho_p95"] is not None
+    assert all(lv["share_above_null"] is not None for lv in levels)
+    for name in ("distributions.png", "levels_matryoshka_sae.png", "summary.json", "summary.csv", "compare_all.csv"):
         assert storage.exists(storage.join(results, "compare", name)), name
     csv = storage.read_bytes(storage.join(results, "pca", "compare.csv")).decode()
     assert csv.splitlines()[0].startswith("dictionary,feature,level,frequency,best_column,best_answer,spearman")

@@ -15,7 +15,11 @@
   var headers = document.querySelectorAll("table.features th[data-key]");
   var LIMIT = 1000;
   var sortKey = body.getAttribute("data-sort") || "frequency";
-  var sortDir = -1;
+  // feature ids read upwards (PC 1 first); measures start with the largest
+  function firstDir(key) { return key === "feature" || key === "best_answer" ? 1 : -1; }
+  var sortDir = firstDir(sortKey);
+  // Spearman rho is shown with its sign but sorted on |rho|: a strong negative match is a strong match
+  var SORT_ON = { spearman: "abs_spearman" };
 
   function fmt(v, digits) {
     if (v === null || v === undefined || (typeof v === "number" && !isFinite(v))) { return "–"; }
@@ -32,7 +36,8 @@
     return td;
   }
   function compare(a, b) {
-    var x = a[sortKey], y = b[sortKey];
+    var key = SORT_ON[sortKey] || sortKey;
+    var x = a[key], y = b[key];
     var xn = (x === null || x === undefined || x === ""), yn = (y === null || y === undefined || y === "");
     if (xn && yn) { return a.feature - b.feature; }
     if (xn) { return 1; }
@@ -96,7 +101,7 @@
   headers.forEach(function (th) {
     th.addEventListener("click", function () {
       var key = th.getAttribute("data-key");
-      if (key === sortKey) { sortDir = -sortDir; } else { sortKey = key; sortDir = th.classList.contains("num") ? -1 : 1; }
+      if (key === sortKey) { sortDir = -sortDir; } else { sortKey = key; sortDir = firstDir(key); }
       render();
     });
   });
