@@ -49,6 +49,8 @@ TIME ?=
 EXTRA ?=
 SBATCH_FLAGS ?=
 SLURM_LOG_DIR ?= logs/slurm
+# the `ray` CLI: the venv's after `make setup`, else the one on PATH
+RAY ?= $(firstword $(wildcard $(VENV)/bin/ray) ray)
 IMAGE ?= galaxysae:latest
 RAY_RUNTIME_ENV ?=
 
@@ -73,8 +75,9 @@ $(addprefix submit-,$(LAUNCH_JOBS)): submit-%:
 $(addprefix ray-submit-,$(LAUNCH_JOBS)): ray-submit-%:
 	@test -n "$$RAY_ADDRESS" || { echo "make: set RAY_ADDRESS to the cluster's dashboard, e.g. http://head:8265 (or the GCS address head:6379)" >&2; exit 2; }
 	@test -f "$(call _config,$*)" || { echo "make: config $(call _config,$*) not found (set CONFIG=FILE.toml)" >&2; exit 2; }
-	$(VENV)/bin/ray job submit --working-dir . $(if $(RAY_RUNTIME_ENV),--runtime-env-json '$(RAY_RUNTIME_ENV)') \
-	  -- python jobs/$*.py --config "$(call _config,$*)" $(EXTRA)
+	@case "$(abspath $(call _config,$*))" in "$(CURDIR)"/*) ;; *) echo "make: config $(call _config,$*) is outside this checkout: --working-dir . uploads only the checkout, so the cluster would not find it (copy it under configs/)" >&2; exit 2;; esac
+	$(RAY) job submit --working-dir . $(if $(RAY_RUNTIME_ENV),--runtime-env-json '$(RAY_RUNTIME_ENV)') \
+	  -- python jobs/$*.py --config "$(patsubst $(CURDIR)/%,%,$(abspath $(call _config,$*)))" $(EXTRA)
 
 ## image: build the Docker image (one image for every job; CPU fallback, GPU when present)
 image:

@@ -20,6 +20,7 @@ import csv
 import io
 import json
 import logging
+import math
 import os
 import tomllib
 from dataclasses import dataclass, field
@@ -66,7 +67,8 @@ class Config:
     num_samples: int = field(default=1, metadata={"help": "random: trials; grid: repeats of the grid"})
     seed: int = 0
     epochs: int = field(default=0, metadata={"help": "epochs per trial; 0 = the base config's"})
-    max_concurrent_trials: int = field(default=2, metadata={"help": "trials running at once"})
+    max_concurrent_trials: int = field(default=0, metadata={
+        "help": "trials running at once; 0: as many as the cluster's nodes hold now"})
     num_workers: int = field(default=1, metadata={"help": "Train workers per trial"})
     cpus_per_worker: int = 1
     use_gpu: bool = False
@@ -78,8 +80,9 @@ class Config:
         for key in ("train_config", "embeddings", "output"):
             if not getattr(self, key):
                 raise ValueError(f"'{key}' is required")
-        if self.max_concurrent_trials <= 0 or self.num_samples <= 0:
-            raise ValueError("'max_concurrent_trials' and 'num_samples' must be positive")
+        if self.max_concurrent_trials < 0 or self.num_samples <= 0:
+            raise ValueError("'max_concurrent_trials' must be >= 0 (0: as many as fit) and "
+                             "'num_samples' positive")
         for groups in self.space.matryoshka_groups:
             if not groups or any(g <= 0 for g in groups):
                 raise ValueError(f"'space.matryoshka_groups' entry {groups} must be positive sizes")
@@ -160,18 +163,34 @@ def scheduler(cfg: Config, epochs: int):
                      reduction_factor=cfg.asha.reduction_factor)
 
 
+_KEYS = ("k", "n_latents", "lr", "matryoshka_groups")
+
+
+def _axes(cfg: Config) -> list[list]:
+    """The [space] keys' value lists that are searched (non-empty)."""
+    return [getattr(cfg.space, key) for key in _KEYS if getattr(cfg.space, key)]
+
+
 def _space(cfg: Config):
     from ray import tune
 
     pick = tune.grid_search if cfg.search == "grid" else tune.choice
-    space = {}
-    for key in ("k", "n_latents", "lr", "matryoshka_groups"):
-        values = getattr(cfg.space, key)
-        if values:
-            space[key] = pick(values)
+    space = {key: pick(getattr(cfg.space, key)) for key in _KEYS if getattr(cfg.space, key)}
     if not space:
         raise config.ConfigError("sweep: the [space] table names no values to search")
     return space
+
+
+def concurrent_trials(cfg: Config, nodes: list[dict], n_trials: int) -> int:
+    """How many trials the cluster's ``nodes`` hold at once (each its Train workers and its
+    driver's sliver of CPU), at least 1 and at most ``n_trials``: a sweep fills the cluster."""
+    from galaxysae import cluster
+
+    trial = train_job._worker_bundles(cfg.num_workers, cfg.cpus_per_worker, cfg.use_gpu) + [{"CPU": 0.01}]
+    n = 1
+    while n < n_trials and cluster.fits(trial * (n + 1), nodes):
+        n += 1
+    return n
 
 
 def check_space(cfg: Config, base: dict) -> None:
@@ -206,6 +225,10 @@ def run(cfg: Config) -> dict:
     gpus = sum(n.get("GPU", 0) for n in nodes)
     if gpus and not cfg.use_gpu:
         log.warning("the cluster has %g GPUs, but use_gpu = false: the trials train on CPUs", gpus)
+    n_trials = cfg.num_samples * (math.prod(map(len, _axes(cfg))) if cfg.search == "grid" else 1)
+    at_once = cfg.max_concurrent_trials or concurrent_trials(cfg, nodes, n_trials)
+    log.info("sweep: %d trials, up to %d at once, each %d worker(s) x {CPU %d%s}", n_trials, at_once,
+             cfg.num_workers, cfg.cpus_per_worker, ", GPU 1" if cfg.use_gpu else "")
     fs, path = storage.arrow_fs(storage.join(cfg.output, "tune"))
     exp_path = f"{path.rstrip('/')}/sweep"
     trainable = tune.with_resources(
@@ -221,7 +244,7 @@ def run(cfg: Config) -> dict:
             trainable,
             param_space=_space(cfg),
             tune_config=tune.TuneConfig(
-                num_samples=cfg.num_samples, max_concurrent_trials=cfg.max_concurrent_trials,
+                num_samples=cfg.num_samples, max_concurrent_trials=at_once,
                 scheduler=scheduler(cfg, epochs)),
             run_config=tune.RunConfig(name="sweep", storage_path=path, storage_filesystem=fs),
         )

@@ -43,3 +43,18 @@ def test_ray_job_submit_embed(ray_cluster, offline_hub, synth_dataset, s3_prefix
     assert ray_cluster.token not in log, "the Ray auth token appears in the job output"
     stats = embed_contract.check(output, embed_contract.input_ids(synth_dataset))
     assert stats["embedded"] + stats["failed"] == 64
+
+
+def test_make_ray_submit_ships_the_config_with_the_checkout(tmp_path):
+    """The config must travel with --working-dir: one outside the checkout is refused before
+    anything is submitted; an absolute path inside it is passed relative to the checkout."""
+    env = {**os.environ, "RAY_ADDRESS": "http://head.invalid:8265"}
+    outside = tmp_path / "embed.toml"
+    outside.write_text('output = "s3://b/e"\n')
+    res = subprocess.run(["make", "-s", "ray-submit-embed", f"CONFIG={outside}"], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and "is outside this checkout" in res.stderr, res.stderr
+    dry = subprocess.run(["make", "-n", "ray-submit-embed", f"CONFIG={REPO / 'configs/embed.toml'}"],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert dry.returncode == 0 and '--config "configs/embed.toml"' in dry.stdout, dry.stdout + dry.stderr
+    assert "job submit --working-dir ." in dry.stdout

@@ -121,3 +121,20 @@ def test_asha_compares_a_trial_only_with_trials_of_its_own_shape():
     # a k=2 trial worse than the other k=2 one is stopped
     assert report("k2_slow", 0.9) == TrialScheduler.STOP
     assert sweep_job.shape_of({"k": 2, "lr": 1e-5}) == sweep_job.shape_of({"lr": 1e-3, "k": 2})
+
+
+def test_a_sweep_runs_as_many_trials_at_once_as_the_cluster_holds():
+    def at_once(nodes, n_trials=100, **kw):
+        cfg = config.from_dict(sweep_job.Config, {
+            "train_config": "configs/demo/train_topk.toml", "embeddings": "e", "output": "o", **kw})
+        return sweep_job.concurrent_trials(cfg, nodes, n_trials)
+
+    gpu_nodes = [{"CPU": 16.0, "GPU": 4.0}] * 2
+    # 4 CPUs a worker: one node's 16 CPUs hold 4 workers and no driver; the drivers go next door
+    assert at_once(gpu_nodes, use_gpu=True, cpus_per_worker=4) == 7
+    assert at_once(gpu_nodes, use_gpu=True, cpus_per_worker=3) == 8  # every GPU
+    assert at_once(gpu_nodes, use_gpu=True, cpus_per_worker=3, num_workers=2) == 4
+    assert at_once(gpu_nodes, use_gpu=True, cpus_per_worker=3, n_trials=5) == 5  # no more than trials
+    assert at_once([{"CPU": 2.0}]) == 1  # each driver's sliver of CPU counts too: 2 x 1.01 > 2
+    assert at_once([{"CPU": 4.0}]) == 3
+    assert at_once([{"CPU": 1.0}], cpus_per_worker=4) == 1  # never 0 (require_resources says why)
