@@ -1,16 +1,18 @@
 """Job `sweep`: a Ray Tune search over SAE trainings (k, dictionary size, learning rate, groups).
 
 Data flow:
-  sweep TOML (search space + a base train TOML) -> Ray Tune (grid or random, ASHA on the
-  per-epoch train MSE among trials of the same k and dictionary size) -> one trial = one function trainable that builds its own TorchTrainer
-  (Train V2) under a unique run name, training into {output}/trials/{trial}/ (checkpoints,
-  artifact, metrics.json on the test split) -> results.csv + fvu_vs_l0.png in {output}.
+  sweep TOML (search space + a base train TOML) -> Ray Tune (grid or random; ASHA on the
+  per-epoch train MSE, among trials of the same k and dictionary size) -> one trial = one
+  function trainable that builds its own TorchTrainer (Train V2) under a unique run name,
+  training into {output}/trials/{trial}/ (checkpoints, artifact, metrics.json on the test
+  split) -> results.csv + fvu_vs_l0.png in {output}.
 
 Resources are explicit so a 2-CPU machine cannot deadlock: a trial's driver asks for 0.01 CPU,
 its Train workers ask for ``cpus_per_worker`` each, data is read by the workers themselves
 (``data_loading = "memory"``: no Ray Data tasks competing for CPUs), and at most
-``max_concurrent_trials`` run at once. A rerun restores the experiment (``Tuner.restore``):
-finished trials are kept, unfinished ones resume from their checkpoints.
+``max_concurrent_trials`` run at once (0: as many as the cluster's nodes hold). A rerun
+restores the experiment (``Tuner.restore``): finished trials are kept, unfinished ones resume
+from their checkpoints, failed ones are retried.
 """
 
 from __future__ import annotations

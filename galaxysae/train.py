@@ -93,12 +93,12 @@ class Config:
     cpus_per_worker: int = field(default=0, metadata={
         "help": "ray mode: CPUs reserved per worker = its torch threads; 0: chosen from the cluster"})
     data_loading: Literal["stream", "memory"] = field(default="memory", metadata={"help": (
-        "ray mode: memory: each worker reads the split once and shuffles all of it every epoch "
+        "ray mode: memory: each worker reads the split once and shuffles its share every epoch "
         "(the driver holds the split too); stream: Ray Data re-reads the parquet every epoch, "
         "shuffled within a buffer")})
     device: str = field(default="auto", metadata={"help": (
         "auto: a GPU when there is one (local: torch sees one; ray: the cluster has one per "
-        "worker); cpu; cuda: a GPU or an error")})
+        "worker); cpu; cuda: a GPU or an error; mps: Apple's GPU (local mode)")})
     checkpoint_every: int = field(default=1, metadata={"help": "epochs between checkpoints"})
     keep_checkpoints: int = 2
     log_every: int = field(default=50, metadata={"help": "steps between progress lines"})
@@ -119,8 +119,8 @@ class Config:
         if self.cpus_per_worker < 0:
             raise ValueError(f"'cpus_per_worker' must be >= 0 (0: chosen from the cluster), got "
                              f"{self.cpus_per_worker}")
-        if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
-            raise ValueError(f"'device' must be auto, cpu or cuda, got {self.device!r}")
+        if self.device not in ("auto", "cpu", "mps") and not self.device.startswith("cuda"):
+            raise ValueError(f"'device' must be auto, cpu, cuda or mps, got {self.device!r}")
         if self.use_gpu and self.device == "cpu":
             raise ValueError("'use_gpu' = true contradicts 'device' = 'cpu': drop one of them")
         m = self.model
