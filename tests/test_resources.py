@@ -44,14 +44,14 @@ def test_train_plan_takes_the_clusters_gpus_and_cpus_where_the_config_leaves_the
         return p.use_gpu, p.cpus_per_worker, p.device
 
     gpu_nodes = [{"CPU": 16.0, "GPU": 4.0}] * 2
-    # 8 GPU workers: 3 CPUs each leaves every node one for Ray Data's read tasks
-    assert plan(gpu_nodes, num_workers=8) == (True, 3, "cuda")
-    assert plan(gpu_nodes, num_workers=8, data_loading="memory") == (True, 4, "cuda")
+    # 8 GPU workers: every CPU; streamed, 3 CPUs each leave every node one for Ray Data's reads
+    assert plan(gpu_nodes, num_workers=8) == (True, 4, "cuda")
+    assert plan(gpu_nodes, num_workers=8, data_loading="stream") == (True, 3, "cuda")
     assert plan([{"CPU": 64.0, "GPU": 1.0}]) == (True, train.MAX_CPUS_PER_GPU_WORKER, "cuda")
     # more workers than GPUs: all on CPUs, not some; a CPU cluster: every CPU but the reader's
     assert plan(gpu_nodes, num_workers=9) == (False, 3, "cpu")
-    assert plan([{"CPU": 8.0}]) == (False, 7, "cpu")
-    assert plan([{"CPU": 8.0}], device="cpu", data_loading="memory") == (False, 8, "cpu")
+    assert plan([{"CPU": 8.0}], data_loading="stream") == (False, 7, "cpu")
+    assert plan([{"CPU": 8.0}], device="cpu") == (False, 8, "cpu")
     # what the config says wins; a GPU asked of a CPU cluster is kept (require() then says so)
     assert plan(gpu_nodes, device="cpu", cpus_per_worker=2) == (False, 2, "cpu")
     assert plan([{"CPU": 8.0}], device="cuda")[0] is True
