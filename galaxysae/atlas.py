@@ -2,9 +2,10 @@
 
 Data flow::
 
-    {results}/{name}/dictionary.json, activations/{split}/*.parquet, compare.parquet, grids/*.png
+    {results}/{name}/dictionary.json, activations/{split}/*.parquet, compare.parquet, grids/*.jpg
     {results}/compare/*.png, summary.json (chance level and shares per dictionary)
     --> {output}/index.html               dictionaries, metrics, FVU against L0, comparison plots
+        {output}/answers.html             per Galaxy Zoo answer, each dictionary's best feature
         {output}/{name}/index.html        sortable, filterable feature table
         {output}/{name}/f/{feature}.html  grid, activation histogram, top galaxies, label alignment
         {output}/assets/                  one CSS and one JS file (no external assets)
@@ -259,7 +260,7 @@ def load_entry(results: str, name: str, cfg: Config) -> Entry | None:
                 r[k] = c.get(k)
             # from the column and the sign, so results of older compare runs read right too
             r["best_answer"] = compare.signed_answer(r["best_column"], r["spearman"]) or None
-    grids = {int(posixpath.basename(u)[8:13]) for u in storage.listdir(storage.join(folder, "grids"), ".png")
+    grids = {int(posixpath.basename(u)[8:13]) for u in storage.listdir(storage.join(folder, "grids"), ".jpg")
              if posixpath.basename(u).startswith("feature_")}
     hist: dict[int, np.ndarray] = {}
     act_url = storage.join(acts, "activations.parquet")
@@ -378,7 +379,7 @@ def feature_page(e: Entry, r: dict, cfg: Config, prev_f, next_f) -> str:
     f = int(r["feature"])
     label = feature_label(doc, f)
     if f in e.grids:
-        grid = (f'<img class="grid-img" src="../grids/feature_{f:05d}.png" alt="the {len(r["top_ids"][:cfg.top_rows])} '
+        grid = (f'<img class="grid-img" src="../grids/feature_{f:05d}.jpg" alt="the {len(r["top_ids"][:cfg.top_rows])} '
                 f'galaxies that excite {esc(label)} most, with their activations">')
     else:
         grid = (f'<div class="missing">No grid rendered for {esc(label)} yet.<br>'
@@ -428,7 +429,43 @@ def feature_page(e: Entry, r: dict, cfg: Config, prev_f, next_f) -> str:
     return page(f"{e.name}: {label}", [("atlas", "../../index.html"), (e.name, "../index.html"), (label, None)], body, 2)
 
 
-def index_page(entries: list[Entry], results: str, compare_plots: list[str], cfg: Config) -> str:
+def answers_page(entries: list[Entry], answers: dict, cfg: Config) -> str:
+    """One row per Galaxy Zoo answer: the feature of each dictionary that tracks it best (|rho|),
+    linked to its page, dimmed where no better than chance (the same best with the votes
+    shuffled). The way in for "which feature finds bars?" and the fairest SAE-vs-PCA summary."""
+    shown = [e for e in entries if e.name in answers]
+    by_col = {name: {r["column"]: r for r in rows} for name, rows in answers.items()}
+    columns = list(dict.fromkeys(r["column"] for e in shown for r in answers[e.name]))
+    heads = "".join(f"<th>{esc(e.name)}</th>" for e in shown)
+    body_rows = []
+    for col in columns:
+        first = next(by_col[e.name][col] for e in shown if col in by_col[e.name])
+        cells = []
+        for e in shown:
+            r = by_col[e.name].get(col)
+            if r is None:
+                cells.append("<td>–</td>")
+                continue
+            label = f"{feature_label(e.doc, r['feature'])} (ρ {r['spearman']:+.2f})"
+            cells.append(f'<td class="{"" if r["above_null"] else "weak"}"><a href="{esc(e.name)}/f/'
+                         f'{r["feature"]}.html">{esc(label)}</a></td>')
+        body_rows.append(f"<tr><td>{esc(first['question'])}</td><td>{esc(first['answer'].split(' → ')[-1])}"
+                         f"</td><td class='num'>{first['n_valid']:,}</td>{''.join(cells)}</tr>")
+    counts = "; ".join(
+        f"{esc(e.name)}: {sum(r['above_null'] for r in answers[e.name])} of {len(answers[e.name])} "
+        f"(chance level |ρ| {fmt(e.chance.get('answer_null_p95'), 2)})" for e in shown)
+    body = f"""<p class="lead">For every Galaxy Zoo answer, the feature of each dictionary whose activation
+tracks its vote fraction best (largest |Spearman ρ|, over the galaxies asked that question by enough
+volunteers; a negative ρ: the feature is strongest where the fewest volunteers gave that answer).
+Dimmed: no better than chance, the 95th percentile of the same best |ρ| with the votes shuffled over
+the galaxies. Answers with a feature above chance: {counts}.</p>
+<table class="plain answers"><thead><tr><th>Question</th><th>Answer</th><th class="num">galaxies asked</th>{heads}</tr></thead>
+<tbody>{''.join(body_rows)}</tbody></table>"""
+    return page(f"{cfg.title}: features by Galaxy Zoo answer", [("atlas", "index.html"), ("by answer", None)], body, 0)
+
+
+def index_page(entries: list[Entry], results: str, compare_plots: list[str], cfg: Config,
+               has_answers: bool = False) -> str:
     cards, series = [], []
     for e in entries:
         colour = COLOURS.get(e.doc["family"], "#777")
@@ -473,6 +510,7 @@ def index_page(entries: list[Entry], results: str, compare_plots: list[str], cfg
     body = f"""<p class="lead">Sparse dictionaries of galaxy image embeddings, side by side with a PCA baseline.
 Each feature's page shows the galaxies that excite it most, its activation histogram and the Galaxy
 Zoo answers it tracks. Results from <code>{esc(results)}</code>.</p>{note}
+{'<p class="lead"><a href="answers.html">Find a morphology →</a> the feature of each dictionary that best tracks each Galaxy Zoo answer (bars, spiral arms, mergers, edge-on disks, ...).</p>' if has_answers else ''}
 <h2>Dictionaries</h2><div class="cards">{''.join(cards)}</div>
 {curve_html}
 {figs_html}
@@ -504,7 +542,7 @@ def run(cfg: Config) -> str:
         folder = storage.join(cfg.results, e.name)
         site = storage.join(out, e.name)
         for f in sorted(e.grids):
-            _copy(storage.join(folder, "grids", f"feature_{f:05d}.png"), storage.join(site, "grids", f"feature_{f:05d}.png"))
+            _copy(storage.join(folder, "grids", f"feature_{f:05d}.jpg"), storage.join(site, "grids", f"feature_{f:05d}.jpg"))
         for p in e.plots:
             storage.write_bytes(storage.join(site, "plots", posixpath.basename(p)), storage.read_bytes(p))
         storage.write_bytes(storage.join(site, "index.html"), table_page(e, cfg).encode())
@@ -515,8 +553,12 @@ def run(cfg: Config) -> str:
             storage.write_bytes(storage.join(site, "f", f"{int(r['feature'])}.html"),
                                 feature_page(e, r, cfg, prev_f, next_f).encode())
             n_pages += 1
+    answers_url = storage.join(compare_dir, "answers.json")
+    answers = json.loads(storage.read_bytes(answers_url)) if storage.exists(answers_url) else {}
+    if answers:
+        storage.write_bytes(storage.join(out, "answers.html"), answers_page(entries, answers, cfg).encode())
     index = storage.join(out, "index.html")
-    storage.write_bytes(index, index_page(entries, cfg.results, compare_plots, cfg).encode())
+    storage.write_bytes(index, index_page(entries, cfg.results, compare_plots, cfg, bool(answers)).encode())
     config.save(cfg, out, "atlas.toml")
     log.info("atlas: %d dictionaries, %d feature pages in %.1f s", len(entries), n_pages, time.time() - t0)
     where = index if storage.is_remote(index) else str(Path(index).resolve())

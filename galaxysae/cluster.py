@@ -127,13 +127,23 @@ def _counted(bundles: list[dict]) -> str:
 
 
 def _fingerprint(path: str) -> tuple:
-    """What a node sees at an input path: its entries (a folder) or its size and mtime (a file)."""
+    """What the driver sees at an input path: a file and its size, or a folder and a few of its
+    entries by name (a node then looks each up by its full path: a fresh lookup, where a listing
+    may come from a network filesystem's attribute cache and lag behind)."""
     if os.path.isdir(path):
-        return ("dir", tuple(sorted(os.listdir(path))))
+        return ("dir", tuple(sorted(os.listdir(path))[:3]))
     if os.path.isfile(path):
-        st = os.stat(path)
-        return ("file", st.st_size, int(st.st_mtime))
+        return ("file", os.path.getsize(path))
     return ("missing",)
+
+
+def _sees(path: str, seen: tuple) -> bool:
+    """On a node: whether ``path`` shows what the driver saw (:func:`_fingerprint`)."""
+    if seen[0] == "dir":
+        return os.path.isdir(path) and all(os.path.exists(os.path.join(path, e)) for e in seen[1])
+    if seen[0] == "file":
+        return os.path.isfile(path) and os.path.getsize(path) == seen[1]
+    return True
 
 
 def _look(outputs: dict[str, tuple[str, str]], inputs: dict[str, tuple]) -> list[str]:
@@ -146,8 +156,7 @@ def _look(outputs: dict[str, tuple[str, str]], inputs: dict[str, tuple]) -> list
                     wrong.append(key)
         except OSError:
             wrong.append(key)
-    wrong += [key for key, (path, seen) in inputs.items() if _fingerprint(path) != seen]
-    return wrong
+    return wrong + [key for key, (path, seen) in inputs.items() if not _sees(path, seen)]
 
 
 def require_shared(inputs: dict[str, str], outputs: dict[str, str], what: str,

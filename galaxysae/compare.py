@@ -6,7 +6,9 @@ Data flow::
     dataset shards (id_str, *_fraction, *_total-votes) --mask low-vote questions, join on id_str--> labels[N, C]
     --> per feature: max |Spearman| over label columns (and which), novelty = 1 - R^2
     --> chance baseline: the same best |Spearman| with the labels shuffled over the galaxies
-    --> {results}/{name}/compare.parquet + .csv, {results}/compare/ (summary.json/.csv, plots)
+    --> per answer: the feature of each dictionary that tracks it best, and its own chance level
+    --> {results}/{name}/compare.parquet + .csv, {results}/compare/ (summary.json/.csv,
+        answers.json/.csv, plots)
 
 Vote counts. A fraction from 2 votes is 0, 0.5 or 1: noise, not a measurement. A galaxy's fractions
 of a question count only where at least ``min_votes`` volunteers answered it (its
@@ -253,9 +255,11 @@ def closest(rho_f: np.ndarray, columns: list[str], n: int = 3) -> list[int]:
     return out
 
 
-def align(codes: np.ndarray, labels: np.ndarray, columns: list[str], min_valid: int) -> dict:
-    """Per feature: best |Spearman| column (signed rho, its n_valid), top-3 columns, novelty."""
-    rho, n_valid = spearman(codes, labels, min_valid)
+def align(codes: np.ndarray, labels: np.ndarray, columns: list[str], min_valid: int,
+          corr: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
+    """Per feature: best |Spearman| column (signed rho, its n_valid), top-3 columns, novelty.
+    ``corr``: ``spearman(codes, labels, min_valid)`` if the caller has it already."""
+    rho, n_valid = corr if corr is not None else spearman(codes, labels, min_valid)
     absrho = np.abs(rho)
     has = ~np.isnan(absrho).all(1)
     best = np.where(has, np.argmax(_scores(rho), axis=1), -1)
@@ -276,21 +280,63 @@ def align(codes: np.ndarray, labels: np.ndarray, columns: list[str], min_valid: 
     }
 
 
-def chance_baseline(codes: np.ndarray, labels: np.ndarray, min_valid: int, n_samples: int,
-                    seed: int) -> np.ndarray:
-    """codes[N, M], labels[N, C] -> best |rho| of every feature with the label rows shuffled, over
-    ceil(n_samples / M) shuffles (at least one): [<= shuffles * M], finite values only.
+# fewest shuffled values behind the chance level of an answer's best feature (one per column
+# and shuffle: ~60 a shuffle)
+ANSWER_NULL_VALUES = 200
+
+
+@dataclass
+class Chance:
+    """The statistics of the atlas with the votes shuffled over the galaxies (finite values)."""
+
+    feature_best: np.ndarray  # each feature's best |rho| over the answer columns
+    answer_best: np.ndarray  # each answer column's best |rho| over the active features
+
+
+def shuffled(codes: np.ndarray, labels: np.ndarray, min_valid: int, n_samples: int, seed: int,
+             active: np.ndarray | None = None) -> Chance:
+    """codes[N, M], labels[N, C] -> :class:`Chance` over max(ceil(n_samples / M),
+    ceil(ANSWER_NULL_VALUES / C)) shuffles (at least one); ``active``: features [M] that count
+    for an answer's best (default all).
 
     Shuffling whole rows keeps each galaxy's votes (and which questions it was asked) together and
     each feature's distribution as is; only the link between the two is broken. Deterministic.
     """
-    m = codes.shape[1]
+    m, c = codes.shape[1], labels.shape[1]
+    active = np.ones(m, bool) if active is None else np.asarray(active, bool)
     rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(max(1, math.ceil(n_samples / max(m, 1)))):
-        b = best_abs(spearman(codes, labels[rng.permutation(len(labels))], min_valid)[0])
-        out.append(b[np.isfinite(b)])
-    return np.concatenate(out)
+    features, answers = [], []
+    for _ in range(max(1, math.ceil(n_samples / max(m, 1)), math.ceil(ANSWER_NULL_VALUES / max(c, 1)))):
+        rho = spearman(codes, labels[rng.permutation(len(labels))], min_valid)[0]
+        b = best_abs(rho)
+        features.append(b[np.isfinite(b)])
+        a = np.where(np.isnan(rho[active]), -1.0, np.abs(rho[active])).max(0, initial=-1.0)
+        answers.append(a[a >= 0])
+    return Chance(np.concatenate(features), np.concatenate(answers))
+
+
+def chance_baseline(codes: np.ndarray, labels: np.ndarray, min_valid: int, n_samples: int,
+                    seed: int) -> np.ndarray:
+    """Each feature's best |rho| with the label rows shuffled (see :func:`shuffled`)."""
+    return shuffled(codes, labels, min_valid, n_samples, seed).feature_best
+
+
+def answer_table(rho: np.ndarray, n_valid: np.ndarray, columns: list[str], active: np.ndarray,
+                 chance_p95: float | None) -> list[dict]:
+    """Per answer column: the active feature with the largest |rho| (signed rho, n_valid) and
+    whether it beats ``chance_p95``, the 95th percentile of the same maximum with the votes
+    shuffled. What an astronomer asks first: which feature finds bars, mergers, edge-on disks?"""
+    a = np.where(np.isnan(rho) | ~np.asarray(active, bool)[:, None], -1.0, np.abs(rho))
+    rows = []
+    for j, col in enumerate(columns):
+        f = int(np.argmax(a[:, j]))
+        if a[f, j] < 0:  # too few galaxies asked, or no active feature varies
+            continue
+        q = QUESTION_OF.get(col, "")
+        rows.append({"column": col, "question": QUESTION_TEXT.get(q, q), "answer": readable(col),
+                     "feature": f, "spearman": float(rho[f, j]), "n_valid": int(n_valid[j]),
+                     "above_null": bool(chance_p95 is not None and a[f, j] > chance_p95)})
+    return rows
 
 
 def chance_summary(abs_best, active, null: np.ndarray) -> dict:
@@ -407,9 +453,21 @@ def summary_csv(summary: dict) -> bytes:
     import pandas as pd
 
     keys = ["kind", "family", "n_latents", "l0", "n_galaxies", "active", "median_abs_spearman",
-            "null_best_abs_rho_p95", "share_above_null", "share_abs_rho_ge_0_5", "null_values"]
+            "null_best_abs_rho_p95", "share_above_null", "share_abs_rho_ge_0_5", "null_values",
+            "answers", "answer_null_p95", "answers_above_null"]
     rows = [{"dictionary": name, **{k: s.get(k) for k in keys}}
             for name, s in summary.items() if not name.startswith("_")]
+    buf = io.BytesIO()
+    pd.DataFrame(rows, columns=["dictionary", *keys]).to_csv(buf, index=False)
+    return buf.getvalue()
+
+
+def answers_csv(answers: dict) -> bytes:
+    """One row per dictionary and answer: its best feature (see :func:`answer_table`)."""
+    import pandas as pd
+
+    keys = ["question", "answer", "column", "feature", "spearman", "n_valid", "above_null"]
+    rows = [{"dictionary": name, **{k: r[k] for k in keys}} for name, rs in answers.items() for r in rs]
     buf = io.BytesIO()
     pd.DataFrame(rows, columns=["dictionary", *keys]).to_csv(buf, index=False)
     return buf.getvalue()
@@ -427,6 +485,7 @@ def run(cfg: Config) -> dict:
     dicts = [dictionary.load(u) for u in cfg.dictionaries]
     tables: dict = {}
     nulls: dict = {}
+    answers: dict = {}
     summary: dict = {}
     for d, name in zip(dicts, folder_names(dicts, cfg.names)):
         folder = storage.join(cfg.results, name)
@@ -439,12 +498,18 @@ def run(cfg: Config) -> dict:
                              f"{cfg.dataset} ({missing[:5]}): embeddings and labels come from different data")
         codes = activations.dense_matrix(acts.url, enc_ids, d.n_latents)
         lab = labels[[label_pos[i] for i in enc_ids]]
-        res = align(codes, lab, columns, cfg.min_valid)
-        nulls[name] = chance_baseline(codes, lab, cfg.min_valid, cfg.null_samples, cfg.seed)
+        corr = spearman(codes, lab, cfg.min_valid)
+        res = align(codes, lab, columns, cfg.min_valid, corr)
         feats = acts.features
         active = np.asarray(feats.column("frequency").to_pylist(), float) > 0
+        null = shuffled(codes, lab, cfg.min_valid, cfg.null_samples, cfg.seed, active)
+        nulls[name] = null.feature_best
         chance = chance_summary(res["abs_spearman"], active, nulls[name])
         p95 = chance["null_best_abs_rho_p95"]
+        answer_p95 = float(np.percentile(null.answer_best, 95)) if len(null.answer_best) else None
+        answers[name] = answer_table(*corr, columns, active, answer_p95)
+        chance.update(answer_null_p95=answer_p95, answers=len(answers[name]),
+                      answers_above_null=sum(r["above_null"] for r in answers[name]))
         t = {"dictionary": [name] * d.n_latents, "family": d.family,
              "feature": feats.column("feature").to_pylist(), "level": feats.column("level").to_pylist(),
              "frequency": feats.column("frequency").to_pylist(), **res,
@@ -476,6 +541,8 @@ def run(cfg: Config) -> dict:
         "share of active features whose best |Spearman| exceeds it")
     storage.write_bytes(storage.join(out, "summary.json"), json.dumps(summary, indent=1).encode())
     storage.write_bytes(storage.join(out, "summary.csv"), summary_csv(summary))
+    storage.write_bytes(storage.join(out, "answers.json"), json.dumps(answers, indent=1).encode())
+    storage.write_bytes(storage.join(out, "answers.csv"), answers_csv(answers))
     allt = pa.concat_tables([pa.table({k: v for k, v in t.items() if k != "family"}) for t in tables.values()])
     buf = io.BytesIO()
     allt.to_pandas().to_csv(buf, index=False)

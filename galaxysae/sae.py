@@ -493,12 +493,24 @@ class SparseAutoencoder(nn.Module):
 
     @torch.no_grad()
     def _update_state(self, cols, vals, batch_vals) -> None:
+        """Dead-latent counters and the BatchTopK threshold from this step's batch: under data
+        parallelism the batch of all workers together (a latent that fired on any of them is
+        alive), so every worker holds the same state, as one process on the whole batch would."""
         # vals >= 0: a latent fired when its values sum above zero (no boolean indexing: no sync)
         fired = _counts(cols, self.cfg.n_latents, vals.detach()) > 0
+        world = _data_parallel_world()
+        if world > 1:
+            import torch.distributed as dist
+
+            f = fired.to(torch.int32)
+            dist.all_reduce(f, op=dist.ReduceOp.MAX)
+            fired = f > 0
         self.steps_since_active.add_(1).masked_fill_(fired, 0)
         if batch_vals is not None:
             positive = torch.where(batch_vals > 0, batch_vals, torch.full_like(batch_vals, math.inf))
             batch_min = positive.min()
+            if world > 1:
+                dist.all_reduce(batch_min, op=dist.ReduceOp.MIN)
             batch_min = torch.where(torch.isfinite(batch_min), batch_min, self.threshold)
             d = self.cfg.threshold_decay
             first = self.threshold_updates == 0
@@ -564,6 +576,13 @@ def _column_order(cols: Tensor, M: int) -> tuple[Tensor, Tensor]:
     ptr = torch.zeros(M + 1, dtype=torch.long, device=cols.device)
     ptr[1:] = _counts(cols, M).cumsum(0)
     return order, ptr
+
+
+def _data_parallel_world() -> int:
+    """Workers training this model together (torch.distributed, e.g. Ray Train's DDP), else 1."""
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def _host_paths(t: Tensor) -> bool:

@@ -47,7 +47,7 @@ def test_site_layout_is_self_contained(site):
     assert index == str(out / "index.html")
     assert (out / "assets" / "atlas.css").exists() and (out / "assets" / "table.js").exists()
     assert len(list((out / "pca" / "f").glob("*.html"))) == 16
-    assert len(list((out / "matryoshka_sae" / "grids").glob("*.png"))) == 3
+    assert len(list((out / "matryoshka_sae" / "grids").glob("*.jpg"))) == 3
     for page in [out / "index.html", out / "pca" / "index.html", out / "pca" / "f" / "0.html"]:
         text = page.read_text()
         # nothing outside the site: no http(s) links, scripts, styles or images
@@ -82,7 +82,7 @@ def test_index_table_and_feature_page_render_in_chromium_without_errors(site):
         assert levels and set(levels) == {"4"}
         assert b.errors() == []
 
-        page = next(iter(sorted((out / "matryoshka_sae" / "grids").glob("*.png")))).stem.split("_")[1]
+        page = next(iter(sorted((out / "matryoshka_sae" / "grids").glob("*.jpg")))).stem.split("_")[1]
         b.open((out / "matryoshka_sae" / "f" / f"{int(page)}.html").as_uri())
         assert b.errors() == []
         assert b.evaluate("document.querySelector('img.grid-img').naturalWidth") == render.grid_size(6, 3, 48)[0]
@@ -141,9 +141,12 @@ def _write_dictionary(results: Path, name: str, doc: dict, codes: np.ndarray, la
         "max": codes.max(0), "top_ids": [[f"g{i}" for i in top[:, f]] for f in range(m)],
         "top_values": [codes[top[:, f], f].astype(np.float32).tolist() for f in range(m)]}),
         folder / "activations" / "test" / "features.parquet")
-    res = compare.align(codes, lab, cols, min_valid=20)
-    chance = compare.chance_summary(res["abs_spearman"], freq > 0,
-                                    compare.chance_baseline(codes, lab, 20, 1000, seed=0))
+    corr = compare.spearman(codes, lab, 20)
+    res = compare.align(codes, lab, cols, min_valid=20, corr=corr)
+    null = compare.shuffled(codes, lab, 20, 1000, seed=0, active=freq > 0)
+    chance = compare.chance_summary(res["abs_spearman"], freq > 0, null.feature_best)
+    chance["answer_null_p95"] = float(np.percentile(null.answer_best, 95))
+    chance["answer_rows"] = compare.answer_table(*corr, cols, freq > 0, chance["answer_null_p95"])
     pq.write_table(pa.table({"feature": np.arange(m), "frequency": freq, **res}), folder / "compare.parquet")
     (folder / "dictionary.json").write_text(json.dumps({"name": name, "n_latents": m, "split": "test",
                                                         "n_galaxies": n, **doc}))
@@ -174,7 +177,9 @@ def small_site(tmp_path_factory):
                         "levels": [{"n_latents": 8, "fvu": 0.75, "l0": 1.3}]}},
             sae_codes, lab, cols)}
     (results / "compare").mkdir()
+    answers = {name: s.pop("answer_rows") for name, s in summary.items()}
     (results / "compare" / "summary.json").write_text(json.dumps(summary))
+    (results / "compare" / "answers.json").write_text(json.dumps(answers))
     out = root / "site"
     atlas.run(config.from_dict(atlas.Config, {"results": str(results), "output": str(out)}))
     return out, summary
@@ -221,6 +226,24 @@ def test_cards_give_shares_above_chance_and_honest_labels(small_site):
     feature = (out / "pca" / "f" / "0.html").read_text()
     assert "Chance level (|ρ|, votes shuffled)" in feature and "this feature is above it" in feature
 
+
+
+def test_answers_page_names_each_answers_best_feature_and_dims_chance(small_site):
+    out, summary = small_site
+    index = (out / "index.html").read_text()
+    assert '<a href="answers.html">Find a morphology →</a>' in index
+    page = (out / "answers.html").read_text()
+    rows = re.findall(r"<tr><td>([^<]*)</td><td>([^<]*)</td><td class='num'>[^<]*</td>(.*?)</tr>", page)
+    assert len(rows) == len(schema.fraction_columns())  # every answer, once
+    bulge = next(cells for q, a, cells in rows if q == "Bulge size" and a == "dominant")
+    pca_cell, sae_cell = re.findall(r'<td class="([^"]*)"><a href="(\w+)/f/(\d+).html">([^<]*)</a>', bulge)[::-1]
+    # PC 1 is the bulge vote upside down: found, signed, above chance; SAE noise is dimmed
+    assert pca_cell[1:] == ("pca", "0", "PC 1 (ρ -1.00)") and pca_cell[0] == ""
+    assert sae_cell[1] == "sae" and sae_cell[0] == "weak"
+    assert summary["pca"]["answer_null_p95"] < 1.0
+    dimmed = page.count('class="weak"')
+    assert dimmed >= len(rows)  # the noise features of both dictionaries: most cells are dimmed
+    assert (out / "pca" / "f" / "0.html").is_file() and (out / "sae" / f"f/{sae_cell[2]}.html").is_file()
 
 @needs_chromium
 def test_table_opens_on_pc_1_and_sorts_spearman_on_its_magnitude(small_site):

@@ -205,7 +205,13 @@ def test_compare_finds_the_bulge_feature_on_generated_galaxies(chain, tmp_path):
     assert [lv["alive"] for lv in levels] == sorted(lv["alive"] for lv in levels)
     assert summary["matryoshka_sae"]["null_best_abs_rho_p95"] is not None
     assert all(lv["share_above_null"] is not None for lv in levels)
-    for name in ("distributions.png", "levels_matryoshka_sae.png", "summary.json", "summary.csv", "compare_all.csv"):
+    # by answer: PCA's best feature for the driven answer is the bulge component, above chance
+    answers = json.loads(storage.read_bytes(storage.join(results, "compare", "answers.json")))
+    row = next(r for r in answers["pca"] if r["column"] == driven)
+    assert abs(row["spearman"]) >= 0.5 and row["above_null"], row
+    assert summary["pca"]["answers_above_null"] >= 1 and summary["pca"]["answer_null_p95"] < abs(row["spearman"])
+    for name in ("distributions.png", "levels_matryoshka_sae.png", "summary.json", "summary.csv", "compare_all.csv",
+                 "answers.json", "answers.csv"):
         assert storage.exists(storage.join(results, "compare", name)), name
     csv = storage.read_bytes(storage.join(results, "pca", "compare.csv")).decode()
     assert csv.splitlines()[0].startswith("dictionary,feature,level,frequency,best_column,best_answer,spearman")

@@ -58,7 +58,7 @@ def test_grids_on_s3_have_the_expected_size_and_count_and_a_rerun_skips_them(cha
     fs, _ = storage.fsspec_fs(s3_prefix)
     stamps = {}
     for name in ("matryoshka_sae", "pca"):
-        grids = storage.listdir(storage.join(s3_prefix, name, "grids"), ".png")
+        grids = storage.listdir(storage.join(s3_prefix, name, "grids"), ".jpg")
         assert len(grids) == 5 and summary[name]["rendered"] == 5
         for g in grids:
             with Image.open(io.BytesIO(storage.read_bytes(g))) as img:
@@ -109,7 +109,7 @@ def test_top_galaxies_are_the_highest_activations_and_a_bad_image_is_recorded(ch
     assert stats["top_values"] == sorted(stats["top_values"], reverse=True)
     assert stats["top_values"][0] == pytest.approx(float(d.encode(x)[:, 0].max()), rel=1e-5)
     # the grid is still written; the slot of the bad image is marked, not blank
-    png = tmp_path / "results" / "pca" / "grids" / "feature_00000.png"
+    png = tmp_path / "results" / "pca" / "grids" / "feature_00000.jpg"
     with Image.open(png) as img:
         slot = np.asarray(img.convert("RGB"))[render.HEADER + render.GAP + 20, render.GAP + 20]
     assert slot[0] > slot[1] + 20  # the red "unreadable image" tile

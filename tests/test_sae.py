@@ -275,3 +275,44 @@ def test_matryoshka_fvu_does_not_increase_with_level():
     assert len(fvus) == 4
     assert all(b <= a + 1e-9 for a, b in zip(fvus, fvus[1:])), fvus
     assert fvus[-1] < 0.5 * fvus[0]
+
+
+def _data_parallel_step(rank: int, world: int, port: int, out: str) -> None:
+    """One training forward of the same model on this rank's share of the batch (gloo, CPU)."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        for activation in ("topk", "batchtopk"):
+            model, x = make(activation=activation, dead_steps=4)
+            model.train()
+            model(x[rank::world])
+            torch.save({"steps": model.steps_since_active, "threshold": model.threshold},
+                       f"{out}/{activation}-{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_data_parallel_workers_count_a_latent_alive_if_it_fired_on_any_of_them(tmp_path):
+    """Under DDP each worker sees a share of the batch: the dead-latent counters (AuxK) and the
+    BatchTopK threshold come from the whole batch, identical on every worker, as in one process;
+    else a latent firing on another worker's share would count as dead here."""
+    import torch.multiprocessing as mp
+
+    from tests.services.ports import free_block
+
+    world = 2
+    mp.spawn(_data_parallel_step, args=(world, free_block(1), str(tmp_path)), nprocs=world, join=True)
+    for activation in ("topk", "batchtopk"):
+        ranks = [torch.load(tmp_path / f"{activation}-{r}.pt") for r in range(world)]
+        assert torch.equal(ranks[0]["steps"], ranks[1]["steps"])
+        assert torch.equal(ranks[0]["threshold"], ranks[1]["threshold"])
+        alone, x = make(activation=activation, dead_steps=4)  # what rank 0 alone would count
+        alone.train()
+        alone(x[0::world])
+        assert (ranks[0]["steps"] == 0).sum() > (alone.steps_since_active == 0).sum()  # rank 1's too
+        if activation == "topk":  # per-sample top-k: the whole batch in one process, same firing
+            whole, _ = make(activation="topk", dead_steps=4)
+            whole.train()
+            whole(x)
+            assert torch.equal(whole.steps_since_active, ranks[0]["steps"])
