@@ -521,6 +521,8 @@ Zoo answers it tracks. Results from <code>{esc(results)}</code>.</p>{note}
 
 def run(cfg: Config) -> str:
     t0 = time.time()
+    # a relative output in a `ray job submit` copy of the checkout is refused (Ray deletes it)
+    cfg = config.absolute_paths(cfg, inputs=("results",), outputs=("output",))
     out = cfg.output.rstrip("/")
     storage.check_writable(out)  # wrong credentials / unreachable store: fail first
     names = [n for n in _subdirs(cfg.results) if not n.startswith(("_", ".")) and n != "compare"]

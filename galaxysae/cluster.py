@@ -159,6 +159,11 @@ def _look(outputs: dict[str, tuple[str, str]], inputs: dict[str, tuple]) -> list
     return wrong + [key for key, (path, seen) in inputs.items() if not _sees(path, seen)]
 
 
+def _node_name(node: dict) -> str:
+    """``10.0.0.5 (node 1a2b3c4d)``: nodes may share an address (several on one host)."""
+    return f"{node.get('NodeManagerAddress', '?')} (node {node.get('NodeID', '')[:8]})"
+
+
 def require_shared(inputs: dict[str, str], outputs: dict[str, str], what: str,
                    timeout: float = 120.0) -> None:
     """Local paths (config key -> path; URLs and "" are skipped) that Ray tasks read (``inputs``)
@@ -172,8 +177,9 @@ def require_shared(inputs: dict[str, str], outputs: dict[str, str], what: str,
 
     from galaxysae import storage
 
-    def local(paths: dict[str, str]) -> dict[str, str]:
-        return {k: p for k, p in paths.items() if p and not storage.is_remote(p)}
+    def local(paths: dict[str, str]) -> dict[str, str]:  # absolute: the tasks run elsewhere
+        return {k: os.path.abspath(p[len("file://"):] if p.startswith("file://") else p)
+                for k, p in paths.items() if p and not storage.is_remote(p)}
 
     inputs = {k: p for k, p in local(inputs).items() if os.path.exists(p)}  # else: loaders say so
     outputs = local(outputs)
@@ -192,8 +198,17 @@ def require_shared(inputs: dict[str, str], outputs: dict[str, str], what: str,
         look = ray.remote(num_cpus=0)(_look)
         refs = [look.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
             n["NodeID"], soft=False)).remote(probes, seen) for n in nodes]
-        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout)
-        answers = {i: ray.get(r) for i, r in enumerate(refs) if r in ready}
+        ready, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout)
+        for r in pending:
+            ray.cancel(r, force=True)
+        answers = {}
+        for i, r in enumerate(refs):
+            try:
+                if r in ready:
+                    answers[i] = ray.get(r)
+            except ray.exceptions.RayError as exc:  # the node went away, its worker failed
+                log.warning("%s: node %s could not run the shared-path check: %s", what,
+                            _node_name(nodes[i]), str(exc).strip().splitlines()[-1][:200])
     finally:
         for probe, _ in probes.values():
             try:
@@ -203,7 +218,7 @@ def require_shared(inputs: dict[str, str], outputs: dict[str, str], what: str,
     if len(answers) < len(nodes):
         log.warning("%s: %d of %d nodes did not answer the shared-path check within %.0f s",
                     what, len(nodes) - len(answers), len(nodes), timeout)
-    blind = {nodes[i]["NodeManagerAddress"]: keys for i, keys in answers.items() if keys}
+    blind = {_node_name(nodes[i]): keys for i, keys in answers.items() if keys}
     if blind:
         keys = sorted({k for ks in blind.values() for k in ks})
         paths = ", ".join(f"{k} = {({**inputs, **outputs})[k]!r}" for k in keys)

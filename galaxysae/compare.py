@@ -95,7 +95,7 @@ class Config(DictionaryInputs):
 
     min_valid: int = field(default=20, metadata={"help": "fewest galaxies asked a question for its columns to be correlated"})
     min_votes: int = field(default=5, metadata={"help": "fewest volunteers answering a question for a galaxy's fractions of it to count (fewer: not asked)"})
-    null_samples: int = field(default=1000, metadata={"help": "chance baseline: shuffle the labels ceil(null_samples / features) times (at least once)"})
+    null_samples: int = field(default=1000, metadata={"help": "chance baseline: shuffle the labels ceil(null_samples / features) times (at least ceil(200 / answer columns), for the per-answer chance level)"})
     seed: int = field(default=0, metadata={"help": "seed of the label shuffles of the chance baseline"})
 
     def validate(self) -> None:
@@ -479,6 +479,9 @@ def run(cfg: Config) -> dict:
     from galaxysae import activations, dictionary
 
     t0 = time.time()
+    # the activations' tasks run elsewhere; a relative output in a `ray job submit` copy is refused
+    cfg = config.absolute_paths(cfg, inputs=("dictionaries", "embeddings", "dataset"),
+                                outputs=("results",))
     storage.check_writable(cfg.results)  # wrong credentials / unreachable store: fail first
     label_ids, labels, columns = read_labels(cfg.dataset, cfg.split, cfg.min_votes)
     label_pos = {s: i for i, s in enumerate(label_ids)}

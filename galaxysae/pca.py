@@ -139,6 +139,8 @@ def plot(pca: PCA, test_fvu, url: str) -> None:
 def run(cfg: Config) -> dict:
     from safetensors.numpy import save as st_save
 
+    # Ray Data's read tasks run elsewhere; a relative output in a `ray job submit` copy is refused
+    cfg = config.absolute_paths(cfg, inputs=("embeddings",), outputs=("output",))
     out = cfg.output.rstrip("/")
     cfg_url = storage.join(out, "cfg.json")
     if storage.exists(cfg_url) and not cfg.overwrite:

@@ -498,19 +498,20 @@ class SparseAutoencoder(nn.Module):
         alive), so every worker holds the same state, as one process on the whole batch would."""
         # vals >= 0: a latent fired when its values sum above zero (no boolean indexing: no sync)
         fired = _counts(cols, self.cfg.n_latents, vals.detach()) > 0
-        world = _data_parallel_world()
-        if world > 1:
-            import torch.distributed as dist
-
-            f = fired.to(torch.int32)
-            dist.all_reduce(f, op=dist.ReduceOp.MAX)
-            fired = f > 0
-        self.steps_since_active.add_(1).masked_fill_(fired, 0)
+        batch_min = None
         if batch_vals is not None:
             positive = torch.where(batch_vals > 0, batch_vals, torch.full_like(batch_vals, math.inf))
             batch_min = positive.min()
-            if world > 1:
-                dist.all_reduce(batch_min, op=dist.ReduceOp.MIN)
+        if _data_parallel_world() > 1:  # one MIN all-reduce of [-fired..., batch_min]
+            import torch.distributed as dist
+
+            packed = torch.cat([-fired.to(self.threshold.dtype),
+                                (batch_min if batch_min is not None else self.threshold).reshape(1)])
+            dist.all_reduce(packed, op=dist.ReduceOp.MIN)
+            fired = packed[:-1] < 0
+            batch_min = packed[-1] if batch_min is not None else None
+        self.steps_since_active.add_(1).masked_fill_(fired, 0)
+        if batch_min is not None:
             batch_min = torch.where(torch.isfinite(batch_min), batch_min, self.threshold)
             d = self.cfg.threshold_decay
             first = self.threshold_updates == 0

@@ -24,6 +24,7 @@ import json
 import logging
 import math
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -100,6 +101,9 @@ def base_train_config(cfg: Config) -> dict:
     data.update(embeddings=cfg.embeddings, mode="ray", num_workers=cfg.num_workers,
                 cpus_per_worker=cfg.cpus_per_worker, use_gpu=cfg.use_gpu,
                 device="cuda" if cfg.use_gpu else "cpu", data_loading=cfg.data_loading)
+    for key in ("ids", "test_embeddings", "test_ids"):  # trials run in Tune's own folders
+        if data.get(key) and not storage.is_remote(data[key]):
+            data[key] = os.path.abspath(data[key])
     if cfg.epochs:
         data["epochs"] = cfg.epochs
     data.setdefault("output", cfg.output)
@@ -258,10 +262,10 @@ def run(cfg: Config) -> dict:
     log.info("sweep: %d trials (%d finished, %d stopped early, %d failed) -> %s", len(rows), done,
              len(rows) - done - len(failed), len(failed), storage.join(cfg.output, "results.csv"))
     if failed or not done:
+        causes = "; ".join(f"{r['trial']}: {r['error']}" for r in failed[:3])
         raise SweepError(
             f"sweep {cfg.output}: {len(failed)} of {len(rows)} trials failed, {done} finished "
-            f"(results.csv lists them; a rerun retries the failed ones): "
-            + "; ".join(f"{r['trial']}: {r['error']}" for r in failed[:3]))
+            f"(results.csv lists them; a rerun retries the failed ones)" + (f": {causes}" if causes else ""))
     return {"trials": len(rows), "finished": done}
 
 
@@ -300,8 +304,9 @@ def collect(cfg: Config, grid) -> list[dict]:
 
 
 def _trial_id_from_path(path: str | None) -> str:
-    parts = os.path.basename((path or "").rstrip("/")).split("_")
-    return parts[1] if len(parts) > 2 else ""
+    """Tune's trial folder ``_trial_3f9a1_00001_1_k=64,...`` -> ``3f9a1_00001``."""
+    found = re.search(r"_([0-9a-f]{5}_\d{5})_", os.path.basename((path or "").rstrip("/")))
+    return found.group(1) if found else ""
 
 
 def _first_line(error: BaseException) -> str:

@@ -498,7 +498,10 @@ def ray_train_loop(loop_cfg: dict) -> None:
     sched = LambdaLR(opt, lr_lambda(cfg, total))
     state = {"epoch": 0, "step": 0}
     _resume(cfg, model, opt, sched, state)
-    ddp = ray.train.torch.prepare_model(model, move_to_device=False) if world > 1 else model
+    # no buffer broadcast before every forward: the SAE keeps its state identical on every rank
+    # itself (one all-reduce a step, SparseAutoencoder._update_state)
+    ddp = ray.train.torch.prepare_model(model, move_to_device=False, parallel_strategy_kwargs={
+        "broadcast_buffers": False}) if world > 1 else model
 
     if cfg.data_loading == "stream":
         shard = ray.train.get_dataset_shard("train")
@@ -619,8 +622,9 @@ def run_ray(cfg: Config, d_in: int, n_train: int, init: dict, callbacks=None) ->
         cfg = config.from_dict(Config, {**config.to_dict(cfg), "data_loading": "memory"})
     elif cfg.data_loading == "stream":
         datasets["train"] = embeddings.ray_dataset(cfg.embeddings, cfg.train_split, d_in)
-    # rank 0 writes the output, and in memory mode every worker reads the inputs, on any node
-    reads = ("embeddings", "ids", "test_embeddings", "test_ids") if cfg.data_loading == "memory" else ()
+    # rank 0 writes the output; the embeddings are read on any node (by Ray Data's read tasks, or
+    # in memory mode by every worker, with their ids and test files)
+    reads = ("embeddings", "ids", "test_embeddings", "test_ids") if cfg.data_loading == "memory" else ("embeddings",)
     cluster.require_shared({k: getattr(cfg, k) for k in reads}, {"output": cfg.output}, "train")
     loop_cfg = {"cfg": config.to_dict(cfg), "d_in": d_in, "init": init, "batch_size": bs,
                 "steps_per_epoch": per_epoch, "total_steps": total}

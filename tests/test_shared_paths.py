@@ -46,9 +46,9 @@ def two_nodes(tmp_path_factory):
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": head.token,
            "PYTHONPATH": str(REPO)}
     env.pop("RAY_ADDRESS", None)
-    log = open(Path(head.temp_dir) / "node2.log", "ab")
-    node = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
-                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    with open(Path(head.temp_dir) / "node2.log", "ab") as log:  # the child keeps its own handle
+        node = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+                                env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.time() + 90
         while _alive_nodes(head) < 2:
@@ -104,13 +104,15 @@ def test_paths_every_node_sees_pass_and_a_node_local_one_is_named(two_nodes, tmp
     last = bad.stderr.strip().splitlines()[-1]
     assert bad.returncode != 0 and re.match(
         rf"galaxysae.cluster.SharedPathError: a job: output = '{re.escape(str(hidden / 'out'))}': a "
-        r"local path that 1 of 2 nodes of the Ray cluster \([0-9.]+\) do not see", last), bad.stderr[-3000:]
+        r"local path that 1 of 2 nodes of the Ray cluster \([0-9.]+ \(node [0-9a-f]{8}\)\) do not see",
+        last), bad.stderr[-3000:]
     assert "Use s3:// URLs" in last
     assert list((hidden / "out").iterdir()) == []
-    # an input with other contents on the second node (there: an empty tmpfs)
+    # an input with other contents on the second node (there: an empty tmpfs), given relative
+    # to the driver's directory: the tasks on the nodes run elsewhere, the check resolves it
     (hidden / "emb").mkdir()
     (hidden / "emb" / "part-0.parquet").write_bytes(b"x")
-    bad = _python(head, CHECK.format(inp=str(hidden / "emb"), out=""))
+    bad = _python(head, CHECK.format(inp="emb", out=""), cwd=hidden)
     assert bad.returncode != 0 and f"embeddings = '{hidden / 'emb'}'" in bad.stderr, bad.stderr[-3000:]
 
 

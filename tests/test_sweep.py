@@ -63,23 +63,24 @@ def test_space_searches_every_key_given():
 
 @pytest.mark.slow
 def test_sweep_runs_its_trials_end_to_end(ray_cluster, s3_prefix, tmp_path, monkeypatch):
-    # two trials that train (a trial is ~25 s of Ray Train start-up here) and one that fails at
+    # two trials that train (a trial is ~25 s of Ray Train start-up here) and two that fail at
     # once (k > n_latents); the grid's crossing of keys is Tune's, checked above. Relative
     # paths: the trials run in directories of their own.
     make_embeddings(f"{s3_prefix}/emb", n_train=256, n_test=64)
     monkeypatch.chdir(tmp_path)
     out = str(tmp_path / "sweep")
     args = ["--config", str(REPO / "configs/demo/sweep.toml"), "--embeddings", f"{s3_prefix}/emb",
-            "--output", "sweep", "--epochs", "3", "--space.n_latents", "32", "--space.k", "2,4,64",
+            "--output", "sweep", "--epochs", "3", "--space.n_latents", "32", "--space.k", "2,4,64,128",
             "--max_concurrent_trials", "2", "--train_config", str(REPO / "configs/demo/train_topk.toml"),
             # ASHA stops at every epoch, but never a trial of one k for one of another
             "--asha.grace_period", "1", "--asha.reduction_factor", "2"]
-    with pytest.raises(sweep_job.SweepError, match=r"1 of 3 trials failed, 2 finished .*'model.k' must be in 1..32"):
+    with pytest.raises(sweep_job.SweepError, match=r"2 of 4 trials failed, 2 finished .*'model.k' must be in 1..32"):
         cli.main(["sweep", *args])
     rows = list(csv.DictReader(io.StringIO(storage.read_bytes(f"{out}/results.csv").decode())))
-    assert len(rows) == 3 and len({r["trial"] for r in rows}) == 3
+    assert len(rows) == 4 and len({r["trial"] for r in rows}) == 4  # failed trials named apart
     failed = [r for r in rows if r["status"] == "error"]
-    assert [r["k"] for r in failed] == ["64"] and "'model.k' must be in 1..32" in failed[0]["error"]
+    assert sorted(r["k"] for r in failed) == ["128", "64"]
+    assert all("'model.k' must be in 1..32" in r["error"] and r["trial"] for r in failed)
     rows = [r for r in rows if r["status"] != "error"]
     assert {(r["k"], r["n_latents"]) for r in rows} == {("2", "32"), ("4", "32")}
     assert all(r["status"] == "finished" for r in rows), rows
@@ -90,7 +91,7 @@ def test_sweep_runs_its_trials_end_to_end(ray_cluster, s3_prefix, tmp_path, monk
     assert os.path.getsize(f"{out}/fvu_vs_l0.png") > 1000
     # a rerun restores the experiment: the failed trial is retried, the finished ones are kept
     before = {r["trial"]: os.path.getmtime(os.path.join(r["output"], "sae.safetensors")) for r in rows}
-    with pytest.raises(sweep_job.SweepError, match="1 of 3 trials failed"):
+    with pytest.raises(sweep_job.SweepError, match="2 of 4 trials failed"):
         cli.main(["sweep", *args])
     again = list(csv.DictReader(io.StringIO(storage.read_bytes(f"{out}/results.csv").decode())))
     assert {r["trial"] for r in again if r["status"] == "finished"} == set(before)
