@@ -150,8 +150,9 @@ ray_cluster_start() {
   _gs_pick_ports || return
   export RAY_ADDRESS=$_GS_IP:$_GS_BASE
   export RAY_AUTH_MODE=token
-  # Per-job secret: exported so that srun hands it to every step, never echoed.
-  RAY_AUTH_TOKEN=$(od -An -N24 -tx1 /dev/urandom | tr -d ' \n')
+  # Per-job secret: exported so that srun hands it to every step, never echoed. Prefixed, so that
+  # a leak is found by grep and never confused with Ray's hex task or node ids in a log.
+  RAY_AUTH_TOKEN=gsray-$(od -An -N32 -tx1 /dev/urandom | tr -d ' \n')
   export RAY_AUTH_TOKEN
   export RAY_DISABLE_USAGE_STATS=1
   local ports memory
@@ -243,6 +244,7 @@ _gs_stop_step() {
 }
 
 ray_cluster_stop() {
+  local i
   [[ -n ${_GS_STOPPED:-} ]] && return 0
   _GS_STOPPED=1
   _gs_log "stopping Ray"
@@ -252,7 +254,12 @@ ray_cluster_stop() {
   rm -f "$_GS_TMP.head.pid"
   # Keep Ray's logs when something went wrong; they are per job, so nothing else is touched.
   if [[ ${_GS_RC:-1} -eq 0 && -n ${_GS_TMP:-} ]]; then
-    rm -rf "$_GS_TMP"
+    # a head stopped by SIGKILL leaves its daemons to Slurm, which ends them a moment later:
+    # until then they may still write logs here
+    for ((i = 0; i < 10; i++)); do
+      rm -rf "$_GS_TMP" 2>/dev/null && [[ ! -e $_GS_TMP ]] && break
+      sleep 1
+    done
     if ((${_GS_NNODES:-1} > 1)); then  # and on the worker nodes
       "${_GS_STEP[@]}" --job-name=gs-ray-clean --nodes=$((_GS_NNODES - 1)) --ntasks=$((_GS_NNODES - 1)) \
         --exclude="$_GS_HEAD" rm -rf "$_GS_TMP" || true

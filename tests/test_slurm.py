@@ -100,8 +100,9 @@ def _assert_no_ray_left(job: str, timeout: float = 60) -> None:
 
 
 def _assert_no_secret(text: str) -> None:
-    # The per-job Ray token is 48 hex digits; the S3 secret comes from the environment.
-    assert not re.search(r"\b[0-9a-f]{48}\b", text), "a Ray auth token appears in the job log"
+    # The per-job Ray token is "gsray-" and 64 hex digits (Ray's own ids in its logs are bare hex
+    # of other lengths: task 48, node and object 56); the S3 secret comes from the environment.
+    assert not re.search(r"gsray-[0-9a-f]{64}", text), "a Ray auth token appears in the job log"
     assert os.environ["AWS_SECRET_ACCESS_KEY"] not in text, "the S3 secret appears in the job log"
 
 
