@@ -90,6 +90,11 @@ def fmt(v, digits: int = 3) -> str:
     return f"{float(v):.{digits}g}" if abs(float(v)) >= 1e-3 or v == 0 else f"{float(v):.2e}"
 
 
+def frac(v) -> str:
+    """A vote fraction: two decimals."""
+    return "–" if v is None or not math.isfinite(float(v)) else f"{float(v):.2f}"
+
+
 def pct(v) -> str:
     return "–" if v is None or not math.isfinite(float(v)) else f"{100 * float(v):.1f}%"
 
@@ -243,7 +248,8 @@ class Entry:
     chance: dict = field(default_factory=dict)  # this dictionary's entry of compare/summary.json
 
 
-def load_entry(results: str, name: str, cfg: Config) -> Entry | None:
+def load_entry(results: str, name: str, cfg: Config, chance: dict | None = None) -> Entry | None:
+    """One dictionary's results; ``chance``: its entry of compare/summary.json."""
     folder = storage.join(results, name)
     doc_url = storage.join(folder, "dictionary.json")
     if not storage.exists(doc_url):
@@ -256,7 +262,8 @@ def load_entry(results: str, name: str, cfg: Config) -> Entry | None:
         cmp = {r["feature"]: r for r in _read_parquet(cmp_url).to_pylist()}
         for r in stats:
             c = cmp.get(r["feature"], {})
-            for k in ("best_column", "best_answer", "spearman", "abs_spearman", "novelty", "n_valid", "top_columns"):
+            for k in ("best_column", "best_answer", "spearman", "abs_spearman", "novelty", "n_valid",
+                      "top_columns", "top_fractions", "best_column_mean"):
                 r[k] = c.get(k)
             # from the column and the sign, so results of older compare runs read right too
             r["best_answer"] = compare.signed_answer(r["best_column"], r["spearman"]) or None
@@ -273,7 +280,7 @@ def load_entry(results: str, name: str, cfg: Config) -> Entry | None:
         cuts = np.searchsorted(f, np.arange(doc["n_latents"] + 1))
         hist = {i: v[cuts[i]:cuts[i + 1]] for i in range(doc["n_latents"]) if cuts[i + 1] > cuts[i]}
     plots = storage.listdir(storage.join(folder, "plots"), ".png")
-    return Entry(name, doc, stats, grids, hist, plots, compare_summary(results).get(name) or {})
+    return Entry(name, doc, stats, grids, hist, plots, chance or {})
 
 
 def compare_summary(results: str) -> dict:
@@ -361,13 +368,26 @@ def _chance_line(e: Entry) -> str:
 def _alignment_rows(e: Entry) -> str:
     """Card rows: shares of the active features (not counts: dictionaries differ in size), above
     chance first."""
-    active = [r for r in e.features if r["frequency"] > 0]
-    aligned = sum(1 for r in active if (r.get("abs_spearman") or 0) >= 0.5) / len(active) if active else None
     p95, share = e.chance.get("null_best_abs_rho_p95"), e.chance.get("share_above_null")
+    aligned = e.chance.get("share_abs_rho_ge_0_5")
     rows = [(f"Share of features above chance (|ρ| > {fmt(p95, 2)})" if p95 is not None
              else "Share of features above chance", pct(share) if share is not None else "–"),
             ("Share with |ρ| ≥ 0.5", pct(aligned) if aligned is not None else "–")]
     return "".join(f"<dt>{esc(k)}</dt><dd>{esc(v)}</dd>" for k, v in rows)
+
+
+def _top_votes(r: dict, n: int) -> tuple[tuple[str, str], list] | None:
+    """(the card's line, the vote fractions of the ``n`` top galaxies) for a feature's best
+    answer, from compare's top_fractions, or None (no answer, or results of an older compare)."""
+    fractions = list(r.get("top_fractions") or [])[:n]
+    if not r.get("best_column") or not fractions:
+        return None
+    asked = [v for v in fractions if v is not None]
+    mean_top = frac(sum(asked) / len(asked)) if asked else "–"
+    line = (f"Votes for {compare.readable(r['best_column'])}",
+            f"mean {mean_top} over its top {len(fractions)} galaxies ({len(asked)} asked); "
+            f"{frac(r.get('best_column_mean'))} over all galaxies asked")
+    return line, fractions
 
 
 def _num(v):
@@ -401,14 +421,25 @@ def feature_page(e: Entry, r: dict, cfg: Config, prev_f, next_f) -> str:
             stats.append(("Chance level (|ρ|, votes shuffled)",
                           f"{fmt(p95, 2)}: this feature is {'above' if above else 'not above'} it"))
         stats.append(("Novelty (1 − adjusted R²)", fmt(r.get("novelty"), 2)))
+    votes = _top_votes(r, cfg.top_rows)
+    if votes:
+        stats.append(votes[0])
     dl = "".join(f"<dt>{esc(k)}</dt><dd>{esc(v)}</dd>" for k, v in stats)
     top3 = json.loads(r.get("top_columns") or "[]")
     corr = "".join(f"<tr><td>{esc(compare.signed_answer(col, rho))}</td><td class='num'>{rho:+.2f}</td></tr>"
                    for col, _, rho in top3)
     corr_html = (f"<h2>Closest Galaxy Zoo answers</h2><table class='plain'><tr><th>answer</th><th>ρ</th></tr>{corr}</table>"
                  if corr else "")
-    tops = "".join(f"<tr><td>{i + 1}</td><td><code>{esc(i_)}</code></td><td class='num'>{v:.4g}</td></tr>"
-                   for i, (i_, v) in enumerate(zip(r["top_ids"][:cfg.top_rows], r["top_values"][:cfg.top_rows])))
+    fractions = votes[1] if votes else []
+    tops = []
+    for i, (gid, v) in enumerate(zip(r["top_ids"][:cfg.top_rows], r["top_values"][:cfg.top_rows])):
+        cells = [str(i + 1), f"<code>{esc(gid)}</code>", f"{v:.4g}"]
+        if fractions:
+            cells.append(frac(fractions[i]) if i < len(fractions) and fractions[i] is not None else "not asked")
+        tops.append("<tr>" + "".join(f"<td class='num'>{c}</td>" if j > 1 else f"<td>{c}</td>"
+                                     for j, c in enumerate(cells)) + "</tr>")
+    tops = "".join(tops)
+    votes_head = f"<th>votes: {esc(compare.readable(r['best_column']))}</th>" if fractions else ""
     nav = (f'<div class="nav"><span>{f"<a href={chr(34)}{prev_f}.html{chr(34)}>← {esc(feature_label(doc, prev_f))}</a>" if prev_f is not None else ""}</span>'
            f'<a href="../index.html">all features of {esc(e.name)}</a>'
            f'<span>{f"<a href={chr(34)}{next_f}.html{chr(34)}>{esc(feature_label(doc, next_f))} →</a>" if next_f is not None else ""}</span></div>')
@@ -422,7 +453,7 @@ def feature_page(e: Entry, r: dict, cfg: Config, prev_f, next_f) -> str:
 <div class="card">{hist}</div>
 {corr_html}
 <h2>Top galaxies</h2>
-<table class="plain"><tr><th>#</th><th>id_str</th><th>activation</th></tr>{tops}</table>
+<table class="plain"><tr><th>#</th><th>id_str</th><th>activation</th>{votes_head}</tr>{tops}</table>
 </div>
 </div>
 """
@@ -526,7 +557,8 @@ def run(cfg: Config) -> str:
     out = cfg.output.rstrip("/")
     storage.check_writable(out)  # wrong credentials / unreachable store: fail first
     names = [n for n in _subdirs(cfg.results) if not n.startswith(("_", ".")) and n != "compare"]
-    entries = [e for e in (load_entry(cfg.results, n, cfg) for n in names) if e is not None]
+    chance = compare_summary(cfg.results)
+    entries = [e for e in (load_entry(cfg.results, n, cfg, chance.get(n)) for n in names) if e is not None]
     if not entries:
         raise FileNotFoundError(f"{cfg.results}: no dictionary results found (run `galaxysae render` "
                                 "and `galaxysae compare` first)")

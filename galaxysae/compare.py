@@ -234,11 +234,16 @@ def _scores(rho: np.ndarray) -> np.ndarray:
     return np.where(np.isnan(rho), -1.0, np.abs(rho) + 1e-9 * (rho > 0))
 
 
+def _abs_or_minus_one(rho: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
+    """|rho|, -1 where NaN (and in the rows [M] not in ``rows``): what a max over it skips."""
+    skip = np.isnan(rho) if rows is None else np.isnan(rho) | ~np.asarray(rows, bool)[:, None]
+    return np.where(skip, -1.0, np.abs(rho))
+
+
 def best_abs(rho: np.ndarray) -> np.ndarray:
     """rho[M, C] -> each feature's best |rho| [M] (NaN where no column could be correlated)."""
-    absrho = np.abs(rho)
-    has = ~np.isnan(absrho).all(1)
-    return np.where(has, np.where(np.isnan(absrho), -1.0, absrho).max(1), np.nan)
+    best = _abs_or_minus_one(rho).max(1, initial=-1.0)
+    return np.where(best >= 0, best, np.nan)
 
 
 def closest(rho_f: np.ndarray, columns: list[str], n: int = 3) -> list[int]:
@@ -260,8 +265,7 @@ def align(codes: np.ndarray, labels: np.ndarray, columns: list[str], min_valid: 
     """Per feature: best |Spearman| column (signed rho, its n_valid), top-3 columns, novelty.
     ``corr``: ``spearman(codes, labels, min_valid)`` if the caller has it already."""
     rho, n_valid = corr if corr is not None else spearman(codes, labels, min_valid)
-    absrho = np.abs(rho)
-    has = ~np.isnan(absrho).all(1)
+    has = np.isfinite(best_abs(rho))
     best = np.where(has, np.argmax(_scores(rho), axis=1), -1)
     x, _ = design_matrix(labels, columns)
     nov, r2 = novelty(codes, x)
@@ -272,12 +276,31 @@ def align(codes: np.ndarray, labels: np.ndarray, columns: list[str], min_valid: 
         "best_column": [columns[b] if b >= 0 else None for b in best],
         "best_answer": [signed_answer(columns[b], rho[f, b]) if b >= 0 else None for f, b in enumerate(best)],
         "spearman": [float(rho[f, b]) if b >= 0 else np.nan for f, b in enumerate(best)],
-        "abs_spearman": [float(absrho[f, b]) if b >= 0 else np.nan for f, b in enumerate(best)],
+        "abs_spearman": [abs(float(rho[f, b])) if b >= 0 else np.nan for f, b in enumerate(best)],
         "n_valid": [int(n_valid[b]) if b >= 0 else 0 for b in best],
         "novelty": nov.tolist(),
         "r2": r2.tolist(),
         "top_columns": top3,
     }
+
+
+def top_votes(top_ids: list[list[str]], best_column: list[str | None], labels: np.ndarray,
+              ids: list[str], columns: list[str]) -> dict:
+    """What the volunteers said of each feature's top galaxies: per feature, the vote fraction
+    for its best column of each of ``top_ids`` (None where the question was not asked of that
+    galaxy) and, beside it, that column's mean over every galaxy asked. labels[N, C] are the
+    rows of ``ids``. A feature that finds bars shows bar votes near 1 where the average is low."""
+    pos = {s: i for i, s in enumerate(ids)}
+    col = {c: j for j, c in enumerate(columns)}
+    asked = ~np.isnan(labels)
+    means = np.where(asked.any(0), np.where(asked, labels, 0).sum(0) / np.maximum(asked.sum(0), 1), np.nan)
+    fractions, base = [], []
+    for tops, best in zip(top_ids, best_column):
+        j = col.get(best) if best else None
+        rows = [labels[pos[t], j] if j is not None and t in pos else np.nan for t in tops]
+        fractions.append([None if np.isnan(v) else round(float(v), 4) for v in rows] if j is not None else [])
+        base.append(float(means[j]) if j is not None else np.nan)
+    return {"top_fractions": fractions, "best_column_mean": base}
 
 
 # fewest shuffled values behind the chance level of an answer's best feature (one per column
@@ -310,15 +333,9 @@ def shuffled(codes: np.ndarray, labels: np.ndarray, min_valid: int, n_samples: i
         rho = spearman(codes, labels[rng.permutation(len(labels))], min_valid)[0]
         b = best_abs(rho)
         features.append(b[np.isfinite(b)])
-        a = np.where(np.isnan(rho[active]), -1.0, np.abs(rho[active])).max(0, initial=-1.0)
+        a = _abs_or_minus_one(rho, active).max(0, initial=-1.0)
         answers.append(a[a >= 0])
     return Chance(np.concatenate(features), np.concatenate(answers))
-
-
-def chance_baseline(codes: np.ndarray, labels: np.ndarray, min_valid: int, n_samples: int,
-                    seed: int) -> np.ndarray:
-    """Each feature's best |rho| with the label rows shuffled (see :func:`shuffled`)."""
-    return shuffled(codes, labels, min_valid, n_samples, seed).feature_best
 
 
 def answer_table(rho: np.ndarray, n_valid: np.ndarray, columns: list[str], active: np.ndarray,
@@ -326,7 +343,7 @@ def answer_table(rho: np.ndarray, n_valid: np.ndarray, columns: list[str], activ
     """Per answer column: the active feature with the largest |rho| (signed rho, n_valid) and
     whether it beats ``chance_p95``, the 95th percentile of the same maximum with the votes
     shuffled. What an astronomer asks first: which feature finds bars, mergers, edge-on disks?"""
-    a = np.where(np.isnan(rho) | ~np.asarray(active, bool)[:, None], -1.0, np.abs(rho))
+    a = _abs_or_minus_one(rho, active)
     rows = []
     for j, col in enumerate(columns):
         f = int(np.argmax(a[:, j]))
@@ -448,6 +465,19 @@ def level_summary(t: dict, levels: list[int], null_p95: float | None = None) -> 
     return out
 
 
+def _csv(table) -> bytes:
+    """A compare table as CSV; list columns (top_fractions) as JSON, as top_columns is."""
+    import pyarrow as pa
+
+    df = table.to_pandas()
+    for name in table.column_names:
+        if pa.types.is_list(table.schema.field(name).type):
+            df[name] = [json.dumps(v) for v in table.column(name).to_pylist()]
+    buf = io.BytesIO()
+    df.to_csv(buf, index=False)
+    return buf.getvalue()
+
+
 def summary_csv(summary: dict) -> bytes:
     """One row per dictionary: its size, activity and alignment with the votes, chance beside it."""
     import pandas as pd
@@ -516,12 +546,11 @@ def run(cfg: Config) -> dict:
         t = {"dictionary": [name] * d.n_latents, "family": d.family,
              "feature": feats.column("feature").to_pylist(), "level": feats.column("level").to_pylist(),
              "frequency": feats.column("frequency").to_pylist(), **res,
+             **top_votes(feats.column("top_ids").to_pylist(), res["best_column"], lab, enc_ids, columns),
              "above_null": [bool(p95 is not None and v > p95) for v in res["abs_spearman"]]}
         table = pa.table({k: v for k, v in t.items() if k != "family"})
         storage.write_parquet(table, storage.join(folder, "compare.parquet"))
-        buf = io.BytesIO()
-        table.to_pandas().to_csv(buf, index=False)
-        storage.write_bytes(storage.join(folder, "compare.csv"), buf.getvalue())
+        storage.write_bytes(storage.join(folder, "compare.csv"), _csv(table))
         tables[name] = t
         summary[name] = {"kind": d.kind, "family": d.family, "n_latents": d.n_latents,
                          "l0": (d.metrics or {}).get("l0"), "n_galaxies": len(enc_ids), **chance,
@@ -547,9 +576,7 @@ def run(cfg: Config) -> dict:
     storage.write_bytes(storage.join(out, "answers.json"), json.dumps(answers, indent=1).encode())
     storage.write_bytes(storage.join(out, "answers.csv"), answers_csv(answers))
     allt = pa.concat_tables([pa.table({k: v for k, v in t.items() if k != "family"}) for t in tables.values()])
-    buf = io.BytesIO()
-    allt.to_pandas().to_csv(buf, index=False)
-    storage.write_bytes(storage.join(out, "compare_all.csv"), buf.getvalue())
+    storage.write_bytes(storage.join(out, "compare_all.csv"), _csv(allt))
     config.save(cfg, out, "compare.toml")
     log.info("compare finished in %.1f s -> %s", time.time() - t0, out)
     return summary

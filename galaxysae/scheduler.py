@@ -7,7 +7,6 @@ only with trials of their own shape (``shape(trial.config)``); trials start in s
 
 from __future__ import annotations
 
-import pickle
 from typing import Callable
 
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
@@ -47,10 +46,3 @@ class ShapeASHA(FIFOScheduler):
     def debug_string(self) -> str:
         return f"ASHA within each of {len(self.by_shape)} trial shapes"
 
-    def save(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "wb") as f:
-            pickle.dump(self.__dict__, f)
-
-    def restore(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "rb") as f:
-            self.__dict__.update(pickle.load(f))

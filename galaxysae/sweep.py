@@ -8,11 +8,11 @@ Data flow:
   split) -> results.csv + fvu_vs_l0.png in {output}.
 
 Resources are explicit so a 2-CPU machine cannot deadlock: a trial's driver asks for 0.01 CPU,
-its Train workers ask for ``cpus_per_worker`` each, data is read by the workers themselves
-(``data_loading = "memory"``: no Ray Data tasks competing for CPUs), and at most
-``max_concurrent_trials`` run at once (0: as many as the cluster's nodes hold). A rerun
-restores the experiment (``Tuner.restore``): finished trials are kept, unfinished ones resume
-from their checkpoints, failed ones are retried.
+its Train workers ask for ``cpus_per_worker`` each, the trial's driver hands its split to its
+workers through the object store (``data_loading = "memory"``: no Ray Data tasks competing
+for CPUs), and at most ``max_concurrent_trials`` run at once (0: as many as the cluster's
+nodes hold). A rerun restores the experiment (``Tuner.restore``): finished trials are kept,
+unfinished ones resume from their checkpoints, failed ones are retried.
 """
 
 from __future__ import annotations

@@ -93,9 +93,9 @@ class Config:
     cpus_per_worker: int = field(default=0, metadata={
         "help": "ray mode: CPUs reserved per worker = its torch threads; 0: chosen from the cluster"})
     data_loading: Literal["stream", "memory"] = field(default="memory", metadata={"help": (
-        "ray mode: memory: each worker reads the split once and shuffles its share every epoch "
-        "(the driver holds the split too); stream: Ray Data re-reads the parquet every epoch, "
-        "shuffled within a buffer")})
+        "ray mode: memory: the driver's copy of the split goes to the object store once (one "
+        "copy per node), each worker keeps its share and shuffles it every epoch; stream: Ray "
+        "Data re-reads the parquet every epoch, shuffled within a buffer")})
     device: str = field(default="auto", metadata={"help": (
         "auto: a GPU when there is one (local: torch sees one; ray: the cluster has one per "
         "worker); cpu; cuda: a GPU or an error; mps: Apple's GPU (local mode)")})
@@ -474,7 +474,10 @@ def run_local(cfg: Config, train_x, init: dict, checkpoints: bool = True):
 
 
 def ray_train_loop(loop_cfg: dict) -> None:
-    """Ray Train worker loop (Train V2): same steps as local mode, data from the dataset shard."""
+    """Ray Train worker loop (Train V2): same steps as local mode, data from the dataset shard
+    (stream) or from the driver's split in the object store (memory)."""
+    import numpy as np
+    import ray
     import ray.train
     import ray.train.torch
     import torch
@@ -515,8 +518,9 @@ def ray_train_loop(loop_cfg: dict) -> None:
                     break
                 yield b["x"]
     else:
-        train = load_data(cfg)[0]
-        x_all = torch.as_tensor(train.x[rank::world]).to(device)
+        # the driver's split from this node's object store (read-only shared memory, one copy a
+        # node): this worker copies its rows out; nothing reads the embeddings files again
+        x_all = torch.from_numpy(np.array(ray.get(loop_cfg["train_x"])[rank::world])).to(device)
         gen = torch.Generator()
 
         def batches(epoch: int):
@@ -541,16 +545,17 @@ def ray_train_loop(loop_cfg: dict) -> None:
                             json.dumps(state_line).encode())
 
 
-def require_resources(num_workers: int, cpus_per_worker: int, use_gpu: bool, job: str) -> list[dict]:
-    """The Train workers of one run must fit the cluster, or Ray Train waits minutes per attempt
-    before it fails. Raises :class:`cluster.ResourceError` naming the keys; returns the alive
-    nodes (``cluster.alive_nodes()``) they fit."""
+def require_resources(num_workers: int, cpus_per_worker: int, use_gpu: bool, job: str,
+                      nodes: list[dict] | None = None) -> list[dict]:
+    """The Train workers of one run must fit the cluster (``nodes``: its ``alive_nodes()`` if the
+    caller has them), or Ray Train waits minutes per attempt before it fails. Raises
+    :class:`cluster.ResourceError` naming the keys; returns the alive nodes they fit."""
     from galaxysae import cluster
 
     return cluster.require(_worker_bundles(num_workers, cpus_per_worker, use_gpu),
                            f"{job} with num_workers={num_workers}, cpus_per_worker={cpus_per_worker}, "
                            f"use_gpu={str(use_gpu).lower()}", "Lower num_workers or cpus_per_worker.",
-                           gpu_off="use_gpu = false (and device = 'auto')")
+                           gpu_off="use_gpu = false (and device = 'auto')", nodes=nodes)
 
 
 def _worker_bundles(num_workers: int, cpus_per_worker: int, use_gpu: bool) -> list[dict]:
@@ -588,17 +593,21 @@ def plan_workers(cfg: Config, nodes: list[dict]) -> Config:
     return dataclasses.replace(cfg, use_gpu=gpu, cpus_per_worker=cpus, device=device)
 
 
-def run_ray(cfg: Config, d_in: int, n_train: int, init: dict, callbacks=None) -> dict:
-    """Train with a Ray Train V2 TorchTrainer; the model lands in cfg.output. Returns last line."""
+def run_ray(cfg: Config, train_x, init: dict, callbacks=None) -> dict:
+    """Train on the rows ``train_x`` with a Ray Train V2 TorchTrainer; the model lands in
+    cfg.output. Returns the last metrics line."""
+    import ray
     import ray.train
     from ray.train.torch import TorchTrainer
 
     from galaxysae import cluster, embeddings
 
     cluster.connect()
-    cfg = plan_workers(cfg, cluster.alive_nodes())
-    nodes = require_resources(cfg.num_workers, cfg.cpus_per_worker, cfg.use_gpu, "train")
-    per_worker = n_train // cfg.num_workers
+    nodes = cluster.alive_nodes()
+    cfg = plan_workers(cfg, nodes)
+    nodes = require_resources(cfg.num_workers, cfg.cpus_per_worker, cfg.use_gpu, "train", nodes)
+    d_in = train_x.shape[1]
+    per_worker = len(train_x) // cfg.num_workers
     # batch_size is the global batch, as in a one-process run: each worker takes its share
     bs = max(1, cfg.batch_size // cfg.num_workers)
     if cfg.batch_size % cfg.num_workers:
@@ -613,21 +622,23 @@ def run_ray(cfg: Config, d_in: int, n_train: int, init: dict, callbacks=None) ->
     datasets = {}
     workers = _worker_bundles(cfg.num_workers, cfg.cpus_per_worker, cfg.use_gpu)
     if cfg.data_loading == "stream" and embeddings.is_npy(cfg.embeddings):
-        log.info("%s is a .npy file: each worker reads it (data_loading = memory)", cfg.embeddings)
+        log.info("%s is a .npy file: the workers take it from memory (data_loading = memory)",
+                 cfg.embeddings)
         cfg = config.from_dict(Config, {**config.to_dict(cfg), "data_loading": "memory"})
     elif cfg.data_loading == "stream" and not cluster.fits(workers + [{"CPU": 1.0}], nodes):
         # Ray Data's read tasks need a CPU of their own: streaming would wait for ever
         log.info("the Train workers take every CPU of the cluster, none is left to stream the "
-                 "parquet: each worker reads its rows itself (data_loading = memory)")
+                 "parquet: the workers take the split from memory (data_loading = memory)")
         cfg = config.from_dict(Config, {**config.to_dict(cfg), "data_loading": "memory"})
     elif cfg.data_loading == "stream":
         datasets["train"] = embeddings.ray_dataset(cfg.embeddings, cfg.train_split, d_in)
-    # rank 0 writes the output; the embeddings are read on any node (by Ray Data's read tasks, or
-    # in memory mode by every worker, with their ids and test files)
-    reads = ("embeddings", "ids", "test_embeddings", "test_ids") if cfg.data_loading == "memory" else ("embeddings",)
-    cluster.require_shared({k: getattr(cfg, k) for k in reads}, {"output": cfg.output}, "train")
+    # rank 0 writes the output and every worker resumes from it; Ray Data's read tasks read the
+    # embeddings on any node, while in memory mode the split travels through the object store
+    reads = {"embeddings": cfg.embeddings} if cfg.data_loading == "stream" else {}
+    cluster.require_shared(reads, {"output": cfg.output}, "train")
     loop_cfg = {"cfg": config.to_dict(cfg), "d_in": d_in, "init": init, "batch_size": bs,
-                "steps_per_epoch": per_epoch, "total_steps": total}
+                "steps_per_epoch": per_epoch, "total_steps": total,
+                "train_x": ray.put(train_x) if cfg.data_loading == "memory" else None}
     fs, path = storage.arrow_fs(storage.join(cfg.output, "ray"))
     name = cfg.run_name or re.sub(r"[^A-Za-z0-9_.-]", "_", cfg.output.rstrip("/").split("/")[-1]) or "train"
     trainer = TorchTrainer(
@@ -703,7 +714,7 @@ def run(cfg: Config, callbacks=None) -> dict:
     init = init_stats(cfg, sample)
     t0 = time.perf_counter()
     if use_ray(cfg):
-        last = run_ray(cfg, train.x.shape[1], len(train), init, callbacks)
+        last = run_ray(cfg, train.x, init, callbacks)
         model = SparseAutoencoder.load(cfg.output)
     else:
         model, last = run_local(cfg, train.x, init)

@@ -53,6 +53,11 @@ def test_site_layout_is_self_contained(site):
         # nothing outside the site: no http(s) links, scripts, styles or images
         assert "http://" not in text and "https://" not in text, page
     assert "Bulge size" in (out / "pca" / "index.html").read_text()
+    # compare kept the votes of each feature's top galaxies: the page lists them (CSV: as JSON)
+    assert "<th>votes: " in (out / "pca" / "f" / "0.html").read_text()
+    import pandas as pd
+    csv = pd.read_csv(out.parent / "results" / "pca" / "compare.csv")
+    assert all(isinstance(json.loads(v), list) for v in csv["top_fractions"])
     # the chain's encoder is the offline stand-in: the atlas says so on its front page
     assert "stand-in encoder" in (out / "index.html").read_text()
 
@@ -135,10 +140,11 @@ def _write_dictionary(results: Path, name: str, doc: dict, codes: np.ndarray, la
     active = codes > 0
     freq = active.mean(0)
     top = np.argsort(-codes, axis=0)[:5]
+    top_ids = [[f"g{i}" for i in top[:, f]] for f in range(m)]
     pq.write_table(pa.table({
         "feature": np.arange(m, dtype=np.int32), "level": np.ones(m, np.int32), "frequency": freq,
         "mean_active": [float(codes[active[:, f], f].mean()) if active[:, f].any() else float("nan") for f in range(m)],
-        "max": codes.max(0), "top_ids": [[f"g{i}" for i in top[:, f]] for f in range(m)],
+        "max": codes.max(0), "top_ids": top_ids,
         "top_values": [codes[top[:, f], f].astype(np.float32).tolist() for f in range(m)]}),
         folder / "activations" / "test" / "features.parquet")
     corr = compare.spearman(codes, lab, 20)
@@ -147,7 +153,8 @@ def _write_dictionary(results: Path, name: str, doc: dict, codes: np.ndarray, la
     chance = compare.chance_summary(res["abs_spearman"], freq > 0, null.feature_best)
     chance["answer_null_p95"] = float(np.percentile(null.answer_best, 95))
     chance["answer_rows"] = compare.answer_table(*corr, cols, freq > 0, chance["answer_null_p95"])
-    pq.write_table(pa.table({"feature": np.arange(m), "frequency": freq, **res}), folder / "compare.parquet")
+    votes = compare.top_votes(top_ids, res["best_column"], lab, [f"g{i}" for i in range(n)], cols)
+    pq.write_table(pa.table({"feature": np.arange(m), "frequency": freq, **res, **votes}), folder / "compare.parquet")
     (folder / "dictionary.json").write_text(json.dumps({"name": name, "n_latents": m, "split": "test",
                                                         "n_galaxies": n, **doc}))
     return chance
@@ -199,6 +206,30 @@ def test_a_negative_correlation_reads_as_fewer_votes_for(small_site):
     row = next(r for r in _rows((out / "pca" / "index.html").read_text()) if r["feature"] == 0)
     assert row["best_answer"] == "fewer votes for: Bulge size → dominant" and row["spearman"] < 0
     assert "bulge" in row["best_answer"].lower()  # the table's search still finds it
+
+
+def test_feature_page_gives_the_votes_of_its_top_galaxies_beside_the_average(small_site):
+    """PC 1 is the bulge "dominant" vote upside down: its top galaxies have the fewest of those
+    votes, and the page shows each one's fraction and the mean beside the average over all."""
+    out, _ = small_site
+    page = (out / "pca" / "f" / "0.html").read_text()
+    assert "<th>votes: Bulge size → dominant</th>" in page
+    shown = [float(v) for v in re.findall(r"<td class='num'>[^<]*</td><td class='num'>([0-9.]+)</td></tr>", page)]
+    assert len(shown) == 5 and max(shown) < 0.1  # the 5 lowest of 300 uniform fractions
+    line = re.search(r"<dt>Votes for Bulge size → dominant</dt><dd>mean ([0-9.]+) over its top 5 galaxies "
+                     r"\(5 asked\); ([0-9.]+) over all galaxies asked</dd>", page)
+    assert line, page
+    assert float(line.group(1)) == pytest.approx(np.mean(shown), abs=0.006)
+    assert 0.4 < float(line.group(2)) < 0.6  # uniform votes average 0.5
+    # a feature page of results written before compare kept the votes has neither
+    assert atlas._top_votes({"best_column": BULGE, "top_fractions": None}, 30) is None
+
+
+def test_compare_keeps_nothing_for_a_feature_without_an_answer():
+    lab = np.array([[0.2, np.nan], [0.8, np.nan], [np.nan, np.nan]])
+    v = compare.top_votes([["a", "c"], ["b"]], ["x", None], lab, ["a", "b", "c"], ["x", "y"])
+    assert v["top_fractions"] == [[0.2, None], []]  # c was not asked; feature 1 has no answer
+    assert v["best_column_mean"][0] == pytest.approx(0.5) and np.isnan(v["best_column_mean"][1])
 
 
 def test_fvu_is_plotted_against_l0_not_dictionary_size(small_site):

@@ -122,9 +122,9 @@ def test_chance_level_separates_an_aligned_feature_from_random_ones():
     lab, cols = _labels(300, rng)
     j = cols.index("bulge-size-euclid_dominant_fraction")
     codes = np.column_stack([lab[:, j] + 0.05 * rng.normal(size=300), rng.normal(size=(300, 40))])
-    null = compare.chance_baseline(codes, lab, min_valid=20, n_samples=1000, seed=0)
+    null = compare.shuffled(codes, lab, min_valid=20, n_samples=1000, seed=0).feature_best
     assert len(null) == 25 * 41  # ceil(1000 / 41) shuffles of 41 features
-    assert np.array_equal(null, compare.chance_baseline(codes, lab, min_valid=20, n_samples=1000, seed=0))
+    assert np.array_equal(null, compare.shuffled(codes, lab, min_valid=20, n_samples=1000, seed=0).feature_best)
     res = compare.align(codes, lab, cols, min_valid=20)
     s = compare.chance_summary(res["abs_spearman"], np.ones(41, bool), null)
     p95 = s["null_best_abs_rho_p95"]
@@ -191,6 +191,10 @@ def test_compare_finds_the_bulge_feature_on_generated_galaxies(chain, tmp_path):
     assert best["best_answer"].startswith("fewer votes for: ") == (best["spearman"] < 0)
     for r in t:
         assert 0.0 <= r["novelty"] <= 1.0 and r["n_valid"] >= 20
+    # the votes of the bulge component's top galaxies lean the way its rho says
+    tops = [v for v in best["top_fractions"] if v is not None]
+    assert tops, best
+    assert (np.mean(tops) > best["best_column_mean"]) == (best["spearman"] > 0), best
     # the chance level: a PCA component that tracks the bulge is above it
     p95 = summary["pca"]["null_best_abs_rho_p95"]
     assert 0 < p95 < best["abs_spearman"] and best["above_null"]

@@ -179,7 +179,7 @@ def test_ray_train_whose_workers_take_every_cpu_reads_in_memory_instead_of_waiti
                      "--mode", "ray", "--num_workers", "2", "--cpus_per_worker", "2",
                      "--data_loading", "stream", *SMALL, "--epochs", "2", cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "none is left to stream the parquet: each worker reads its rows itself" in res.stderr
+    assert "none is left to stream the parquet: the workers take the split from memory" in res.stderr
     metrics = json.loads((out / "metrics.json").read_text())
     assert (out / "sae.safetensors").is_file() and (out / "checkpoints").is_dir()
     # batch_size 64 is the global batch (32 a worker): as many steps as one process takes

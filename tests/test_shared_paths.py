@@ -8,6 +8,7 @@ key, the path and the node, instead of writing where the driver never finds it.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -127,3 +128,23 @@ def test_train_whose_output_one_node_cannot_see_stops_before_training(two_nodes,
     assert res.returncode != 0
     assert "SharedPathError: train: output = " in res.stderr, res.stderr[-3000:]
     assert not (out / "ray").exists() and not (out / "checkpoints").exists()  # no Train run began
+
+
+def test_train_in_memory_mode_needs_the_embeddings_on_the_driver_only(two_nodes, tmp_path):
+    """Memory mode hands the driver's split to the workers through Ray's object store: a worker
+    on a node that cannot see the embeddings folder trains on its share all the same."""
+    head, hidden = two_nodes
+    emb = hidden / "emb_driver_only"  # the second node sees an empty tmpfs here
+    make_embeddings(str(emb), n_train=256, n_test=64)
+    out = tmp_path / "sae"
+    res = subprocess.run([sys.executable, "-m", "galaxysae", "train", "--embeddings", str(emb),
+                          "--output", str(out), "--mode", "ray", "--num_workers", "2",
+                          "--data_loading", "memory", *SMALL, "--epochs", "2"],
+                         cwd=REPO, env={**os.environ, **head.client_env()}, capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-4000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    t = metrics["train"]
+    # one 1-CPU worker on each 1-CPU node; 2 epochs x (256 rows / 2 workers / 32 per worker)
+    assert (t["workers"], t["cpus_per_worker"], t["data_loading"], t["steps"]) == (2, 1, "memory", 8)
+    assert 0 < metrics["fvu"] < 1
