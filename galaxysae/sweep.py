@@ -75,6 +75,9 @@ class Config:
     num_workers: int = field(default=1, metadata={"help": "Train workers per trial"})
     cpus_per_worker: int = 1
     use_gpu: bool = False
+    gpus_per_worker: float = field(default=1.0, metadata={"help": (
+        "use_gpu: the share of a GPU each trial reserves (num_workers = 1); 0.25 runs four "
+        "trials on each GPU, which one SAE trial alone leaves mostly idle")})
     data_loading: Literal["stream", "memory"] = "memory"
     space: Space = field(default_factory=Space)
     asha: Asha = field(default_factory=Asha)
@@ -86,6 +89,8 @@ class Config:
         if self.max_concurrent_trials < 0 or self.num_samples <= 0:
             raise ValueError("'max_concurrent_trials' must be >= 0 (0: as many as fit) and "
                              "'num_samples' positive")
+        if self.use_gpu:
+            train_job.check_gpu_share(self.gpus_per_worker, self.num_workers)
         for groups in self.space.matryoshka_groups:
             if not groups or any(g <= 0 for g in groups):
                 raise ValueError(f"'space.matryoshka_groups' entry {groups} must be positive sizes")
@@ -100,6 +105,7 @@ def base_train_config(cfg: Config) -> dict:
     # the sweep's resources, not the base's (the original Matryoshka TOML says device = "cuda")
     data.update(embeddings=cfg.embeddings, mode="ray", num_workers=cfg.num_workers,
                 cpus_per_worker=cfg.cpus_per_worker, use_gpu=cfg.use_gpu,
+                gpus_per_worker=cfg.gpus_per_worker if cfg.use_gpu else 1.0,
                 device="cuda" if cfg.use_gpu else "cpu", data_loading=cfg.data_loading)
     for key in ("ids", "test_embeddings", "test_ids"):  # trials run in Tune's own folders
         if data.get(key) and not storage.is_remote(data[key]):
@@ -192,7 +198,8 @@ def concurrent_trials(cfg: Config, nodes: list[dict], n_trials: int) -> int:
     driver's sliver of CPU), at least 1 and at most ``n_trials``: a sweep fills the cluster."""
     from galaxysae import cluster
 
-    trial = train_job._worker_bundles(cfg.num_workers, cfg.cpus_per_worker, cfg.use_gpu) + [{"CPU": 0.01}]
+    trial = (train_job.worker_bundles(cfg.num_workers, cfg.cpus_per_worker, train_job.gpu_share(cfg))
+             + [{"CPU": 0.01}])
     n = 1
     while n < n_trials and cluster.fits(trial * (n + 1), nodes):
         n += 1
@@ -226,7 +233,7 @@ def run(cfg: Config) -> dict:
     # their output
     cluster.require_shared({"embeddings": cfg.embeddings}, {"output": cfg.output}, "sweep")
     # one trial must fit (Tune runs fewer at once when not all of them do)
-    nodes = train_job.require_resources(cfg.num_workers, cfg.cpus_per_worker, cfg.use_gpu,
+    nodes = train_job.require_resources(cfg.num_workers, cfg.cpus_per_worker, train_job.gpu_share(cfg),
                                         "sweep trial")
     gpus = sum(n.get("GPU", 0) for n in nodes)
     if gpus and not cfg.use_gpu:
@@ -234,7 +241,7 @@ def run(cfg: Config) -> dict:
     n_trials = cfg.num_samples * (math.prod(map(len, _axes(cfg))) if cfg.search == "grid" else 1)
     at_once = cfg.max_concurrent_trials or concurrent_trials(cfg, nodes, n_trials)
     log.info("sweep: %d trials, up to %d at once, each %d worker(s) x {CPU %d%s}", n_trials, at_once,
-             cfg.num_workers, cfg.cpus_per_worker, ", GPU 1" if cfg.use_gpu else "")
+             cfg.num_workers, cfg.cpus_per_worker, f", GPU {cfg.gpus_per_worker:g}" if cfg.use_gpu else "")
     fs, path = storage.arrow_fs(storage.join(cfg.output, "tune"))
     exp_path = f"{path.rstrip('/')}/sweep"
     trainable = tune.with_resources(

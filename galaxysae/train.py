@@ -92,6 +92,9 @@ class Config:
         "help": "ray mode: a GPU per worker (as device = 'cuda'); device 'auto' also takes them"})
     cpus_per_worker: int = field(default=0, metadata={
         "help": "ray mode: CPUs reserved per worker = its torch threads; 0: chosen from the cluster"})
+    gpus_per_worker: float = field(default=1.0, metadata={"help": (
+        "ray mode on GPUs: the share of a GPU each worker reserves; below 1 lets several runs "
+        "(sweep trials) share a GPU, one worker each")})
     data_loading: Literal["stream", "memory"] = field(default="memory", metadata={"help": (
         "ray mode: memory: the driver's copy of the split goes to the object store once (one "
         "copy per node), each worker keeps its share and shuffles it every epoch; stream: Ray "
@@ -123,6 +126,7 @@ class Config:
             raise ValueError(f"'device' must be auto, cpu, cuda or mps, got {self.device!r}")
         if self.use_gpu and self.device == "cpu":
             raise ValueError("'use_gpu' = true contradicts 'device' = 'cpu': drop one of them")
+        check_gpu_share(self.gpus_per_worker, self.num_workers)
         m = self.model
         if m.matryoshka_groups and sum(m.matryoshka_groups) != m.n_latents:
             raise ValueError(f"'model.matryoshka_groups' {m.matryoshka_groups} sum to "
@@ -131,6 +135,14 @@ class Config:
             raise ValueError(f"'model.k' must be in 1..{m.n_latents}, got {m.k}")
         if m.multik and m.activation == "topk" and not m.k <= m.multik <= m.n_latents:
             raise ValueError(f"'model.multik' must be 0 or in k..n_latents, got {m.multik}")
+
+
+def check_gpu_share(gpus_per_worker: float, num_workers: int) -> None:
+    if not 0 < gpus_per_worker <= 1:
+        raise ValueError(f"'gpus_per_worker' must be in (0, 1], got {gpus_per_worker}")
+    if gpus_per_worker < 1 and num_workers > 1:
+        raise ValueError(f"'gpus_per_worker' = {gpus_per_worker:g} needs num_workers = 1: the "
+                         "workers of one run step together, each on a whole GPU of its own")
 
 
 # ----------------------------------------------------------------------------- the original layout
@@ -545,21 +557,30 @@ def ray_train_loop(loop_cfg: dict) -> None:
                             json.dumps(state_line).encode())
 
 
-def require_resources(num_workers: int, cpus_per_worker: int, use_gpu: bool, job: str,
+def require_resources(num_workers: int, cpus_per_worker: int, gpus_per_worker: float, job: str,
                       nodes: list[dict] | None = None) -> list[dict]:
-    """The Train workers of one run must fit the cluster (``nodes``: its ``alive_nodes()`` if the
-    caller has them), or Ray Train waits minutes per attempt before it fails. Raises
-    :class:`cluster.ResourceError` naming the keys; returns the alive nodes they fit."""
+    """The Train workers of one run (``gpus_per_worker``: 0 on CPUs) must fit the cluster
+    (``nodes``: its ``alive_nodes()`` if the caller has them), or Ray Train waits minutes per
+    attempt before it fails. Raises :class:`cluster.ResourceError` naming the keys; returns the
+    alive nodes they fit."""
     from galaxysae import cluster
 
-    return cluster.require(_worker_bundles(num_workers, cpus_per_worker, use_gpu),
-                           f"{job} with num_workers={num_workers}, cpus_per_worker={cpus_per_worker}, "
-                           f"use_gpu={str(use_gpu).lower()}", "Lower num_workers or cpus_per_worker.",
+    gpu = f"use_gpu={str(gpus_per_worker > 0).lower()}" + (
+        f", gpus_per_worker={gpus_per_worker:g}" if 0 < gpus_per_worker < 1 else "")
+    return cluster.require(worker_bundles(num_workers, cpus_per_worker, gpus_per_worker),
+                           f"{job} with num_workers={num_workers}, cpus_per_worker={cpus_per_worker}, {gpu}",
+                           "Lower num_workers or cpus_per_worker.",
                            gpu_off="use_gpu = false (and device = 'auto')", nodes=nodes)
 
 
-def _worker_bundles(num_workers: int, cpus_per_worker: int, use_gpu: bool) -> list[dict]:
-    return [{"CPU": float(cpus_per_worker), "GPU": 1.0 if use_gpu else 0.0}] * num_workers
+def worker_bundles(num_workers: int, cpus_per_worker: int, gpus_per_worker: float) -> list[dict]:
+    """What each Train worker reserves (``gpus_per_worker``: 0 on CPUs)."""
+    return [{"CPU": float(cpus_per_worker), "GPU": float(gpus_per_worker)}] * num_workers
+
+
+def gpu_share(cfg) -> float:
+    """The GPU each worker of a planned train (or sweep) ``cfg`` reserves: 0 on CPUs."""
+    return cfg.gpus_per_worker if cfg.use_gpu else 0.0
 
 
 # An SAE step is a few GEMMs: more host threads than this per GPU worker only wait.
@@ -568,27 +589,30 @@ MAX_CPUS_PER_GPU_WORKER = 8
 
 def plan_workers(cfg: Config, nodes: list[dict]) -> Config:
     """Ray mode: the workers' GPU and CPUs from the cluster's ``nodes`` where the config leaves
-    them open. GPU: ``use_gpu`` or ``device = "cuda"``; ``device = "auto"`` takes one per worker
-    when the cluster has that many (all workers or none: DDP workers step together). CPUs:
-    ``cpus_per_worker = 0`` gives each worker as many as fit (at most
-    MAX_CPUS_PER_GPU_WORKER on GPU), leaving one for Ray Data's read tasks when the parquet is
-    streamed. The chosen values are returned in the config (``device`` says cuda or cpu)."""
+    them open. GPU: ``use_gpu`` or ``device = "cuda"``; ``device = "auto"`` takes one (its
+    ``gpus_per_worker``) per worker when the cluster has that many (all workers or none: DDP
+    workers step together). CPUs: ``cpus_per_worker = 0`` gives each worker as many as fit (at
+    most MAX_CPUS_PER_GPU_WORKER on GPU, its share of a node's CPUs per GPU), leaving one for
+    Ray Data's read tasks when the parquet is streamed. The chosen values are returned in the
+    config (``device`` says cuda or cpu)."""
     from galaxysae import cluster, embeddings
 
     gpu = cfg.use_gpu or cfg.device.startswith("cuda")
     if cfg.device == "auto" and not gpu:
-        gpu = cluster.fits([{"GPU": 1.0}] * cfg.num_workers, nodes)
+        gpu = cluster.fits([{"GPU": cfg.gpus_per_worker}] * cfg.num_workers, nodes)
     cpus = cfg.cpus_per_worker
     if not cpus:
         stream = cfg.data_loading == "stream" and not embeddings.is_npy(cfg.embeddings)
         reader = [{"CPU": 1.0}] if stream else []
         if gpu:
             top = min(MAX_CPUS_PER_GPU_WORKER, max(
-                (int(n.get("CPU", 0) // n["GPU"]) for n in nodes if n.get("GPU", 0) >= 1), default=1))
+                (int(n.get("CPU", 0) * cfg.gpus_per_worker // n["GPU"]) for n in nodes if n.get("GPU", 0) >= 1),
+                default=1))
         else:
             top = int(max((n.get("CPU", 0) for n in nodes), default=1))
         cpus = next((c for c in range(max(1, top), 0, -1)
-                     if cluster.fits(_worker_bundles(cfg.num_workers, c, gpu) + reader, nodes)), 1)
+                     if cluster.fits(worker_bundles(cfg.num_workers, c, cfg.gpus_per_worker * gpu) + reader,
+                                     nodes)), 1)
     device = cfg.device if cfg.device.startswith("cuda") else ("cuda" if gpu else "cpu")
     return dataclasses.replace(cfg, use_gpu=gpu, cpus_per_worker=cpus, device=device)
 
@@ -605,7 +629,7 @@ def run_ray(cfg: Config, train_x, init: dict, callbacks=None) -> dict:
     cluster.connect()
     nodes = cluster.alive_nodes()
     cfg = plan_workers(cfg, nodes)
-    nodes = require_resources(cfg.num_workers, cfg.cpus_per_worker, cfg.use_gpu, "train", nodes)
+    nodes = require_resources(cfg.num_workers, cfg.cpus_per_worker, gpu_share(cfg), "train", nodes)
     d_in = train_x.shape[1]
     per_worker = len(train_x) // cfg.num_workers
     # batch_size is the global batch, as in a one-process run: each worker takes its share
@@ -616,11 +640,12 @@ def run_ray(cfg: Config, train_x, init: dict, callbacks=None) -> dict:
     bs = min(bs, max(1, per_worker))
     per_epoch = _steps_per_epoch(per_worker, bs)
     log.info("Ray Train: %d worker(s) x {CPU %d%s}, %d samples per step (%d per worker), %d steps "
-             "per epoch", cfg.num_workers, cfg.cpus_per_worker, ", GPU 1" if cfg.use_gpu else "",
+             "per epoch", cfg.num_workers, cfg.cpus_per_worker,
+             f", GPU {cfg.gpus_per_worker:g}" if cfg.use_gpu else "",
              bs * cfg.num_workers, bs, per_epoch)
     total = per_epoch * cfg.epochs if not cfg.max_steps else min(cfg.max_steps, per_epoch * cfg.epochs)
     datasets = {}
-    workers = _worker_bundles(cfg.num_workers, cfg.cpus_per_worker, cfg.use_gpu)
+    workers = worker_bundles(cfg.num_workers, cfg.cpus_per_worker, gpu_share(cfg))
     if cfg.data_loading == "stream" and embeddings.is_npy(cfg.embeddings):
         log.info("%s is a .npy file: the workers take it from memory (data_loading = memory)",
                  cfg.embeddings)
@@ -646,7 +671,7 @@ def run_ray(cfg: Config, train_x, init: dict, callbacks=None) -> dict:
         train_loop_config=loop_cfg,
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-            resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}),
+            resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": cfg.gpus_per_worker} if cfg.use_gpu else {})}),
         run_config=ray.train.RunConfig(
             name=name, storage_path=path, storage_filesystem=fs, callbacks=callbacks or None,
             failure_config=ray.train.FailureConfig(max_failures=2)),
@@ -655,7 +680,8 @@ def run_ray(cfg: Config, train_x, init: dict, callbacks=None) -> dict:
     trainer.fit()
     last = json.loads(storage.read_bytes(storage.join(cfg.output, "train_state.json")))
     return {**last, "workers": cfg.num_workers, "cpus_per_worker": cfg.cpus_per_worker,
-            "use_gpu": cfg.use_gpu, "batch_size": bs * cfg.num_workers, "data_loading": cfg.data_loading}
+            "use_gpu": cfg.use_gpu, "gpus_per_worker": gpu_share(cfg), "batch_size": bs * cfg.num_workers,
+            "data_loading": cfg.data_loading}
 
 
 # ----------------------------------------------------------------------------- the job

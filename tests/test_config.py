@@ -5,12 +5,15 @@ from __future__ import annotations
 import dataclasses
 import tomllib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal, Optional
 
 import pytest
 
 from galaxysae import config
 from galaxysae.config import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @dataclass
@@ -121,3 +124,27 @@ def test_a_relative_output_inside_a_ray_job_working_dir_copy_is_refused(tmp_path
                                 outputs=("output",))
     assert out.data == str(copy / "configs/x") and out.output == "/shared/sae"
     assert config.absolute_paths(Paths(output="s3://b/sae"), outputs=("output",)).output == "s3://b/sae"
+
+
+# the shipped configs leave these to the command line (README: --embeddings s3://..., --out ...)
+FROM_THE_COMMAND_LINE = {"embeddings": "s3://bucket/embeddings", "output": "s3://bucket/out",
+                         "out": "s3://bucket/demo"}
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("**/*.toml")),
+                         ids=lambda p: str(p.relative_to(REPO / "configs")))
+def test_every_shipped_config_loads_into_its_job(path):
+    """A key misspelt or of the wrong type in a shipped config would stop a user's first run."""
+    from galaxysae import cli
+
+    job = {"train_topk": "train", "train_matryoshka": "train", "matryoshka": "train"}.get(path.stem, path.stem)
+    module = cli.load_job(job)
+    data = tomllib.loads(path.read_text())
+    if hasattr(module, "preprocess_toml"):  # the original research layout (matryoshka.toml)
+        data = module.preprocess_toml(data, str(path))
+    fields = {f.name for f in dataclasses.fields(module.Config)}
+    for key, value in FROM_THE_COMMAND_LINE.items():
+        if key in fields and not data.get(key):
+            data[key] = value
+    cfg = config.from_dict(module.Config, data, str(path))
+    assert config.to_dict(cfg)  # every key known, every value of its type, validate() passed

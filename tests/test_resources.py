@@ -58,6 +58,13 @@ def test_train_plan_takes_the_clusters_gpus_and_cpus_where_the_config_leaves_the
     assert plan([{"CPU": 8.0}], use_gpu=True)[0] is True
     with pytest.raises(ValueError, match="'use_gpu' = true contradicts 'device' = 'cpu'"):
         train.Config(embeddings="e", output="o", use_gpu=True, device="cpu").validate()
+    # a quarter of a GPU: found on a 1-GPU node, with a quarter of its CPUs
+    assert plan([{"CPU": 16.0, "GPU": 1.0}], gpus_per_worker=0.25) == (True, 4, "cuda")
+    assert train.worker_bundles(2, 3, 0.25) == [{"CPU": 3.0, "GPU": 0.25}] * 2
+    with pytest.raises(ValueError, match="'gpus_per_worker' = 0.5 needs num_workers = 1"):
+        train.Config(embeddings="e", output="o", num_workers=2, gpus_per_worker=0.5).validate()
+    with pytest.raises(ValueError, match=r"'gpus_per_worker' must be in \(0, 1\], got 0"):
+        train.Config(embeddings="e", output="o", gpus_per_worker=0).validate()
 
 
 def test_embed_plan_leaves_each_gpu_node_a_cpu_of_its_own():

@@ -139,3 +139,16 @@ def test_a_sweep_runs_as_many_trials_at_once_as_the_cluster_holds():
     assert at_once([{"CPU": 2.0}]) == 1  # each driver's sliver of CPU counts too: 2 x 1.01 > 2
     assert at_once([{"CPU": 4.0}]) == 3
     assert at_once([{"CPU": 1.0}], cpus_per_worker=4) == 1  # never 0 (require_resources says why)
+    # trials that share a GPU: four quarters on one GPU, CPUs allowing
+    one_gpu = [{"CPU": 16.0, "GPU": 1.0}]
+    assert at_once(one_gpu, use_gpu=True, cpus_per_worker=3) == 1
+    assert at_once(one_gpu, use_gpu=True, cpus_per_worker=3, gpus_per_worker=0.25) == 4
+    assert at_once(one_gpu, use_gpu=True, cpus_per_worker=4, gpus_per_worker=0.25) == 3  # + drivers
+    cfg = config.from_dict(sweep_job.Config, {
+        "train_config": str(REPO / "configs/demo/train_topk.toml"), "embeddings": "e", "output": "o",
+        "use_gpu": True, "gpus_per_worker": 0.25})
+    base = sweep_job.base_train_config(cfg)
+    assert (base["use_gpu"], base["gpus_per_worker"], base["device"]) == (True, 0.25, "cuda")
+    with pytest.raises(config.ConfigError, match="'gpus_per_worker' = 0.5 needs num_workers = 1"):
+        config.from_dict(sweep_job.Config, {"train_config": "t", "embeddings": "e", "output": "o",
+                                            "use_gpu": True, "gpus_per_worker": 0.5, "num_workers": 2})
