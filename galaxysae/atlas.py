@@ -263,7 +263,7 @@ def load_entry(results: str, name: str, cfg: Config, chance: dict | None = None)
         for r in stats:
             c = cmp.get(r["feature"], {})
             for k in ("best_column", "best_answer", "spearman", "abs_spearman", "novelty", "n_valid",
-                      "top_columns", "top_fractions", "best_column_mean"):
+                      "top_columns", "top_votes", "best_column_mean"):
                 r[k] = c.get(k)
             # from the column and the sign, so results of older compare runs read right too
             r["best_answer"] = compare.signed_answer(r["best_column"], r["spearman"]) or None
@@ -367,27 +367,33 @@ def _chance_line(e: Entry) -> str:
 
 def _alignment_rows(e: Entry) -> str:
     """Card rows: shares of the active features (not counts: dictionaries differ in size), above
-    chance first."""
+    chance first. The |rho| share is counted here when compare/summary.json lacks this
+    dictionary (a later compare run into the same results folder rewrote it without)."""
     p95, share = e.chance.get("null_best_abs_rho_p95"), e.chance.get("share_above_null")
     aligned = e.chance.get("share_abs_rho_ge_0_5")
+    active = [r for r in e.features if r["frequency"] > 0]
+    if aligned is None and active and any(r.get("abs_spearman") is not None for r in active):
+        aligned = sum(1 for r in active if (r.get("abs_spearman") or 0) >= 0.5) / len(active)
     rows = [(f"Share of features above chance (|ρ| > {fmt(p95, 2)})" if p95 is not None
              else "Share of features above chance", pct(share) if share is not None else "–"),
             ("Share with |ρ| ≥ 0.5", pct(aligned) if aligned is not None else "–")]
     return "".join(f"<dt>{esc(k)}</dt><dd>{esc(v)}</dd>" for k, v in rows)
 
 
-def _top_votes(r: dict, n: int) -> tuple[tuple[str, str], list] | None:
-    """(the card's line, the vote fractions of the ``n`` top galaxies) for a feature's best
-    answer, from compare's top_fractions, or None (no answer, or results of an older compare)."""
-    fractions = list(r.get("top_fractions") or [])[:n]
-    if not r.get("best_column") or not fractions:
+def _top_votes(r: dict, n: int) -> tuple[tuple[str, str], dict] | None:
+    """(the card's line, {id_str: vote fraction or None where not asked}) for the ``n`` top
+    galaxies and the feature's best answer, from compare's top_votes, or None (no answer, or
+    results of an older compare)."""
+    votes = dict(json.loads(r.get("top_votes") or "[]"))
+    shown = [votes[i] for i in r["top_ids"][:n] if i in votes]
+    if not r.get("best_column") or not shown:
         return None
-    asked = [v for v in fractions if v is not None]
+    asked = [v for v in shown if v is not None]
     mean_top = frac(sum(asked) / len(asked)) if asked else "–"
     line = (f"Votes for {compare.readable(r['best_column'])}",
-            f"mean {mean_top} over its top {len(fractions)} galaxies ({len(asked)} asked); "
+            f"mean {mean_top} over its top {len(shown)} galaxies ({len(asked)} asked); "
             f"{frac(r.get('best_column_mean'))} over all galaxies asked")
-    return line, fractions
+    return line, votes
 
 
 def _num(v):
@@ -430,16 +436,16 @@ def feature_page(e: Entry, r: dict, cfg: Config, prev_f, next_f) -> str:
                    for col, _, rho in top3)
     corr_html = (f"<h2>Closest Galaxy Zoo answers</h2><table class='plain'><tr><th>answer</th><th>ρ</th></tr>{corr}</table>"
                  if corr else "")
-    fractions = votes[1] if votes else []
+    by_id = votes[1] if votes else {}
     tops = []
     for i, (gid, v) in enumerate(zip(r["top_ids"][:cfg.top_rows], r["top_values"][:cfg.top_rows])):
         cells = [str(i + 1), f"<code>{esc(gid)}</code>", f"{v:.4g}"]
-        if fractions:
-            cells.append(frac(fractions[i]) if i < len(fractions) and fractions[i] is not None else "not asked")
+        if by_id:
+            cells.append("–" if gid not in by_id else "not asked" if by_id[gid] is None else frac(by_id[gid]))
         tops.append("<tr>" + "".join(f"<td class='num'>{c}</td>" if j > 1 else f"<td>{c}</td>"
                                      for j, c in enumerate(cells)) + "</tr>")
     tops = "".join(tops)
-    votes_head = f"<th>votes: {esc(compare.readable(r['best_column']))}</th>" if fractions else ""
+    votes_head = f"<th>votes: {esc(compare.readable(r['best_column']))}</th>" if by_id else ""
     nav = (f'<div class="nav"><span>{f"<a href={chr(34)}{prev_f}.html{chr(34)}>← {esc(feature_label(doc, prev_f))}</a>" if prev_f is not None else ""}</span>'
            f'<a href="../index.html">all features of {esc(e.name)}</a>'
            f'<span>{f"<a href={chr(34)}{next_f}.html{chr(34)}>{esc(feature_label(doc, next_f))} →</a>" if next_f is not None else ""}</span></div>')

@@ -234,9 +234,9 @@ def _scores(rho: np.ndarray) -> np.ndarray:
     return np.where(np.isnan(rho), -1.0, np.abs(rho) + 1e-9 * (rho > 0))
 
 
-def _abs_or_minus_one(rho: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
-    """|rho|, -1 where NaN (and in the rows [M] not in ``rows``): what a max over it skips."""
-    skip = np.isnan(rho) if rows is None else np.isnan(rho) | ~np.asarray(rows, bool)[:, None]
+def _abs_or_minus_one(rho: np.ndarray, active: np.ndarray | None = None) -> np.ndarray:
+    """rho[M, C] -> |rho|, -1 where NaN or the feature is not ``active`` [M]: what a max skips."""
+    skip = np.isnan(rho) if active is None else np.isnan(rho) | ~np.asarray(active, bool)[:, None]
     return np.where(skip, -1.0, np.abs(rho))
 
 
@@ -286,21 +286,27 @@ def align(codes: np.ndarray, labels: np.ndarray, columns: list[str], min_valid: 
 
 def top_votes(top_ids: list[list[str]], best_column: list[str | None], labels: np.ndarray,
               ids: list[str], columns: list[str]) -> dict:
-    """What the volunteers said of each feature's top galaxies: per feature, the vote fraction
-    for its best column of each of ``top_ids`` (None where the question was not asked of that
-    galaxy) and, beside it, that column's mean over every galaxy asked. labels[N, C] are the
-    rows of ``ids``. A feature that finds bars shows bar votes near 1 where the average is low."""
+    """What the volunteers said of each feature's top galaxies: per feature, ``top_votes``, a
+    JSON list of [id_str, vote fraction for its best column] for each of ``top_ids`` (null
+    where the question was not asked of that galaxy; by id, so a page never puts a vote beside
+    the wrong galaxy) and ``best_column_mean``, that column's mean over every galaxy asked.
+    labels[N, C] are the rows of ``ids``. A feature that finds bars shows bar votes near 1 where
+    the average is low."""
     pos = {s: i for i, s in enumerate(ids)}
     col = {c: j for j, c in enumerate(columns)}
     asked = ~np.isnan(labels)
     means = np.where(asked.any(0), np.where(asked, labels, 0).sum(0) / np.maximum(asked.sum(0), 1), np.nan)
-    fractions, base = [], []
+    votes, base = [], []
     for tops, best in zip(top_ids, best_column):
         j = col.get(best) if best else None
-        rows = [labels[pos[t], j] if j is not None and t in pos else np.nan for t in tops]
-        fractions.append([None if np.isnan(v) else round(float(v), 4) for v in rows] if j is not None else [])
-        base.append(float(means[j]) if j is not None else np.nan)
-    return {"top_fractions": fractions, "best_column_mean": base}
+        if j is None:
+            votes.append("[]")
+            base.append(np.nan)
+            continue
+        rows = [(t, labels[pos[t], j] if t in pos else np.nan) for t in tops]
+        votes.append(json.dumps([[t, None if np.isnan(v) else round(float(v), 4)] for t, v in rows]))
+        base.append(float(means[j]))
+    return {"top_votes": votes, "best_column_mean": base}
 
 
 # fewest shuffled values behind the chance level of an answer's best feature (one per column
@@ -465,19 +471,6 @@ def level_summary(t: dict, levels: list[int], null_p95: float | None = None) -> 
     return out
 
 
-def _csv(table) -> bytes:
-    """A compare table as CSV; list columns (top_fractions) as JSON, as top_columns is."""
-    import pyarrow as pa
-
-    df = table.to_pandas()
-    for name in table.column_names:
-        if pa.types.is_list(table.schema.field(name).type):
-            df[name] = [json.dumps(v) for v in table.column(name).to_pylist()]
-    buf = io.BytesIO()
-    df.to_csv(buf, index=False)
-    return buf.getvalue()
-
-
 def summary_csv(summary: dict) -> bytes:
     """One row per dictionary: its size, activity and alignment with the votes, chance beside it."""
     import pandas as pd
@@ -550,7 +543,9 @@ def run(cfg: Config) -> dict:
              "above_null": [bool(p95 is not None and v > p95) for v in res["abs_spearman"]]}
         table = pa.table({k: v for k, v in t.items() if k != "family"})
         storage.write_parquet(table, storage.join(folder, "compare.parquet"))
-        storage.write_bytes(storage.join(folder, "compare.csv"), _csv(table))
+        buf = io.BytesIO()
+        table.to_pandas().to_csv(buf, index=False)
+        storage.write_bytes(storage.join(folder, "compare.csv"), buf.getvalue())
         tables[name] = t
         summary[name] = {"kind": d.kind, "family": d.family, "n_latents": d.n_latents,
                          "l0": (d.metrics or {}).get("l0"), "n_galaxies": len(enc_ids), **chance,
@@ -576,7 +571,9 @@ def run(cfg: Config) -> dict:
     storage.write_bytes(storage.join(out, "answers.json"), json.dumps(answers, indent=1).encode())
     storage.write_bytes(storage.join(out, "answers.csv"), answers_csv(answers))
     allt = pa.concat_tables([pa.table({k: v for k, v in t.items() if k != "family"}) for t in tables.values()])
-    storage.write_bytes(storage.join(out, "compare_all.csv"), _csv(allt))
+    buf = io.BytesIO()
+    allt.to_pandas().to_csv(buf, index=False)
+    storage.write_bytes(storage.join(out, "compare_all.csv"), buf.getvalue())
     config.save(cfg, out, "compare.toml")
     log.info("compare finished in %.1f s -> %s", time.time() - t0, out)
     return summary

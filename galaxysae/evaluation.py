@@ -39,6 +39,8 @@ def evaluate(model, test_x: np.ndarray, train_x: np.ndarray, batch: int = 4096,
     rng = np.random.default_rng(seed)
     if len(train_x) > max_train:
         train_x = train_x[rng.permutation(len(train_x))[:max_train]]
+    elif not train_x.flags.writeable:  # Ray's object store copy (train's memory mode)
+        train_x = train_x.copy()  # torch warns of tensors over read-only memory
     with torch.no_grad():
         z = model.standardize(torch.as_tensor(test_x)).double()
         total = (z - z.mean(0)).pow(2).sum().item()

@@ -45,4 +45,3 @@ class ShapeASHA(FIFOScheduler):
 
     def debug_string(self) -> str:
         return f"ASHA within each of {len(self.by_shape)} trial shapes"
-

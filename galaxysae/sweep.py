@@ -105,7 +105,7 @@ def base_train_config(cfg: Config) -> dict:
     # the sweep's resources, not the base's (the original Matryoshka TOML says device = "cuda")
     data.update(embeddings=cfg.embeddings, mode="ray", num_workers=cfg.num_workers,
                 cpus_per_worker=cfg.cpus_per_worker, use_gpu=cfg.use_gpu,
-                gpus_per_worker=cfg.gpus_per_worker if cfg.use_gpu else 1.0,
+                gpus_per_worker=cfg.gpus_per_worker,
                 device="cuda" if cfg.use_gpu else "cpu", data_loading=cfg.data_loading)
     for key in ("ids", "test_embeddings", "test_ids"):  # trials run in Tune's own folders
         if data.get(key) and not storage.is_remote(data[key]):

@@ -3,8 +3,9 @@
 Data flow:
   embeddings (parquet {root}/{split}/*.parquet, or research .npy + ids)
     -> standardisation stats + input-bias init from a train sample (driver)
-    -> training loop (plain local loop, or Ray Train TorchTrainer workers streaming parquet
-       through ``get_dataset_shard``), checkpoints under {output}/checkpoints/ every epoch
+    -> training loop (plain local loop, or Ray Train TorchTrainer workers that take their rows
+       of the driver's split from the object store, or stream the parquet through
+       ``get_dataset_shard``), checkpoints under {output}/checkpoints/ every epoch
     -> SAE artifact {output}/: sae.safetensors, cfg.json, config.toml
     -> evaluation on the test split: metrics.json (written last: the completion marker) + eval.png
 
@@ -89,7 +90,8 @@ class Config:
         default="auto", metadata={"help": "ray: TorchTrainer; local: plain loop; auto: ray if RAY_ADDRESS"})
     num_workers: int = field(default=1, metadata={"help": "Ray Train workers (data parallel)"})
     use_gpu: bool = field(default=False, metadata={
-        "help": "ray mode: a GPU per worker (as device = 'cuda'); device 'auto' also takes them"})
+        "help": "ray mode: a GPU (gpus_per_worker of one) per worker, as device = 'cuda'; device "
+                "'auto' also takes them"})
     cpus_per_worker: int = field(default=0, metadata={
         "help": "ray mode: CPUs reserved per worker = its torch threads; 0: chosen from the cluster"})
     gpus_per_worker: float = field(default=1.0, metadata={"help": (
@@ -100,8 +102,9 @@ class Config:
         "copy per node), each worker keeps its share and shuffles it every epoch; stream: Ray "
         "Data re-reads the parquet every epoch, shuffled within a buffer")})
     device: str = field(default="auto", metadata={"help": (
-        "auto: a GPU when there is one (local: torch sees one; ray: the cluster has one per "
-        "worker); cpu; cuda: a GPU or an error; mps: Apple's GPU (local mode)")})
+        "auto: a GPU when there is one (local: torch sees one; ray: the cluster has one, or "
+        "gpus_per_worker of one, per worker); cpu; cuda: a GPU or an error; mps: Apple's GPU "
+        "(local mode)")})
     checkpoint_every: int = field(default=1, metadata={"help": "epochs between checkpoints"})
     keep_checkpoints: int = 2
     log_every: int = field(default=50, metadata={"help": "steps between progress lines"})
@@ -126,7 +129,8 @@ class Config:
             raise ValueError(f"'device' must be auto, cpu, cuda or mps, got {self.device!r}")
         if self.use_gpu and self.device == "cpu":
             raise ValueError("'use_gpu' = true contradicts 'device' = 'cpu': drop one of them")
-        check_gpu_share(self.gpus_per_worker, self.num_workers)
+        if self.device != "cpu":
+            check_gpu_share(self.gpus_per_worker, self.num_workers)
         m = self.model
         if m.matryoshka_groups and sum(m.matryoshka_groups) != m.n_latents:
             raise ValueError(f"'model.matryoshka_groups' {m.matryoshka_groups} sum to "
@@ -518,6 +522,7 @@ def ray_train_loop(loop_cfg: dict) -> None:
     ddp = ray.train.torch.prepare_model(model, move_to_device=False, parallel_strategy_kwargs={
         "broadcast_buffers": False}) if world > 1 else model
 
+    rows = None  # this worker's rows, when it holds them (memory mode)
     if cfg.data_loading == "stream":
         shard = ray.train.get_dataset_shard("train")
 
@@ -533,6 +538,7 @@ def ray_train_loop(loop_cfg: dict) -> None:
         # the driver's split from this node's object store (read-only shared memory, one copy a
         # node): this worker copies its rows out; nothing reads the embeddings files again
         x_all = torch.from_numpy(np.array(ray.get(loop_cfg["train_x"])[rank::world])).to(device)
+        rows = x_all.shape[0]
         gen = torch.Generator()
 
         def batches(epoch: int):
@@ -553,6 +559,8 @@ def ray_train_loop(loop_cfg: dict) -> None:
         model.cpu().save(cfg.output)
         state_line = {k: v for k, v in last.items() if isinstance(v, (int, float))}
         state_line.update(steps=state["step"], epochs=state["epoch"])
+        if rows is not None:
+            state_line["worker_rows"] = rows
         storage.write_bytes(storage.join(cfg.output, "train_state.json"),
                             json.dumps(state_line).encode())
 
@@ -600,26 +608,26 @@ def plan_workers(cfg: Config, nodes: list[dict]) -> Config:
     gpu = cfg.use_gpu or cfg.device.startswith("cuda")
     if cfg.device == "auto" and not gpu:
         gpu = cluster.fits([{"GPU": cfg.gpus_per_worker}] * cfg.num_workers, nodes)
+    share = cfg.gpus_per_worker if gpu else 0.0
     cpus = cfg.cpus_per_worker
     if not cpus:
         stream = cfg.data_loading == "stream" and not embeddings.is_npy(cfg.embeddings)
         reader = [{"CPU": 1.0}] if stream else []
         if gpu:
-            top = min(MAX_CPUS_PER_GPU_WORKER, max(
-                (int(n.get("CPU", 0) * cfg.gpus_per_worker // n["GPU"]) for n in nodes if n.get("GPU", 0) >= 1),
-                default=1))
+            per_gpu = (n.get("CPU", 0) / n["GPU"] for n in nodes if n.get("GPU", 0) >= 1)
+            top = min(MAX_CPUS_PER_GPU_WORKER, int(max(per_gpu, default=1) * cfg.gpus_per_worker))
         else:
             top = int(max((n.get("CPU", 0) for n in nodes), default=1))
         cpus = next((c for c in range(max(1, top), 0, -1)
-                     if cluster.fits(worker_bundles(cfg.num_workers, c, cfg.gpus_per_worker * gpu) + reader,
-                                     nodes)), 1)
+                     if cluster.fits(worker_bundles(cfg.num_workers, c, share) + reader, nodes)), 1)
     device = cfg.device if cfg.device.startswith("cuda") else ("cuda" if gpu else "cpu")
     return dataclasses.replace(cfg, use_gpu=gpu, cpus_per_worker=cpus, device=device)
 
 
-def run_ray(cfg: Config, train_x, init: dict, callbacks=None) -> dict:
-    """Train on the rows ``train_x`` with a Ray Train V2 TorchTrainer; the model lands in
-    cfg.output. Returns the last metrics line."""
+def run_ray(cfg: Config, train, init: dict, callbacks=None) -> dict:
+    """Train on the Split ``train`` with a Ray Train V2 TorchTrainer; the model lands in
+    cfg.output. Returns the last metrics line. In memory mode ``train.x`` becomes the object
+    store's read-only copy, so the driver's node holds the split once."""
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -630,8 +638,8 @@ def run_ray(cfg: Config, train_x, init: dict, callbacks=None) -> dict:
     nodes = cluster.alive_nodes()
     cfg = plan_workers(cfg, nodes)
     nodes = require_resources(cfg.num_workers, cfg.cpus_per_worker, gpu_share(cfg), "train", nodes)
-    d_in = train_x.shape[1]
-    per_worker = len(train_x) // cfg.num_workers
+    d_in = train.x.shape[1]
+    per_worker = len(train) // cfg.num_workers
     # batch_size is the global batch, as in a one-process run: each worker takes its share
     bs = max(1, cfg.batch_size // cfg.num_workers)
     if cfg.batch_size % cfg.num_workers:
@@ -662,8 +670,10 @@ def run_ray(cfg: Config, train_x, init: dict, callbacks=None) -> dict:
     reads = {"embeddings": cfg.embeddings} if cfg.data_loading == "stream" else {}
     cluster.require_shared(reads, {"output": cfg.output}, "train")
     loop_cfg = {"cfg": config.to_dict(cfg), "d_in": d_in, "init": init, "batch_size": bs,
-                "steps_per_epoch": per_epoch, "total_steps": total,
-                "train_x": ray.put(train_x) if cfg.data_loading == "memory" else None}
+                "steps_per_epoch": per_epoch, "total_steps": total, "train_x": None}
+    if cfg.data_loading == "memory":
+        loop_cfg["train_x"] = ray.put(train.x)
+        train.x = ray.get(loop_cfg["train_x"])  # zero-copy: the driver's own copy can go
     fs, path = storage.arrow_fs(storage.join(cfg.output, "ray"))
     name = cfg.run_name or re.sub(r"[^A-Za-z0-9_.-]", "_", cfg.output.rstrip("/").split("/")[-1]) or "train"
     trainer = TorchTrainer(
@@ -671,7 +681,7 @@ def run_ray(cfg: Config, train_x, init: dict, callbacks=None) -> dict:
         train_loop_config=loop_cfg,
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-            resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": cfg.gpus_per_worker} if cfg.use_gpu else {})}),
+            resources_per_worker={k: v for k, v in workers[0].items() if v}),
         run_config=ray.train.RunConfig(
             name=name, storage_path=path, storage_filesystem=fs, callbacks=callbacks or None,
             failure_config=ray.train.FailureConfig(max_failures=2)),
@@ -740,7 +750,7 @@ def run(cfg: Config, callbacks=None) -> dict:
     init = init_stats(cfg, sample)
     t0 = time.perf_counter()
     if use_ray(cfg):
-        last = run_ray(cfg, train.x, init, callbacks)
+        last = run_ray(cfg, train, init, callbacks)
         model = SparseAutoencoder.load(cfg.output)
     else:
         model, last = run_local(cfg, train.x, init)

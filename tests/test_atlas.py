@@ -57,7 +57,8 @@ def test_site_layout_is_self_contained(site):
     assert "<th>votes: " in (out / "pca" / "f" / "0.html").read_text()
     import pandas as pd
     csv = pd.read_csv(out.parent / "results" / "pca" / "compare.csv")
-    assert all(isinstance(json.loads(v), list) for v in csv["top_fractions"])
+    votes = [json.loads(v) for v in csv["top_votes"]]  # [[id_str, fraction], ...] a feature
+    assert any(votes) and all(isinstance(i, str) and (f is None or 0 <= f <= 1) for v in votes for i, f in v)
     # the chain's encoder is the offline stand-in: the atlas says so on its front page
     assert "stand-in encoder" in (out / "index.html").read_text()
 
@@ -222,14 +223,10 @@ def test_feature_page_gives_the_votes_of_its_top_galaxies_beside_the_average(sma
     assert float(line.group(1)) == pytest.approx(np.mean(shown), abs=0.006)
     assert 0.4 < float(line.group(2)) < 0.6  # uniform votes average 0.5
     # a feature page of results written before compare kept the votes has neither
-    assert atlas._top_votes({"best_column": BULGE, "top_fractions": None}, 30) is None
-
-
-def test_compare_keeps_nothing_for_a_feature_without_an_answer():
-    lab = np.array([[0.2, np.nan], [0.8, np.nan], [np.nan, np.nan]])
-    v = compare.top_votes([["a", "c"], ["b"]], ["x", None], lab, ["a", "b", "c"], ["x", "y"])
-    assert v["top_fractions"] == [[0.2, None], []]  # c was not asked; feature 1 has no answer
-    assert v["best_column_mean"][0] == pytest.approx(0.5) and np.isnan(v["best_column_mean"][1])
+    assert atlas._top_votes({"best_column": BULGE, "top_ids": ["g1"]}, 30) is None
+    # votes are matched by id: a galaxy compare did not see gets none, not its neighbour's
+    r = {"best_column": BULGE, "top_ids": ["g1", "g2"], "top_votes": json.dumps([["g2", 0.5]])}
+    assert atlas._top_votes(r, 30)[1] == {"g2": 0.5}
 
 
 def test_fvu_is_plotted_against_l0_not_dictionary_size(small_site):
@@ -256,7 +253,6 @@ def test_cards_give_shares_above_chance_and_honest_labels(small_site):
     assert "never activate on the test split" not in index and "training split" in index
     feature = (out / "pca" / "f" / "0.html").read_text()
     assert "Chance level (|ρ|, votes shuffled)" in feature and "this feature is above it" in feature
-
 
 
 def test_answers_page_names_each_answers_best_feature_and_dims_chance(small_site):

@@ -192,8 +192,9 @@ def test_compare_finds_the_bulge_feature_on_generated_galaxies(chain, tmp_path):
     for r in t:
         assert 0.0 <= r["novelty"] <= 1.0 and r["n_valid"] >= 20
     # the votes of the bulge component's top galaxies lean the way its rho says
-    tops = [v for v in best["top_fractions"] if v is not None]
-    assert tops, best
+    votes = json.loads(best["top_votes"])
+    tops = [v for _, v in votes if v is not None]
+    assert [i for i, _ in votes] == activation_top_ids(results, "pca")[best["feature"]] and tops, best
     assert (np.mean(tops) > best["best_column_mean"]) == (best["spearman"] > 0), best
     # the chance level: a PCA component that tracks the bulge is above it
     p95 = summary["pca"]["null_best_abs_rho_p95"]
@@ -219,6 +220,18 @@ def test_compare_finds_the_bulge_feature_on_generated_galaxies(chain, tmp_path):
         assert storage.exists(storage.join(results, "compare", name)), name
     csv = storage.read_bytes(storage.join(results, "pca", "compare.csv")).decode()
     assert csv.splitlines()[0].startswith("dictionary,feature,level,frequency,best_column,best_answer,spearman")
+
+
+def activation_top_ids(results: str, name: str) -> dict[int, list[str]]:
+    t = pq.read_table(storage.join(results, name, "activations", "test", "features.parquet")).to_pylist()
+    return {r["feature"]: r["top_ids"] for r in t}
+
+
+def test_compare_keeps_no_votes_for_a_feature_without_an_answer():
+    lab = np.array([[0.2, np.nan], [0.8, np.nan], [np.nan, np.nan]])
+    v = compare.top_votes([["a", "c"], ["b"]], ["x", None], lab, ["a", "b", "c"], ["x", "y"])
+    assert [json.loads(t) for t in v["top_votes"]] == [[["a", 0.2], ["c", None]], []]  # c: not asked
+    assert v["best_column_mean"][0] == pytest.approx(0.5) and np.isnan(v["best_column_mean"][1])
 
 
 def test_embeddings_from_other_data_are_refused(tmp_path):

@@ -145,6 +145,8 @@ def test_train_in_memory_mode_needs_the_embeddings_on_the_driver_only(two_nodes,
     assert res.returncode == 0, res.stderr[-4000:]
     metrics = json.loads((out / "metrics.json").read_text())
     t = metrics["train"]
-    # one 1-CPU worker on each 1-CPU node; 2 epochs x (256 rows / 2 workers / 32 per worker)
-    assert (t["workers"], t["cpus_per_worker"], t["data_loading"], t["steps"]) == (2, 1, "memory", 8)
+    # one 1-CPU worker on each 1-CPU node, each holding its half of the rows (rank 0 says);
+    # 2 epochs x (128 rows / 32 per worker and step)
+    assert (t["workers"], t["cpus_per_worker"], t["data_loading"], t["worker_rows"], t["steps"]) == (
+        2, 1, "memory", 128, 8)
     assert 0 < metrics["fvu"] < 1
