@@ -136,6 +136,12 @@ def _check_rayjob(doc: dict, configmaps: dict, where: str) -> None:
     mounted = set()
     for pod in pods:
         volumes = {v["name"]: v for v in pod["spec"].get("volumes", [])}
+        # Ray's object store lives in /dev/shm (64 MiB in a pod unless mounted): on the head too,
+        # where train's driver puts its split; else Ray falls back to disk
+        shm = [volumes.get(m["name"], {}) for c in pod["spec"]["containers"]
+               for m in c.get("volumeMounts", []) if m["mountPath"] == "/dev/shm"]
+        assert shm and shm[0].get("emptyDir", {}).get("medium") == "Memory", \
+            f"{where}: a pod does not mount a memory emptyDir at /dev/shm"
         for c in pod["spec"]["containers"]:
             assert c["image"], f"{where}: container {c['name']} has no image"
             # Credentials come from Secrets only: no literal secret values in a manifest.
