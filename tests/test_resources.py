@@ -4,7 +4,6 @@ minutes per attempt (Ray Train). The test cluster has 4 CPUs and no GPU."""
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import subprocess
@@ -174,24 +173,6 @@ def test_activations_asking_more_cpus_than_a_node_has_fail_at_once(ray_cluster, 
                        r"needs 1 x \{CPU 8\}, which the Ray cluster \(1 node: 1 x \{CPU 4\}\)"):
         activations.compute(d, str(tmp_path / "emb"), "test", str(tmp_path / "act"), cpus_per_actor=8)
     assert not (tmp_path / "act").exists()
-
-
-@pytest.mark.slow  # a Ray Train run: ~1 min
-def test_ray_train_whose_workers_take_every_cpu_reads_in_memory_instead_of_waiting(ray_cluster, tmp_path):
-    # 2 workers x 2 CPUs fill the 4-CPU cluster: Ray Data's read tasks would never get a CPU.
-    # Relative paths: the Train workers run in directories of their own, the driver in tmp_path.
-    make_embeddings(str(tmp_path / "emb"), n_train=256, n_test=64)
-    out = tmp_path / "sae"
-    res = _galaxysae("train", "--embeddings", "emb", "--output", "sae",
-                     "--mode", "ray", "--num_workers", "2", "--cpus_per_worker", "2",
-                     "--data_loading", "stream", *SMALL, "--epochs", "2", cwd=tmp_path)
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert "none is left to stream the parquet: the workers take the split from memory" in res.stderr
-    metrics = json.loads((out / "metrics.json").read_text())
-    assert (out / "sae.safetensors").is_file() and (out / "checkpoints").is_dir()
-    # batch_size 64 is the global batch (32 a worker): as many steps as one process takes
-    assert metrics["train"]["mode"] == "ray" and metrics["train"]["steps"] == 2 * (256 // 64)
-    assert metrics["train"]["batch_size"] == 64 and metrics["train"]["data_loading"] == "memory"
 
 
 def test_sweep_whose_trial_cannot_fit_fails_before_tune_starts(ray_cluster, tmp_path):

@@ -130,23 +130,30 @@ def test_train_whose_output_one_node_cannot_see_stops_before_training(two_nodes,
     assert not (out / "ray").exists() and not (out / "checkpoints").exists()  # no Train run began
 
 
+@pytest.mark.slow  # a Ray Train run over two nodes: ~50 s
 def test_train_in_memory_mode_needs_the_embeddings_on_the_driver_only(two_nodes, tmp_path):
     """Memory mode hands the driver's split to the workers through Ray's object store: a worker
-    on a node that cannot see the embeddings folder trains on its share all the same."""
+    on a node that cannot see the embeddings folder trains on its share all the same. Asked to
+    stream, two 1-CPU workers on two 1-CPU nodes leave Ray Data's read tasks no CPU: the run
+    takes the split from memory instead of waiting for ever."""
     head, hidden = two_nodes
     emb = hidden / "emb_driver_only"  # the second node sees an empty tmpfs here
     make_embeddings(str(emb), n_train=256, n_test=64)
-    out = tmp_path / "sae"
+    # a relative output: the Train workers run in directories of their own, the driver here
     res = subprocess.run([sys.executable, "-m", "galaxysae", "train", "--embeddings", str(emb),
-                          "--output", str(out), "--mode", "ray", "--num_workers", "2",
-                          "--data_loading", "memory", *SMALL, "--epochs", "2"],
-                         cwd=REPO, env={**os.environ, **head.client_env()}, capture_output=True,
-                         text=True, timeout=300)
+                          "--output", "sae", "--mode", "ray", "--num_workers", "2",
+                          "--data_loading", "stream", *SMALL, "--epochs", "2"],
+                         cwd=tmp_path, env={**os.environ, **head.client_env()},
+                         capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-4000:]
+    assert "none is left to stream the parquet: the workers take the split from memory" in res.stderr
+    out = tmp_path / "sae"
+    assert (out / "sae.safetensors").is_file() and (out / "checkpoints").is_dir()
     metrics = json.loads((out / "metrics.json").read_text())
     t = metrics["train"]
     # one 1-CPU worker on each 1-CPU node, each holding its half of the rows (rank 0 says);
-    # 2 epochs x (128 rows / 32 per worker and step)
-    assert (t["workers"], t["cpus_per_worker"], t["data_loading"], t["worker_rows"], t["steps"]) == (
-        2, 1, "memory", 128, 8)
+    # batch_size 64 is the global batch (32 a worker): as many steps as one process takes
+    assert (t["mode"], t["workers"], t["cpus_per_worker"], t["data_loading"], t["worker_rows"]) == (
+        "ray", 2, 1, "memory", 128)
+    assert (t["batch_size"], t["steps"]) == (64, 2 * (256 // 64))
     assert 0 < metrics["fvu"] < 1

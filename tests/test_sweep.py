@@ -99,6 +99,7 @@ def test_sweep_runs_its_trials_end_to_end(ray_cluster, s3_prefix, tmp_path, monk
         if r["status"] == "finished":
             assert os.path.getmtime(os.path.join(r["output"], "sae.safetensors")) == before[r["trial"]]
 
+
 def test_asha_compares_a_trial_only_with_trials_of_its_own_shape():
     """A larger k always reconstructs better: ASHA across shapes would stop every small-k trial."""
     from ray.tune.experiment import Trial
