@@ -83,7 +83,7 @@ class Claim:
                 raise
             fs.invalidate_cache()
             return True
-        path = self.url[len("file://"):] if self.url.startswith("file://") else self.url
+        path = storage.local_path(self.url)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)

@@ -178,7 +178,7 @@ def require_shared(inputs: dict[str, str], outputs: dict[str, str], what: str,
     from galaxysae import storage
 
     def local(paths: dict[str, str]) -> dict[str, str]:  # absolute: the tasks run elsewhere
-        return {k: os.path.abspath(p[len("file://"):] if p.startswith("file://") else p)
+        return {k: os.path.abspath(storage.local_path(p))
                 for k, p in paths.items() if p and not storage.is_remote(p)}
 
     inputs = {k: p for k, p in local(inputs).items() if os.path.exists(p)}  # else: loaders say so

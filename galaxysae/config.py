@@ -357,7 +357,7 @@ def absolute_paths(cfg: Any, inputs: tuple[str, ...] = (), outputs: tuple[str, .
     def resolve(key: str, value: str) -> str:
         if not value or storage.is_remote(value):
             return value
-        path = value[len("file://"):] if value.startswith("file://") else value
+        path = storage.local_path(value)
         if key in outputs and not os.path.isabs(path) and _RAY_WORKING_DIR_COPY in cwd + "/":
             raise ConfigError(
                 f"'{key}' = {value!r} is a relative path, and this job runs in Ray's temporary copy "

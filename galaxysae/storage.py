@@ -17,7 +17,7 @@ from functools import lru_cache
 from pathlib import Path
 
 __all__ = [
-    "is_remote", "join", "exists", "read_bytes", "write_bytes", "write_parquet", "listdir",
+    "is_remote", "local_path", "join", "exists", "read_bytes", "write_bytes", "write_parquet", "listdir",
     "fsspec_fs", "arrow_fs", "makedirs", "remove", "s3_options", "check_writable", "StorageError",
 ]
 
@@ -26,7 +26,8 @@ def is_remote(url: str) -> bool:
     return "://" in str(url) and not str(url).startswith("file://")
 
 
-def _strip_file(url: str) -> str:
+def local_path(url: str) -> str:
+    """A local path or file:// URL as a plain path (a remote URL is the caller's to exclude)."""
     url = str(url)
     return url[len("file://"):] if url.startswith("file://") else url
 
@@ -35,7 +36,7 @@ def join(url: str, *parts: str) -> str:
     url = str(url)
     if is_remote(url):
         return posixpath.join(url.rstrip("/"), *[p.strip("/") for p in parts])
-    return str(Path(_strip_file(url), *parts))
+    return str(Path(local_path(url), *parts))
 
 
 def s3_options() -> dict:
@@ -89,7 +90,7 @@ def fsspec_fs(url: str):
         return fs, path
     import fsspec
 
-    return fsspec.filesystem("file"), os.path.abspath(_strip_file(url))
+    return fsspec.filesystem("file"), os.path.abspath(local_path(url))
 
 
 def arrow_fs(url: str):
@@ -115,7 +116,7 @@ def arrow_fs(url: str):
     if is_remote(url):
         fs, path = fsspec_fs(url)
         return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
-    return pafs.LocalFileSystem(), os.path.abspath(_strip_file(url))
+    return pafs.LocalFileSystem(), os.path.abspath(local_path(url))
 
 
 def exists(url: str) -> bool:
@@ -127,7 +128,7 @@ def exists(url: str) -> bool:
 
 def makedirs(url: str) -> None:
     if not is_remote(url):
-        os.makedirs(_strip_file(url), exist_ok=True)
+        os.makedirs(local_path(url), exist_ok=True)
 
 
 def read_bytes(url: str) -> bytes:
@@ -196,7 +197,7 @@ def check_writable(url: str) -> None:
     if not is_remote(url):
         try:
             write_bytes(probe, b"")
-            os.unlink(_strip_file(probe))
+            os.unlink(local_path(probe))
         except PermissionError:
             raise PermissionError(f"{url}: output folder is not writable") from None
         return
@@ -216,7 +217,7 @@ def write_bytes(url: str, data: bytes) -> None:
         fs, path = fsspec_fs(url)
         _with_retries(url, "write", lambda: fs.pipe_file(path, data))
         return
-    path = Path(_strip_file(url))
+    path = Path(local_path(url))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:

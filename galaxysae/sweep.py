@@ -109,7 +109,7 @@ def base_train_config(cfg: Config) -> dict:
                 device="cuda" if cfg.use_gpu else "cpu", data_loading=cfg.data_loading)
     for key in ("ids", "test_embeddings", "test_ids"):  # trials run in Tune's own folders
         if data.get(key) and not storage.is_remote(data[key]):
-            data[key] = os.path.abspath(data[key])
+            data[key] = os.path.abspath(storage.local_path(data[key]))
     if cfg.epochs:
         data["epochs"] = cfg.epochs
     data.setdefault("output", cfg.output)
