@@ -155,6 +155,10 @@ ray_cluster_start() {
   RAY_AUTH_TOKEN=gsray-$(od -An -N32 -tx1 /dev/urandom | tr -d ' \n')
   export RAY_AUTH_TOKEN
   export RAY_DISABLE_USAGE_STATS=1
+  # On SIGTERM `ray start --block` first drains its node for Ray Serve, for up to 30 s; after
+  # Ray Data it never finishes (a detached actor stays), so the stop below would always end in
+  # SIGKILL. A batch job's driver has ended by then: stop at once, cleanly.
+  export RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=${RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S:-0}
   local ports memory
   mapfile -t ports < <(_gs_ray_ports)
   mapfile -t memory < <(_gs_ray_memory)
@@ -211,8 +215,8 @@ while True:
 }
 
 _gs_stop_step() {
-  # SIGTERM, then SIGKILL after a grace period. `ray start --block` answers SIGTERM by draining
-  # its node and stopping its daemons, but only while the GCS is up: the head's GCS lives in the
+  # SIGTERM, then SIGKILL after a grace period. `ray start --block` answers SIGTERM by stopping
+  # its daemons (no drain: RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S), but only while the GCS is up: the head's GCS lives in the
   # head step, so the head gets SIGTERM on its `ray start` process alone (pid file), the other
   # steps through Slurm (srun itself would answer SIGTERM with SIGKILL).
   local pid=$1 name=$2 pidfile=${3:-} i step

@@ -44,7 +44,8 @@ def two_nodes(tmp_path_factory):
         f"--min-worker-port={b + 100}", f"--max-worker-port={b + 300}",
         "--disable-usage-stats"]
     script = f"mount -t tmpfs tmpfs {hidden} && exec " + " ".join(start)
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": head.token,
+    env = {"RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0", **os.environ, "RAY_AUTH_MODE": "token",
+           "RAY_AUTH_TOKEN": head.token,
            "PYTHONPATH": str(REPO)}
     env.pop("RAY_ADDRESS", None)
     with open(Path(head.temp_dir) / "node2.log", "ab") as log:  # the child keeps its own handle

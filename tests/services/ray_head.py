@@ -58,7 +58,9 @@ class RayHead:
             f"--max-worker-port={b + 400}", f"--num-cpus={self.num_cpus}", "--num-gpus=0",
             f"--temp-dir={self.temp_dir}", "--disable-usage-stats",
         ]
-        env = {**os.environ, **self.env_extra, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token}
+        # no drain for Ray Serve on SIGTERM (as in the image and the Slurm script): stop() is prompt
+        env = {"RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0", **os.environ, **self.env_extra,
+               "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token}
         # Workers import this checkout's package, whatever is installed in the venv.
         repo = str(Path(__file__).resolve().parents[2])
         env["PYTHONPATH"] = os.pathsep.join(p for p in (repo, env.get("PYTHONPATH", "")) if p)
