@@ -7,12 +7,17 @@ Data flow:
   training into {output}/trials/{trial}/ (checkpoints, artifact, metrics.json on the test
   split) -> results.csv + fvu_vs_l0.png in {output}.
 
+The sweep's driver reads the embeddings once and puts them in Ray's object store: every trial
+(its driver and its Train workers) takes them from its node's store, so a node holds one copy
+however many trials run there, and only the sweep's driver needs to see the files (unless
+``data_loading = "stream"``).
+
 Resources are explicit so a 2-CPU machine cannot deadlock: a trial's driver asks for 0.01 CPU,
-its Train workers ask for ``cpus_per_worker`` each, the trial's driver hands its split to its
-workers through the object store (``data_loading = "memory"``: no Ray Data tasks competing
-for CPUs), and at most ``max_concurrent_trials`` run at once (0: as many as the cluster's
-nodes hold). A rerun restores the experiment (``Tuner.restore``): finished trials are kept,
-unfinished ones resume from their checkpoints, failed ones are retried.
+its Train workers ask for ``cpus_per_worker`` each, the workers take the split from the object
+store (``data_loading = "memory"``: no Ray Data tasks competing for CPUs), and at most
+``max_concurrent_trials`` run at once (0: as many as the cluster's nodes hold). A rerun
+restores the experiment (``Tuner.restore``): finished trials are kept, unfinished ones resume
+from their checkpoints, failed ones are retried.
 """
 
 from __future__ import annotations
@@ -142,8 +147,9 @@ def trial_config(base: dict, params: dict, output: str) -> dict:
     return data
 
 
-def _trial(params: dict, base: dict, sweep_output: str) -> None:
-    """A Tune function trainable: one TorchTrainer run, then the test metrics."""
+def _trial(params: dict, base: dict, sweep_output: str, shared: train_job.SharedSplits) -> None:
+    """A Tune function trainable: one TorchTrainer run on the sweep's ``shared`` data, then the
+    test metrics."""
     import torch
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -155,7 +161,7 @@ def _trial(params: dict, base: dict, sweep_output: str) -> None:
     data = trial_config(base, params, out)
     data["run_name"] = f"sweep-{name}"  # unique Train run per trial
     cfg = config.from_dict(train_job.Config, data, f"trial {name}")
-    metrics = train_job.run(cfg, callbacks=[TuneReportCallback()])
+    metrics = train_job.run(cfg, callbacks=[TuneReportCallback()], shared=shared)
     # epoch stays below ASHA's max_t (epochs + 1): this last report must not be cut short
     tune.report({"epoch": cfg.epochs, "mse": metrics["levels"][-1]["mse"], "fvu": metrics["fvu"],
                  "l0": metrics["l0"], "dead": metrics["dead_fraction"], "done": True})
@@ -229,9 +235,10 @@ def run(cfg: Config) -> dict:
     check_space(cfg, base)
     epochs = base.get("epochs", 200)
     cluster.connect()
-    # trials (each a driver of its own Train run) run on any node: read the embeddings, write
-    # their output
-    cluster.require_shared({"embeddings": cfg.embeddings}, {"output": cfg.output}, "sweep")
+    # trials (each a driver of its own Train run) run on any node and write their output there;
+    # they read the embeddings only to stream them (Ray Data's read tasks, on any node too)
+    reads = {"embeddings": cfg.embeddings} if cfg.data_loading == "stream" else {}
+    cluster.require_shared(reads, {"output": cfg.output}, "sweep")
     # one trial must fit (Tune runs fewer at once when not all of them do)
     nodes = train_job.require_resources(cfg.num_workers, cfg.cpus_per_worker, train_job.gpu_share(cfg),
                                         "sweep trial")
@@ -242,12 +249,21 @@ def run(cfg: Config) -> dict:
     at_once = cfg.max_concurrent_trials or concurrent_trials(cfg, nodes, n_trials)
     log.info("sweep: %d trials, up to %d at once, each %d worker(s) x {CPU %d%s}", n_trials, at_once,
              cfg.num_workers, cfg.cpus_per_worker, f", GPU {cfg.gpus_per_worker:g}" if cfg.use_gpu else "")
+    # read once, here: the trials take the rows from the object store (SharedSplits)
+    train_cfg = config.from_dict(train_job.Config, base, cfg.train_config)
+    train, test = train_job.load_data(train_cfg)
+    train_job.check_width(train_cfg, train.x.shape[1], train.source)  # once, not in every trial
+    shared = train_job.SharedSplits(train, test)
+    log.info("sweep: %d train and %d test rows of width %d from %s, read once: every trial takes "
+             "them from Ray's object store", len(train), len(test), train.x.shape[1], train.source)
+    del train, test
     fs, path = storage.arrow_fs(storage.join(cfg.output, "tune"))
     exp_path = f"{path.rstrip('/')}/sweep"
     trainable = tune.with_resources(
         # Tune refuses an empty request; a sliver of CPU keeps the drivers from competing with
         # the Train workers they start (which ask for whole CPUs of their own).
-        tune.with_parameters(_trial, base=base, sweep_output=cfg.output), {"CPU": 0.01})
+        tune.with_parameters(_trial, base=base, sweep_output=cfg.output, shared=shared),
+        {"CPU": 0.01})
     if tune.Tuner.can_restore(exp_path, storage_filesystem=fs):
         log.info("restoring the sweep from %s", storage.join(cfg.output, "tune", "sweep"))
         tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_errored=True,

@@ -99,7 +99,7 @@ class Config:
         "(sweep trials) share a GPU, one worker each")})
     data_loading: Literal["stream", "memory"] = field(default="memory", metadata={"help": (
         "ray mode: memory: the driver's copy of the split goes to the object store once (one "
-        "copy per node), each worker keeps its share and shuffles it every epoch; stream: Ray "
+        "copy per node), each worker trains on its block of it, shuffled every epoch; stream: Ray "
         "Data re-reads the parquet every epoch, shuffled within a buffer")})
     device: str = field(default="auto", metadata={"help": (
         "auto: a GPU when there is one (local: torch sees one; ray: the cluster has one, or "
@@ -489,10 +489,25 @@ def run_local(cfg: Config, train_x, init: dict, checkpoints: bool = True):
     return model.cpu().eval(), last
 
 
+def worker_rows(x, rank: int, world: int, device):
+    """Rank ``rank``'s block of the rows of ``x`` [N, D] (the object store's read-only array) as
+    a tensor on ``device``. A contiguous block: on the CPU it is a view of the store's memory,
+    not a copy, so a node holds the split once however many workers and trials train from it
+    (the steps only gather batches from it, never write)."""
+    import warnings
+
+    import torch
+
+    n = x.shape[0]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        rows = torch.from_numpy(x[rank * n // world:(rank + 1) * n // world])
+    return rows.to(device)
+
+
 def ray_train_loop(loop_cfg: dict) -> None:
     """Ray Train worker loop (Train V2): same steps as local mode, data from the dataset shard
     (stream) or from the driver's split in the object store (memory)."""
-    import numpy as np
     import ray
     import ray.train
     import ray.train.torch
@@ -536,8 +551,8 @@ def ray_train_loop(loop_cfg: dict) -> None:
                 yield b["x"]
     else:
         # the driver's split from this node's object store (read-only shared memory, one copy a
-        # node): this worker copies its rows out; nothing reads the embeddings files again
-        x_all = torch.from_numpy(np.array(ray.get(loop_cfg["train_x"])[rank::world])).to(device)
+        # node); nothing reads the embeddings files again
+        x_all = worker_rows(ray.get(loop_cfg["train_x"]), rank, world, device)
         rows = x_all.shape[0]
         gen = torch.Generator()
 
@@ -624,10 +639,11 @@ def plan_workers(cfg: Config, nodes: list[dict]) -> Config:
     return dataclasses.replace(cfg, use_gpu=gpu, cpus_per_worker=cpus, device=device)
 
 
-def run_ray(cfg: Config, train, init: dict, callbacks=None) -> dict:
+def run_ray(cfg: Config, train, init: dict, callbacks=None, x_ref=None) -> dict:
     """Train on the Split ``train`` with a Ray Train V2 TorchTrainer; the model lands in
     cfg.output. Returns the last metrics line. In memory mode ``train.x`` becomes the object
-    store's read-only copy, so the driver's node holds the split once."""
+    store's read-only copy, so the driver's node holds the split once; ``x_ref``: train.x is in
+    the store already (SharedSplits), the workers take that object."""
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -672,7 +688,7 @@ def run_ray(cfg: Config, train, init: dict, callbacks=None) -> dict:
     loop_cfg = {"cfg": config.to_dict(cfg), "d_in": d_in, "init": init, "batch_size": bs,
                 "steps_per_epoch": per_epoch, "total_steps": total, "train_x": None}
     if cfg.data_loading == "memory":
-        loop_cfg["train_x"] = ray.put(train.x)
+        loop_cfg["train_x"] = x_ref if x_ref is not None else ray.put(train.x)
         train.x = ray.get(loop_cfg["train_x"])  # zero-copy: the driver's own copy can go
     fs, path = storage.arrow_fs(storage.join(cfg.output, "ray"))
     name = cfg.run_name or re.sub(r"[^A-Za-z0-9_.-]", "_", cfg.output.rstrip("/").split("/")[-1]) or "train"
@@ -706,20 +722,41 @@ def load_data(cfg: Config):
                            test_ids=cfg.test_ids)
 
 
+class SharedSplits:
+    """A (train, test) pair read once and kept in Ray's object store, for many runs on the same
+    data (a sweep's trials): each run takes the train rows zero-copy from its node's store and
+    hands the same object to its Train workers, so N trials read the embeddings once and a node
+    holds one copy of them, not one per trial. Pickles small: the rows travel as an ObjectRef."""
+
+    def __init__(self, train, test):
+        import ray
+
+        self.x_ref = ray.put(train.x)
+        self.train = dataclasses.replace(train, x=None)  # ids and source; x from the store
+        self.test = test  # the held-out rows go along (a tenth of the data, zero-copy as well)
+
+    def get(self) -> tuple:
+        """(train, test) Splits; train.x is the store's read-only array."""
+        import ray
+
+        return dataclasses.replace(self.train, x=ray.get(self.x_ref)), self.test
+
+
 def use_ray(cfg: Config) -> bool:
     if cfg.mode == "auto":
         return bool(os.environ.get("RAY_ADDRESS")) or cfg.num_workers > 1 or cfg.use_gpu
     return cfg.mode == "ray"
 
 
-def _check_width(cfg: Config, d_in: int, source: str) -> None:
+def check_width(cfg: Config, d_in: int, source: str) -> None:
     if cfg.input_dim and cfg.input_dim != d_in:
         raise ValueError(f"input_dim (the config's [model] input_dim) is {cfg.input_dim}, but "
                          f"{source} has embeddings of width {d_in}")
 
 
-def run(cfg: Config, callbacks=None) -> dict:
-    """Train (or with eval_only, evaluate) one SAE; ``callbacks``: Ray Train callbacks (sweeps)."""
+def run(cfg: Config, callbacks=None, shared: SharedSplits | None = None) -> dict:
+    """Train (or with eval_only, evaluate) one SAE; ``callbacks``: Ray Train callbacks (sweeps);
+    ``shared``: the data already in the object store (a sweep's), instead of cfg's files."""
     from galaxysae import evaluation
     from galaxysae.sae import SparseAutoencoder
 
@@ -727,8 +764,8 @@ def run(cfg: Config, callbacks=None) -> dict:
                                 outputs=("output",))  # Ray Train workers run elsewhere
     metrics_url = storage.join(cfg.output, "metrics.json")
     storage.check_writable(cfg.output)  # wrong credentials / unreachable store: fail first
-    train, test = load_data(cfg)
-    _check_width(cfg, train.x.shape[1], train.source)
+    train, test = shared.get() if shared is not None else load_data(cfg)
+    check_width(cfg, train.x.shape[1], train.source)
     if cfg.eval_only:
         model = SparseAutoencoder.load(cfg.output)
         metrics = evaluation.evaluate(model, test.x, train.x, cfg.eval_batch_size)
@@ -750,7 +787,7 @@ def run(cfg: Config, callbacks=None) -> dict:
     init = init_stats(cfg, sample)
     t0 = time.perf_counter()
     if use_ray(cfg):
-        last = run_ray(cfg, train, init, callbacks)
+        last = run_ray(cfg, train, init, callbacks, shared.x_ref if shared is not None else None)
         model = SparseAutoencoder.load(cfg.output)
     else:
         model, last = run_local(cfg, train.x, init)

@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from galaxysae import cli, config, storage
+from galaxysae import cli, config, embeddings, storage
 from galaxysae import sweep as sweep_job
 from tests.test_train import REPO, make_embeddings
 
@@ -62,7 +62,7 @@ def test_space_searches_every_key_given():
 
 
 @pytest.mark.slow
-def test_sweep_runs_its_trials_end_to_end(ray_cluster, s3_prefix, tmp_path, monkeypatch):
+def test_sweep_runs_its_trials_end_to_end(ray_cluster, s3_server, s3_prefix, tmp_path, monkeypatch):
     # two trials that train (a trial is ~25 s of Ray Train start-up here) and two that fail at
     # once (k > n_latents); the grid's crossing of keys is Tune's, checked above. Relative
     # paths: the trials run in directories of their own.
@@ -74,8 +74,15 @@ def test_sweep_runs_its_trials_end_to_end(ray_cluster, s3_prefix, tmp_path, monk
             "--max_concurrent_trials", "2", "--train_config", str(REPO / "configs/demo/train_topk.toml"),
             # ASHA stops at every epoch, but never a trial of one k for one of another
             "--asha.grace_period", "1", "--asha.reduction_factor", "2"]
+    reads = s3_server.volume_reads()
     with pytest.raises(sweep_job.SweepError, match=r"2 of 4 trials failed, 2 finished .*'model.k' must be in 1..32"):
         cli.main(["sweep", *args])
+    # the embeddings were read once, by the sweep's driver, not once more by each trial
+    reads = s3_server.volume_reads() - reads
+    one = s3_server.volume_reads()
+    embeddings.load(f"{s3_prefix}/emb", "train", "test")
+    one = s3_server.volume_reads() - one
+    assert one > 0 and reads == one, f"the sweep read the embeddings' objects {reads} times, one read is {one}"
     rows = list(csv.DictReader(io.StringIO(storage.read_bytes(f"{out}/results.csv").decode())))
     assert len(rows) == 4 and len({r["trial"] for r in rows}) == 4  # failed trials named apart
     failed = [r for r in rows if r["status"] == "error"]

@@ -150,6 +150,18 @@ def test_bad_embeddings_are_named(tmp_path):
         load(root, "train", "valid")
 
 
+def test_ray_workers_train_from_views_of_the_object_store_split():
+    # memory mode: each worker's rows are a block of the store's read-only array; on the CPU a
+    # view of it (a node holds the split once, whatever its workers and trials), never written
+    x = np.arange(7 * 3, dtype=np.float32).reshape(7, 3)
+    x.flags.writeable = False  # as ray.get returns it
+    blocks = [train_job.worker_rows(x, rank, 3, "cpu") for rank in range(3)]
+    assert [b.shape[0] for b in blocks] == [2, 2, 3]
+    assert torch.equal(torch.cat(blocks), torch.from_numpy(x.copy()))  # every row once, in order
+    base = x.ctypes.data
+    assert [b.data_ptr() - base for b in blocks] == [0, 2 * 12, 4 * 12], "a worker copied its rows"
+
+
 # A run SIGKILLed after a checkpoint resumes to the uninterrupted run's weights:
 # tests/faults/test_kill_resume.py (at three seeded points).
 

@@ -63,7 +63,8 @@ class S3Server:
             f"-volume.port.grpc={b + 3}", f"-filer.port={b + 4}", f"-filer.port.grpc={b + 5}",
             f"-s3.port={self.port}", f"-webdav.port={b + 7}", f"-admin.port={b + 8}",
             f"-admin.port.grpc={b + 9}", f"-s3.port.iceberg={b + 10}", f"-debug.port={b + 11}",
-            f"-s3.port.grpc={b + 12}", "-master.telemetry=false",
+            f"-s3.port.grpc={b + 12}", f"-metricsPort={b + 13}", "-s3.port.lance=0",
+            "-master.telemetry=false",
             f"-s3.config={ident}",
         ]
         log = open(self.root / "weed.log", "ab")
@@ -113,6 +114,14 @@ class S3Server:
                 time.sleep(0.5)
                 fs.invalidate_cache()
         raise RuntimeError(f"S3 server at {self.endpoint} never accepted a write: {last}")
+
+    def volume_reads(self) -> int:
+        """Reads the volume server has answered so far (its Prometheus counter): every S3 GET
+        of an object's bytes is one or more of them; listings and metadata are none."""
+        text = urllib.request.urlopen(f"http://127.0.0.1:{self.base + 13}/metrics", timeout=10).read()
+        return sum(int(float(line.rsplit(" ", 1)[1])) for line in text.decode().splitlines()
+                   if line.startswith("SeaweedFS_volumeServer_request_total{")
+                   and 'type="GET"' in line and 'code="2' in line)
 
     def make_bucket(self, name: str) -> str:
         import s3fs
