@@ -1,8 +1,8 @@
 """Secrets: a whole small demo run with recognisable secrets set never writes them anywhere.
 
 synth -> hub -> embed (to S3, on the token-auth test Ray cluster) -> train -> pca -> render ->
-compare -> atlas, each stage a real `python -m galaxysae` process with HF_TOKEN, the S3 secret
-key and the Ray token in its environment. Then every captured stdout/stderr, every file written
+compare -> atlas, each stage a real `python -m galaxysae` process (train and pca side by side)
+with HF_TOKEN, the S3 secret key and the Ray token in its environment. Then every captured stdout/stderr, every file written
 (local and on S3), the Ray session logs and the error of a failing stage are scanned.
 """
 
@@ -41,12 +41,21 @@ def test_no_secret_reaches_a_log_config_metadata_error_or_atlas_file(
     assert env["AWS_SECRET_ACCESS_KEY"] == s3_server.secret_key and env["RAY_AUTH_TOKEN"] == ray_cluster.token
     logs: dict[str, str] = {}
 
-    def stage(name: str, *args: str, ok: bool = True) -> subprocess.CompletedProcess:
-        r = subprocess.run([sys.executable, "-m", "galaxysae", *args], cwd=tmp_path, env=env,
-                           capture_output=True, text=True, timeout=300)
-        logs[name] = r.stdout + r.stderr
-        assert (r.returncode == 0) == ok, f"{name}: rc {r.returncode}\n{r.stderr[-3000:]}"
-        return r
+    def stages(*runs: tuple) -> dict[str, str]:
+        """Run (name, ok, *args) stages side by side (each a process mostly importing torch);
+        -> name: stderr."""
+        procs = {name: (ok, subprocess.Popen(
+            [sys.executable, "-m", "galaxysae", *args], cwd=tmp_path, env=env,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)) for name, ok, *args in runs}
+        errs = {}
+        for name, (ok, proc) in procs.items():
+            out, errs[name] = proc.communicate(timeout=300)
+            logs[name] = out + errs[name]
+            assert (proc.returncode == 0) == ok, f"{name}: rc {proc.returncode}\n{errs[name][-3000:]}"
+        return errs
+
+    def stage(name: str, *args: str) -> None:
+        stages((name, True, *args))
 
     ds, emb, res = tmp_path / "gz", f"{s3_prefix}/embeddings", f"{s3_prefix}/results"
     topk, pca_dir = tmp_path / "sae" / "topk", tmp_path / "pca"
@@ -56,20 +65,22 @@ def test_no_secret_reaches_a_log_config_metadata_error_or_atlas_file(
     stage("embed", "embed", "--dataset", str(ds), "--output", emb, "--encoder",
           "hf_hub:mwalmsley/zoobot-encoder-euclid", "--image_size", "32", "--batch_size", "16",
           "--encoder_threads", "1", "--read_unit_bytes", "1")
-    stage("train", "train", "--embeddings", emb, "--output", str(topk), "--mode", "local",
-          "--epochs", "2", "--batch_size", "16", "--model.n_latents", "32", "--model.k", "4",
-          "--model.multik", "0", "--model.aux_k", "4")
-    stage("pca", "pca", "--embeddings", emb, "--output", str(pca_dir), "--n_components", "4")
+    errs = stages(
+        ("train", True, "train", "--embeddings", emb, "--output", str(topk), "--mode", "local",
+         "--epochs", "2", "--batch_size", "16", "--model.n_latents", "32", "--model.k", "4",
+         "--model.multik", "0", "--model.aux_k", "4"),
+        ("pca", True, "pca", "--embeddings", emb, "--output", str(pca_dir), "--n_components", "4"),
+        # a failing stage: its error message is scanned too
+        ("train-error", False, "train", "--embeddings", f"{s3_prefix}/missing", "--output",
+         str(tmp_path / "x"), "--mode", "local"))
+    assert "missing" in errs["train-error"]
     dicts = f"{topk},{pca_dir}"
+    # one after the other: the second takes the activations the first wrote
     stage("render", "render", "--dictionaries", dicts, "--embeddings", emb, "--dataset", str(ds),
           "--results", res, "--n_features", "3", "--top_n", "4", "--columns", "2", "--tile", "24")
     stage("compare", "compare", "--dictionaries", dicts, "--embeddings", emb, "--dataset", str(ds),
           "--results", res, "--min_valid", "5")
     stage("atlas", "atlas", "--results", res, "--output", str(tmp_path / "atlas"))
-    # a failing stage: its error message is scanned too
-    bad = stage("train-error", "train", "--embeddings", f"{s3_prefix}/missing", "--output",
-                str(tmp_path / "x"), "--mode", "local", ok=False)
-    assert "missing" in bad.stderr
     ledger.fault("secret canaries", 3)
 
     found = [f"{n} in the output of stage {s}" for s, text in logs.items()
