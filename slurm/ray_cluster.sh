@@ -216,9 +216,9 @@ while True:
 
 _gs_stop_step() {
   # SIGTERM, then SIGKILL after a grace period. `ray start --block` answers SIGTERM by stopping
-  # its daemons (no drain: RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S), but only while the GCS is up: the head's GCS lives in the
-  # head step, so the head gets SIGTERM on its `ray start` process alone (pid file), the other
-  # steps through Slurm (srun itself would answer SIGTERM with SIGKILL).
+  # its daemons (no drain: RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S), but only while the GCS is up:
+  # the head's GCS lives in the head step, so the head gets SIGTERM on its `ray start` process
+  # alone (pid file), the other steps through Slurm (srun itself would answer SIGTERM with SIGKILL).
   local pid=$1 name=$2 pidfile=${3:-} i step
   [[ -n $pid ]] && kill -0 "$pid" 2>/dev/null || return 0
   if [[ -n $pidfile && -s $pidfile ]]; then

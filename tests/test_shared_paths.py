@@ -45,8 +45,7 @@ def two_nodes(tmp_path_factory):
         "--disable-usage-stats"]
     script = f"mount -t tmpfs tmpfs {hidden} && exec " + " ".join(start)
     env = {"RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0", **os.environ, "RAY_AUTH_MODE": "token",
-           "RAY_AUTH_TOKEN": head.token,
-           "PYTHONPATH": str(REPO)}
+           "RAY_AUTH_TOKEN": head.token, "PYTHONPATH": str(REPO)}
     env.pop("RAY_ADDRESS", None)
     with open(Path(head.temp_dir) / "node2.log", "ab") as log:  # the child keeps its own handle
         node = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sh", "-c", script],

@@ -2,8 +2,9 @@
 
 synth -> hub -> embed (to S3, on the token-auth test Ray cluster) -> train -> pca -> render ->
 compare -> atlas, each stage a real `python -m galaxysae` process (train and pca side by side)
-with HF_TOKEN, the S3 secret key and the Ray token in its environment. Then every captured stdout/stderr, every file written
-(local and on S3), the Ray session logs and the error of a failing stage are scanned.
+with HF_TOKEN, the S3 secret key and the Ray token in its environment. Then every captured
+stdout/stderr, every file written (local and on S3), the Ray session logs and the error of a
+failing stage are scanned.
 """
 
 from __future__ import annotations
