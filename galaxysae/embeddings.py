@@ -27,7 +27,7 @@ from galaxysae import storage
 log = logging.getLogger(__name__)
 
 __all__ = ["EmbeddingsError", "Split", "load_split", "load_npy", "parquet_files", "check_rows",
-           "is_npy", "ray_dataset"]
+           "is_npy", "ray_dataset", "as_tensor"]
 
 
 class EmbeddingsError(ValueError):
@@ -42,6 +42,19 @@ class Split:
 
     def __len__(self) -> int:
         return len(self.ids)
+
+
+def as_tensor(x: np.ndarray):
+    """A torch tensor over the rows ``x`` without copying them, also when they are Ray's
+    read-only object-store array (train's memory mode, a sweep's shared splits): the steps and
+    the evaluation only read them (torch would warn of the read-only memory)."""
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.as_tensor(x)
 
 
 def is_npy(path: str) -> bool:

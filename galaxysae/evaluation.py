@@ -14,6 +14,7 @@ import logging
 import numpy as np
 
 from galaxysae import storage
+from galaxysae.embeddings import as_tensor
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +27,7 @@ def _codes(model, x: np.ndarray, batch: int):
 
     with torch.no_grad():
         for i in range(0, len(x), batch):
-            yield model.encode(torch.as_tensor(x[i:i + batch]))
+            yield model.encode(as_tensor(x[i:i + batch]))
 
 
 def evaluate(model, test_x: np.ndarray, train_x: np.ndarray, batch: int = 4096,
@@ -39,10 +40,8 @@ def evaluate(model, test_x: np.ndarray, train_x: np.ndarray, batch: int = 4096,
     rng = np.random.default_rng(seed)
     if len(train_x) > max_train:
         train_x = train_x[rng.permutation(len(train_x))[:max_train]]
-    elif not train_x.flags.writeable:  # Ray's object store copy (train's memory mode)
-        train_x = train_x.copy()  # torch warns of tensors over read-only memory
     with torch.no_grad():
-        z = model.standardize(torch.as_tensor(test_x)).double()
+        z = model.standardize(as_tensor(test_x)).double()
         total = (z - z.mean(0)).pow(2).sum().item()
         ends = cfg.level_ends
         sse = np.zeros(len(ends))
@@ -86,8 +85,8 @@ def _pca_fvu(model, train_x: np.ndarray, test_x: np.ndarray, n_components: list[
     import torch
 
     with torch.no_grad():
-        ztr = model.standardize(torch.as_tensor(train_x)).double().numpy()
-        zte = model.standardize(torch.as_tensor(test_x)).double().numpy()
+        ztr = model.standardize(as_tensor(train_x)).double().numpy()
+        zte = model.standardize(as_tensor(test_x)).double().numpy()
     mean = ztr.mean(0)
     # Principal axes from the SVD of the centred train data: Vt[:n] spans the best n-dim subspace.
     _, _, vt = np.linalg.svd(ztr - mean, full_matrices=False)

@@ -252,7 +252,7 @@ def run(cfg: Config) -> dict:
     # read once, here: the trials take the rows from the object store (SharedSplits)
     train_cfg = config.from_dict(train_job.Config, base, cfg.train_config)
     train, test = train_job.load_data(train_cfg)
-    train_job.check_width(train_cfg, train.x.shape[1], train.source)  # once, not in every trial
+    train_job.check_width(train_cfg, train.x.shape[1], train.source)  # before any trial starts
     shared = train_job.SharedSplits(train, test)
     log.info("sweep: %d train and %d test rows of width %d from %s, read once: every trial takes "
              "them from Ray's object store", len(train), len(test), train.x.shape[1], train.source)

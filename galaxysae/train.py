@@ -494,15 +494,10 @@ def worker_rows(x, rank: int, world: int, device):
     a tensor on ``device``. A contiguous block: on the CPU it is a view of the store's memory,
     not a copy, so a node holds the split once however many workers and trials train from it
     (the steps only gather batches from it, never write)."""
-    import warnings
-
-    import torch
+    from galaxysae import embeddings
 
     n = x.shape[0]
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        rows = torch.from_numpy(x[rank * n // world:(rank + 1) * n // world])
-    return rows.to(device)
+    return embeddings.as_tensor(x[rank * n // world:(rank + 1) * n // world]).to(device)
 
 
 def ray_train_loop(loop_cfg: dict) -> None:

@@ -82,7 +82,7 @@ def test_sweep_runs_its_trials_end_to_end(ray_cluster, s3_server, s3_prefix, tmp
     one = s3_server.volume_reads()
     embeddings.load(f"{s3_prefix}/emb", "train", "test")
     one = s3_server.volume_reads() - one
-    assert one > 0 and reads == one, f"the sweep read the embeddings' objects {reads} times, one read is {one}"
+    assert one > 0 and reads == one, f"the sweep made {reads} reads of the embeddings; one load makes {one}"
     rows = list(csv.DictReader(io.StringIO(storage.read_bytes(f"{out}/results.csv").decode())))
     assert len(rows) == 4 and len({r["trial"] for r in rows}) == 4  # failed trials named apart
     failed = [r for r in rows if r["status"] == "error"]

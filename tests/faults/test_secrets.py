@@ -49,10 +49,16 @@ def test_no_secret_reaches_a_log_config_metadata_error_or_atlas_file(
             [sys.executable, "-m", "galaxysae", *args], cwd=tmp_path, env=env,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)) for name, ok, *args in runs}
         errs = {}
-        for name, (ok, proc) in procs.items():
-            out, errs[name] = proc.communicate(timeout=300)
-            logs[name] = out + errs[name]
-            assert (proc.returncode == 0) == ok, f"{name}: rc {proc.returncode}\n{errs[name][-3000:]}"
+        try:
+            for name, (ok, proc) in procs.items():
+                out, errs[name] = proc.communicate(timeout=300)
+                logs[name] = out + errs[name]
+                assert (proc.returncode == 0) == ok, f"{name}: rc {proc.returncode}\n{errs[name][-3000:]}"
+        finally:  # a stage that failed or hung leaves none of the others running
+            for _, proc in procs.values():
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.communicate()
         return errs
 
     def stage(name: str, *args: str) -> None:

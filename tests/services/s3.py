@@ -57,6 +57,8 @@ class S3Server:
         # the endpoint reconnect to the same server with the same objects.
         b = self.base = self.base or free_block(16)
         self.port = b + 6
+        # -metricsPort: the volume server's request counters (volume_reads); -s3.port.lance=0:
+        # no Lance server on its fixed default port, which suites side by side would fight over
         args = [
             weed, "mini", f"-dir={self.root / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
             f"-master.port={b}", f"-master.port.grpc={b + 1}", f"-volume.port={b + 2}",
