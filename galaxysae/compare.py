@@ -471,6 +471,13 @@ def level_summary(t: dict, levels: list[int], null_p95: float | None = None) -> 
     return out
 
 
+def table_csv(table) -> bytes:
+    """A compare table (pyarrow) as CSV; its list-like columns are JSON strings already."""
+    buf = io.BytesIO()
+    table.to_pandas().to_csv(buf, index=False)
+    return buf.getvalue()
+
+
 def summary_csv(summary: dict) -> bytes:
     """One row per dictionary: its size, activity and alignment with the votes, chance beside it."""
     import pandas as pd
@@ -543,9 +550,7 @@ def run(cfg: Config) -> dict:
              "above_null": [bool(p95 is not None and v > p95) for v in res["abs_spearman"]]}
         table = pa.table({k: v for k, v in t.items() if k != "family"})
         storage.write_parquet(table, storage.join(folder, "compare.parquet"))
-        buf = io.BytesIO()
-        table.to_pandas().to_csv(buf, index=False)
-        storage.write_bytes(storage.join(folder, "compare.csv"), buf.getvalue())
+        storage.write_bytes(storage.join(folder, "compare.csv"), table_csv(table))
         tables[name] = t
         summary[name] = {"kind": d.kind, "family": d.family, "n_latents": d.n_latents,
                          "l0": (d.metrics or {}).get("l0"), "n_galaxies": len(enc_ids), **chance,
@@ -571,9 +576,7 @@ def run(cfg: Config) -> dict:
     storage.write_bytes(storage.join(out, "answers.json"), json.dumps(answers, indent=1).encode())
     storage.write_bytes(storage.join(out, "answers.csv"), answers_csv(answers))
     allt = pa.concat_tables([pa.table({k: v for k, v in t.items() if k != "family"}) for t in tables.values()])
-    buf = io.BytesIO()
-    allt.to_pandas().to_csv(buf, index=False)
-    storage.write_bytes(storage.join(out, "compare_all.csv"), buf.getvalue())
+    storage.write_bytes(storage.join(out, "compare_all.csv"), table_csv(allt))
     config.save(cfg, out, "compare.toml")
     log.info("compare finished in %.1f s -> %s", time.time() - t0, out)
     return summary

@@ -683,8 +683,10 @@ def run_ray(cfg: Config, train, init: dict, callbacks=None, x_ref=None) -> dict:
     loop_cfg = {"cfg": config.to_dict(cfg), "d_in": d_in, "init": init, "batch_size": bs,
                 "steps_per_epoch": per_epoch, "total_steps": total, "train_x": None}
     if cfg.data_loading == "memory":
-        loop_cfg["train_x"] = x_ref if x_ref is not None else ray.put(train.x)
-        train.x = ray.get(loop_cfg["train_x"])  # zero-copy: the driver's own copy can go
+        if x_ref is None:
+            x_ref = ray.put(train.x)
+            train.x = ray.get(x_ref)  # zero-copy: the driver's own copy can go
+        loop_cfg["train_x"] = x_ref
     fs, path = storage.arrow_fs(storage.join(cfg.output, "ray"))
     name = cfg.run_name or re.sub(r"[^A-Za-z0-9_.-]", "_", cfg.output.rstrip("/").split("/")[-1]) or "train"
     trainer = TorchTrainer(
