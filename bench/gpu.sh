@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # GPU benchmarks on a bare GPU box: Python with torch, timm, pyarrow and pillow only (no Ray, no
-# network, no downloads: the data is generated). About 5 minutes on one H100/H200-class GPU.
+# network, no downloads: the data is generated; simplejpeg, the pipeline's strict JPEG decoder,
+# is used when installed, else PIL decodes). About 5 minutes on one H100/H200-class GPU.
 # Prints: original-style embed loop img/s, encoder-only img/s (fp32 vs bf16, channels_last),
 # decode / encode / pipeline img/s with N decode CPUs, SAE training samples/s (ours vs the
 # original loops) with a per-part timing table, GPU memory, host syncs in a training step; ends

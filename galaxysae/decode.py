@@ -6,16 +6,30 @@ no ImageNet normalisation. Odd but valid images are converted; an image that can
 raises :class:`DecodeError` with a reason, and :func:`decode_batch` records it as a failure.
 A failed image is never replaced by zeros: its row carries the reason and a NaN placeholder that
 the encoder skips and the writer drops.
+
+JPEGs are decoded by libjpeg-turbo in strict mode (``simplejpeg``): where PIL decodes through
+corrupt compressed data with a warning on stderr and fills what it lost with grey, a strict decode
+makes the image a failure. The pixels are PIL's own (the same library, the same settings); PIL
+still decodes what the strict decoder declines (CMYK, huge images at reduced scale, a JPEG whose
+metadata draws a warning), after a strict check of the compressed data where one can be made.
+Without ``simplejpeg`` installed (a bare GPU box running bench/gpu.sh) PIL decodes every JPEG.
 """
 
 from __future__ import annotations
 
 import io
+import re
 import warnings
 
 import numpy as np
 
-__all__ = ["DecodeError", "MAX_PIXELS", "decode_image", "decode_pixels", "decode_batch", "to_float"]
+try:
+    import simplejpeg
+except ImportError:  # requirements.txt pins it; only a bare benchmark box goes without
+    simplejpeg = None
+
+__all__ = ["DecodeError", "MAX_PIXELS", "check_jpeg", "decode_image", "decode_pixels", "decode_batch",
+           "to_float"]
 
 # Larger than any survey cutout, small enough that a decompression bomb fails instead of
 # swallowing a worker's memory.
@@ -66,6 +80,61 @@ def _to_rgb(img, size: int) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1))  # [3, S, S]
 
 
+# libjpeg's warnings about the compressed data itself (jerror.h, JWRN_*). Its other warnings (an
+# unknown JFIF revision, an unknown Adobe transform, a bad ICC profile) concern metadata: the
+# pixels are sound, and PIL's decode stands.
+_CORRUPT = re.compile(r"Corrupt JPEG data|Premature end of JPEG file|Invalid SOS parameters|"
+                      r"Inconsistent progression")
+_METADATA_ONLY = "bad ICC marker"
+
+
+def _strict_jpeg(data: bytes, colorspace: str, check_only: bool = False) -> np.ndarray | None:
+    """Decode JPEG bytes with libjpeg-turbo, stopping at its first warning: uint8 [H, W, C].
+
+    ``check_only``: the smallest scale libjpeg offers (1/8), pixels dropped; it still reads every
+    byte of the compressed data. Raises :class:`DecodeError` when libjpeg finds the data corrupt
+    or truncated; None when it declines for another reason (PIL then decodes, as it would
+    anyway) or simplejpeg is not installed.
+    """
+    if simplejpeg is None:
+        return None
+    try:
+        if check_only:
+            simplejpeg.decode_jpeg(data, colorspace=colorspace, min_height=1, min_width=1,
+                                   strict=True)
+            return None
+        return simplejpeg.decode_jpeg(data, colorspace=colorspace, strict=True)
+    except ValueError as exc:
+        msg = str(exc)
+        if not _CORRUPT.search(msg) or _METADATA_ONLY in msg:
+            return None
+        what = "truncated JPEG" if msg.startswith("Premature end") else "corrupt JPEG data"
+        raise DecodeError(f"undecodable image: {what} (libjpeg: {msg})") from None
+
+
+def check_jpeg(data: bytes, mode: str) -> None:
+    """Raise :class:`DecodeError` when libjpeg finds the compressed data of these JPEG bytes
+    (PIL ``mode``, from the headers) corrupt or truncated: for decoders other than the strict one."""
+    _strict_jpeg(data, "CMYK" if mode == "CMYK" else "GRAY", check_only=True)
+
+
+def _jpeg(img, data: bytes, size: int):
+    """A JPEG that PIL has opened (headers read) -> the image to convert, decoded strictly."""
+    from PIL import Image
+
+    if min(img.size) >= 4 * size:
+        # Huge JPEGs: let libjpeg decode at a reduced scale (still >= 2x the target, so the
+        # bilinear resize that follows sees enough pixels).
+        img.draft(img.mode, (2 * size, 2 * size))
+    elif img.mode in ("RGB", "L"):
+        pixels = _strict_jpeg(data, "RGB")  # a grey JPEG's channels come out equal, as PIL's do
+        if pixels is not None:
+            return Image.fromarray(pixels)
+        return img
+    check_jpeg(data, img.mode)
+    return img
+
+
 def decode_image(data: bytes | None, size: int = 224) -> np.ndarray:
     """Image bytes -> float32 [3, size, size] in [0, 1]; raises :class:`DecodeError`."""
     return to_float(decode_pixels(data, size))
@@ -86,10 +155,8 @@ def decode_pixels(data: bytes | None, size: int = 224) -> np.ndarray:
             w, h = img.size
             if w * h > MAX_PIXELS:
                 raise DecodeError(f"image too large ({w}x{h} pixels, limit {MAX_PIXELS})")
-            if img.format == "JPEG" and min(w, h) >= 4 * size:
-                # Huge JPEGs: let libjpeg decode at a reduced scale (still >= 2x the target, so
-                # the bilinear resize that follows sees enough pixels).
-                img.draft(img.mode, (2 * size, 2 * size))
+            if img.format == "JPEG":
+                img = _jpeg(img, data, size)
             img.load()
     except DecodeError:
         raise

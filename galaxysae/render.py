@@ -23,7 +23,7 @@ from typing import Literal
 
 import numpy as np
 
-from galaxysae import config, storage
+from galaxysae import config, decode, storage
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +143,8 @@ def thumbnail(data: bytes, tile: int) -> bytes:
     from PIL import Image, ImageOps
 
     with Image.open(io.BytesIO(data)) as img:
+        if img.format == "JPEG":  # PIL decodes through corrupt data (grey blocks): refuse it
+            decode.check_jpeg(data, img.mode)
         img.load()
         img = ImageOps.exif_transpose(img)
         if img.mode not in ("RGB", "L"):

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from galaxysae.decode import DecodeError, decode_batch, decode_image
+from galaxysae.decode import DecodeError, decode_batch, decode_image, decode_pixels
 
 S = 32
 
@@ -45,6 +45,63 @@ def test_rgb_jpeg_matches_pil_resize_over_255():
     ref = np.asarray(Image.open(io.BytesIO(data)).convert("RGB").resize((S, S), Image.BILINEAR),
                      dtype=np.float32).transpose(2, 0, 1) / 255
     np.testing.assert_array_equal(arr, ref)
+
+
+def pil_reference(data: bytes, size: int = S) -> np.ndarray:
+    """What PIL alone makes of the bytes (the decode before the strict one): uint8 [3, S, S]."""
+    img = Image.open(io.BytesIO(data))
+    img.load()
+    return np.asarray(img.convert("RGB").resize((size, size), Image.BILINEAR)).transpose(2, 0, 1)
+
+
+JPEGS = {
+    "rgb_420": lambda: encode(rgb(), "JPEG", quality=90),
+    "rgb_444": lambda: encode(rgb(), "JPEG", quality=90, subsampling=0),
+    "grey": lambda: encode(rgb().convert("L"), "JPEG"),
+    "progressive": lambda: encode(rgb(), "JPEG", progressive=True),
+    "non_square": lambda: encode(rgb(96, 40), "JPEG", quality=75),
+    "noisy": lambda: encode(Image.fromarray(np.random.default_rng(0).integers(
+        0, 256, (80, 72, 3), dtype=np.uint8)), "JPEG", quality=95),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(JPEGS))
+def test_strict_jpeg_decode_gives_pils_pixels(kind):
+    data = JPEGS[kind]()
+    np.testing.assert_array_equal(decode_pixels(data, S), pil_reference(data))
+
+
+def garble(data: bytes, start: int, n: int) -> bytes:
+    """Zero ``n`` bytes from ``start`` bytes after the start of the scan (SOS marker)."""
+    out = bytearray(data)
+    sos = out.index(b"\xff\xda")
+    out[sos + start: sos + start + n] = b"\x00" * n
+    return bytes(out)
+
+
+GARBLED = {  # JPEGs whose compressed data is damaged, and that PIL decodes without an error
+    "colour": lambda: garble(encode(rgb(256, 256), "JPEG"), 400, 300),
+    "grey": lambda: garble(encode(rgb(256, 256).convert("L"), "JPEG"), 300, 200),
+    # the two that PIL decodes itself, after a strict check of the compressed data
+    "cmyk": lambda: garble(encode(rgb(256, 256).convert("CMYK"), "JPEG"), 400, 300),
+    "huge": lambda: garble(encode(rgb(1200, 1000), "JPEG"), 3000, 2000),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(GARBLED))
+def test_jpeg_with_corrupt_compressed_data_is_a_failure_not_a_grey_smear(kind):
+    data = GARBLED[kind]()
+    pil_reference(data)  # PIL alone decodes it (libjpeg only warns): the case this guards
+    with pytest.raises(DecodeError) as err:
+        decode_pixels(data, S)
+    assert "corrupt JPEG data" in str(err.value)
+
+
+def test_a_jpeg_whose_metadata_draws_a_warning_still_decodes():
+    data = bytearray(encode(rgb(), "JPEG"))
+    jfif = data.index(b"JFIF\x00")
+    data[jfif + 5] = 2  # JFIF revision 2.01: libjpeg warns "unknown JFIF revision number"
+    np.testing.assert_array_equal(decode_pixels(bytes(data), S), pil_reference(bytes(data)))
 
 
 ODD = {

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from galaxysae import activations, config, dictionary, image_index, render, storage
+from galaxysae import activations, config, decode, dictionary, image_index, render, storage
 from tests import atlas_chain
 
 
@@ -113,6 +113,21 @@ def test_top_galaxies_are_the_highest_activations_and_a_bad_image_is_recorded(ch
     with Image.open(png) as img:
         slot = np.asarray(img.convert("RGB"))[render.HEADER + render.GAP + 20, render.GAP + 20]
     assert slot[0] > slot[1] + 20  # the red "unreadable image" tile
+
+
+def test_a_thumbnail_of_a_jpeg_with_corrupt_compressed_data_is_refused_not_greyed():
+    buf = io.BytesIO()
+    y, x = np.mgrid[0:128, 0:128]
+    Image.fromarray((np.exp(-((x - 64) ** 2 + (y - 64) ** 2) / 800) * 255).astype(np.uint8)).save(buf, "JPEG")
+    good = buf.getvalue()
+    bad = bytearray(good)
+    sos = bad.index(b"\xff\xda")
+    bad[sos + 300: sos + 500] = b"\x00" * 200
+    with Image.open(io.BytesIO(bytes(bad))) as img:
+        img.load()  # PIL alone decodes it (libjpeg only warns)
+    assert render.thumbnail(good, 32)
+    with pytest.raises(decode.DecodeError, match="corrupt JPEG data"):
+        render.thumbnail(bytes(bad), 32)
 
 
 def test_config_errors_name_the_key():
