@@ -7,12 +7,13 @@ raises :class:`DecodeError` with a reason, and :func:`decode_batch` records it a
 A failed image is never replaced by zeros: its row carries the reason and a NaN placeholder that
 the encoder skips and the writer drops.
 
-JPEGs are decoded by libjpeg-turbo in strict mode (``simplejpeg``): where PIL decodes through
-corrupt compressed data with a warning on stderr and fills what it lost with grey, a strict decode
-makes the image a failure. The pixels are PIL's own (the same library, the same settings); PIL
-still decodes what the strict decoder declines (CMYK, huge images at reduced scale, a JPEG whose
-metadata draws a warning), after a strict check of the compressed data where one can be made.
-Without ``simplejpeg`` installed (a bare GPU box running bench/gpu.sh) PIL decodes every JPEG.
+JPEGs (and MPO, a JPEG with more frames) are decoded by libjpeg-turbo in strict mode
+(``simplejpeg``): where PIL decodes through corrupt compressed data with a warning on stderr and
+fills what it lost with grey, a strict decode makes the image a failure. Its pixels are identical
+to PIL's with the pinned versions (tested). PIL decodes huge JPEGs (at reduced scale), CMYK ones
+and those the strict decode declines for a reason other than damage, after a strict check of their
+compressed data. ``strict_jpeg=False`` (or no simplejpeg installed, as on a bare GPU box running
+bench/gpu.sh) is PIL alone.
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ try:
 except ImportError:  # requirements.txt pins it; only a bare benchmark box goes without
     simplejpeg = None
 
-__all__ = ["DecodeError", "MAX_PIXELS", "check_jpeg", "decode_image", "decode_pixels", "decode_batch",
-           "to_float"]
+__all__ = ["DecodeError", "JPEG_FORMATS", "MAX_PIXELS", "check_jpeg", "decode_image",
+           "decode_pixels", "decode_batch", "to_float"]
 
 # Larger than any survey cutout, small enough that a decompression bomb fails instead of
 # swallowing a worker's memory.
@@ -80,12 +81,51 @@ def _to_rgb(img, size: int) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1))  # [3, S, S]
 
 
-# libjpeg's warnings about the compressed data itself (jerror.h, JWRN_*). Its other warnings (an
-# unknown JFIF revision, an unknown Adobe transform, a bad ICC profile) concern metadata: the
-# pixels are sound, and PIL's decode stands.
-_CORRUPT = re.compile(r"Corrupt JPEG data|Premature end of JPEG file|Invalid SOS parameters|"
-                      r"Inconsistent progression")
+# libjpeg's warnings that the compressed data is damaged (jerror.h, JWRN_*). Its other warnings
+# concern metadata (an unknown JFIF revision or Adobe transform, a bad ICC profile) or fields that
+# a sequential decode ignores ("Invalid SOS parameters"): the pixels are sound, PIL's decode stands.
+_CORRUPT = re.compile(r"Corrupt JPEG data|Premature end of JPEG file|Inconsistent progression")
 _METADATA_ONLY = "bad ICC marker"
+_BEFORE_EOI = re.compile(r"(\d+) extraneous bytes before marker 0xd9")
+_SOS, _EOI = 0xDA, b"\xff\xd9"
+JPEG_FORMATS = ("JPEG", "MPO")  # PIL's names; an MPO's first frame is a whole JPEG
+
+
+def _header_segments(data: bytes):
+    """(marker, offset) of each segment after SOI, up to and including the first SOS; stops early
+    at bytes that are not a marker (libjpeg skips such junk, with a warning)."""
+    i = 2
+    while i + 4 <= len(data) and data[i] == 0xFF:
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte before a marker
+            i += 1
+            continue
+        yield marker, i
+        if marker == _SOS:
+            return
+        i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+
+
+def _without_metadata(data: bytes) -> bytes:
+    """The JPEG without its leading APPn and COM segments (JFIF, EXIF, ICC, Adobe): what a check
+    of the compressed data needs, minus the metadata whose warnings would end a strict decode
+    before it reached the data."""
+    for marker, at in _header_segments(data):
+        if not (0xE0 <= marker <= 0xEF or marker == 0xFE):
+            return data[:2] + data[at:] if at > 2 else data
+    return data
+
+
+def _padding_before_eoi(data: bytes, msg: str) -> bool:
+    """Whether libjpeg's "N extraneous bytes before marker 0xd9" are fill (all 0x00 or all 0xFF)
+    that an encoder wrote after the last block, rather than data the decoder lost track of."""
+    found = _BEFORE_EOI.search(msg)
+    sos = next((at for marker, at in _header_segments(data) if marker == _SOS), -1)
+    if not found or sos < 0:
+        return False
+    n, eoi = int(found.group(1)), data.find(_EOI, sos)
+    tail = data[eoi - n:eoi] if eoi - n > sos else b""
+    return bool(tail) and (not tail.strip(b"\x00") or not tail.strip(b"\xff"))
 
 
 def _strict_jpeg(data: bytes, colorspace: str, check_only: bool = False) -> np.ndarray | None:
@@ -93,8 +133,8 @@ def _strict_jpeg(data: bytes, colorspace: str, check_only: bool = False) -> np.n
 
     ``check_only``: the smallest scale libjpeg offers (1/8), pixels dropped; it still reads every
     byte of the compressed data. Raises :class:`DecodeError` when libjpeg finds the data corrupt
-    or truncated; None when it declines for another reason (PIL then decodes, as it would
-    anyway) or simplejpeg is not installed.
+    or truncated; None when it declines for another reason (PIL then decodes) or simplejpeg is not
+    installed.
     """
     if simplejpeg is None:
         return None
@@ -106,7 +146,7 @@ def _strict_jpeg(data: bytes, colorspace: str, check_only: bool = False) -> np.n
         return simplejpeg.decode_jpeg(data, colorspace=colorspace, strict=True)
     except ValueError as exc:
         msg = str(exc)
-        if not _CORRUPT.search(msg) or _METADATA_ONLY in msg:
+        if not _CORRUPT.search(msg) or _METADATA_ONLY in msg or _padding_before_eoi(data, msg):
             return None
         what = "truncated JPEG" if msg.startswith("Premature end") else "corrupt JPEG data"
         raise DecodeError(f"undecodable image: {what} (libjpeg: {msg})") from None
@@ -114,34 +154,34 @@ def _strict_jpeg(data: bytes, colorspace: str, check_only: bool = False) -> np.n
 
 def check_jpeg(data: bytes, mode: str) -> None:
     """Raise :class:`DecodeError` when libjpeg finds the compressed data of these JPEG bytes
-    (PIL ``mode``, from the headers) corrupt or truncated: for decoders other than the strict one."""
-    _strict_jpeg(data, "CMYK" if mode == "CMYK" else "GRAY", check_only=True)
+    (``mode``: PIL's, from the headers) corrupt or truncated; for callers that decode with PIL."""
+    _strict_jpeg(_without_metadata(data), "CMYK" if mode == "CMYK" else "GRAY", check_only=True)
 
 
-def _jpeg(img, data: bytes, size: int):
-    """A JPEG that PIL has opened (headers read) -> the image to convert, decoded strictly."""
+def _jpeg(img, data: bytes, reduced: bool):
+    """A JPEG that PIL has opened (headers read) -> the image to convert, decoded strictly.
+    ``reduced``: PIL is set to decode it at a reduced scale (``draft``)."""
     from PIL import Image
 
-    if min(img.size) >= 4 * size:
-        # Huge JPEGs: let libjpeg decode at a reduced scale (still >= 2x the target, so the
-        # bilinear resize that follows sees enough pixels).
-        img.draft(img.mode, (2 * size, 2 * size))
-    elif img.mode in ("RGB", "L"):
+    if not reduced and img.mode in ("RGB", "L"):
         pixels = _strict_jpeg(data, "RGB")  # a grey JPEG's channels come out equal, as PIL's do
         if pixels is not None:
             return Image.fromarray(pixels)
-        return img
+    # PIL decodes huge and CMYK JPEGs, and those the strict decode declined (a metadata warning,
+    # fill before the end marker, a layout TurboJPEG does not take): check their data first
     check_jpeg(data, img.mode)
     return img
 
 
-def decode_image(data: bytes | None, size: int = 224) -> np.ndarray:
+def decode_image(data: bytes | None, size: int = 224, strict_jpeg: bool = True) -> np.ndarray:
     """Image bytes -> float32 [3, size, size] in [0, 1]; raises :class:`DecodeError`."""
-    return to_float(decode_pixels(data, size))
+    return to_float(decode_pixels(data, size, strict_jpeg))
 
 
-def decode_pixels(data: bytes | None, size: int = 224) -> np.ndarray:
-    """Image bytes -> uint8 [3, size, size] (8-bit images) or float32 in [0, 1] (deeper ones)."""
+def decode_pixels(data: bytes | None, size: int = 224, strict_jpeg: bool = True) -> np.ndarray:
+    """Image bytes -> uint8 [3, size, size] (8-bit images) or float32 in [0, 1] (deeper ones).
+
+    ``strict_jpeg=False``: JPEGs as PIL alone decodes them, damaged compressed data included."""
     from PIL import Image, UnidentifiedImageError
 
     if data is None:
@@ -155,8 +195,14 @@ def decode_pixels(data: bytes | None, size: int = 224) -> np.ndarray:
             w, h = img.size
             if w * h > MAX_PIXELS:
                 raise DecodeError(f"image too large ({w}x{h} pixels, limit {MAX_PIXELS})")
-            if img.format == "JPEG":
-                img = _jpeg(img, data, size)
+            jpeg = img.format in JPEG_FORMATS
+            huge = jpeg and min(w, h) >= 4 * size
+            if huge:
+                # Huge JPEGs: let libjpeg decode at a reduced scale (still >= 2x the target, so
+                # the bilinear resize that follows sees enough pixels).
+                img.draft(img.mode, (2 * size, 2 * size))
+            if jpeg and strict_jpeg:
+                img = _jpeg(img, data, reduced=huge)
             img.load()
     except DecodeError:
         raise
@@ -181,7 +227,8 @@ def _image_bytes(column) -> list:
     return column.to_pylist()
 
 
-def decode_batch(batch, image_size: int = 224, image_column: str = "image") -> dict:
+def decode_batch(batch, image_size: int = 224, image_column: str = "image",
+                 strict_jpeg: bool = True) -> dict:
     """Ray Data operator (batch_format="pyarrow"): decode every image of a batch.
 
     In: a table with ``id_str``, ``image`` and ``path`` (the source shard). Out: ``id_str``,
@@ -195,7 +242,7 @@ def decode_batch(batch, image_size: int = 224, image_column: str = "image") -> d
     decoded, reasons = [], []
     for data in images:
         try:
-            decoded.append(decode_pixels(data, image_size))
+            decoded.append(decode_pixels(data, image_size, strict_jpeg))
             reasons.append("")
         except DecodeError as exc:
             decoded.append(None)

@@ -50,6 +50,9 @@ class Config:
         "help": "load trained weights (false: seeded random init, flagged as a stand-in)"})
     image_size: int = field(default=224, metadata={"help": "pixels per side fed to the encoder"})
     image_column: str = field(default="image", metadata={"help": "column holding the image"})
+    strict_jpeg: bool = field(default=True, metadata={
+        "help": "record a JPEG whose compressed data libjpeg finds damaged as a failure (false: "
+                "embed it as PIL decodes it, lost blocks grey)"})
     device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata={
         "help": "auto: cuda when the cluster has GPUs"})
     precision: Literal["auto", "fp32", "bf16"] = field(default="auto", metadata={
@@ -174,8 +177,13 @@ def build_dataset(cfg: Config, shards: list[sources.Shard], min_blocks: int = 1,
     ``encoder_name``, default ``cfg.encoder``)."""
     import ray.data
 
-    from galaxysae.decode import decode_batch
+    from galaxysae import decode
     from galaxysae.encoder import EncodeBatch
+
+    if cfg.strict_jpeg and decode.simplejpeg is None:
+        log.warning("simplejpeg is not installed: JPEGs are decoded by PIL alone, which embeds "
+                    "damaged compressed data as decoded instead of recording it (requirements.txt "
+                    "pins simplejpeg)")
 
     # Ray Data's parquet reader bin-packs row groups into read tasks of up to 128 MiB of
     # compressed bytes: for JPEGs that is thousands of images (30x more once decoded) in one
@@ -190,10 +198,11 @@ def build_dataset(cfg: Config, shards: list[sources.Shard], min_blocks: int = 1,
                                concurrency=cfg.decode_tasks or None)
     # Only the columns we need leave the files (gz_euclid has ~150 label columns).
     ds = ds.select_columns(["id_str", cfg.image_column, "path"])
-    ds = ds.map_batches(decode_batch, batch_size=cfg.batch_size, batch_format="pyarrow",
+    ds = ds.map_batches(decode.decode_batch, batch_size=cfg.batch_size, batch_format="pyarrow",
                         num_cpus=cfg.decode_cpus,
                         compute=ray.data.TaskPoolStrategy(size=cfg.decode_tasks or None),
-                        fn_kwargs={"image_size": cfg.image_size, "image_column": cfg.image_column})
+                        fn_kwargs={"image_size": cfg.image_size, "image_column": cfg.image_column,
+                                   "strict_jpeg": cfg.strict_jpeg})
     # On a CPU the encoder process reuses freed memory instead of page-faulting every batch's
     # activations in again (allocator.py: 15-35% more img/s here); on a GPU they live in
     # CUDA's allocator.

@@ -65,6 +65,7 @@ class Config(DictionaryInputs):
     top_n: int = field(default=30, metadata={"help": "galaxies per grid"})
     columns: int = field(default=6, metadata={"help": "galaxies per grid row"})
     tile: int = field(default=128, metadata={"help": "thumbnail size in pixels"})
+    strict_jpeg: bool = field(default=True, metadata={"help": "a JPEG whose compressed data libjpeg finds damaged is an unreadable image (false: shown as PIL decodes it)"})
     features_per_task: int = field(default=16, metadata={"help": "grids composed by one Ray task"})
 
     def validate(self) -> None:
@@ -138,12 +139,13 @@ def _font(size: int):
         return ImageFont.load_default()
 
 
-def thumbnail(data: bytes, tile: int) -> bytes:
-    """Encoded image -> a ``tile`` x ``tile`` PNG (aspect kept, centred). Raises on a bad image."""
+def thumbnail(data: bytes, tile: int, strict_jpeg: bool = True) -> bytes:
+    """Encoded image -> a ``tile`` x ``tile`` PNG (aspect kept, centred). Raises on a bad image
+    (``strict_jpeg``: also on a JPEG whose compressed data is damaged, see decode.py)."""
     from PIL import Image, ImageOps
 
     with Image.open(io.BytesIO(data)) as img:
-        if img.format == "JPEG":  # PIL decodes through corrupt data (grey blocks): refuse it
+        if strict_jpeg and img.format in decode.JPEG_FORMATS:  # PIL would grey damaged blocks
             decode.check_jpeg(data, img.mode)
         img.load()
         img = ImageOps.exif_transpose(img)
@@ -204,7 +206,7 @@ def grid_url(folder_url: str, feature: int) -> str:
 # ----------------------------------------------------------------------------- Ray tasks
 
 
-def _thumbs_task(shard: str, rows: list[tuple[int, str]], tile: int):
+def _thumbs_task(shard: str, rows: list[tuple[int, str]], tile: int, strict_jpeg: bool = True):
     """(thumbnails {id: png}, failures {id: reason}) for rows of one shard."""
     from galaxysae.image_index import read_rows
 
@@ -212,7 +214,7 @@ def _thumbs_task(shard: str, rows: list[tuple[int, str]], tile: int):
     thumbs, failures = {}, {}
     for id_str, data in raw.items():
         try:
-            thumbs[id_str] = thumbnail(data, tile)
+            thumbs[id_str] = thumbnail(data, tile, strict_jpeg)
         except Exception as exc:  # noqa: BLE001 - any decoder error is a bad image, recorded
             failures[id_str] = f"{type(exc).__name__}: {exc}"[:200]
     return thumbs, failures
@@ -283,7 +285,7 @@ def run(cfg: Config) -> dict:
         needed = {i for j in jobs for i, _ in j["items"]}
         thumbs: dict[str, bytes] = {}
         failures: dict[str, str] = {}
-        for t, fl in ray.get([thumbs_remote.remote(shard, rows, cfg.tile)
+        for t, fl in ray.get([thumbs_remote.remote(shard, rows, cfg.tile, cfg.strict_jpeg)
                               for shard, rows in index.by_shard(sorted(needed)).items()]):
             thumbs.update(t)
             failures.update(fl)

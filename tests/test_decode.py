@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import io
+import re
 
 import numpy as np
 import pyarrow as pa
 import pytest
 from PIL import Image
 
+from galaxysae import decode
 from galaxysae.decode import DecodeError, decode_batch, decode_image, decode_pixels
 
 S = 32
@@ -57,6 +59,8 @@ def pil_reference(data: bytes, size: int = S) -> np.ndarray:
 JPEGS = {
     "rgb_420": lambda: encode(rgb(), "JPEG", quality=90),
     "rgb_444": lambda: encode(rgb(), "JPEG", quality=90, subsampling=0),
+    "rgb_422": lambda: encode(rgb(), "JPEG", quality=90, subsampling=1),
+    "restart_markers": lambda: encode(rgb(), "JPEG", restart_marker_rows=1),
     "grey": lambda: encode(rgb().convert("L"), "JPEG"),
     "progressive": lambda: encode(rgb(), "JPEG", progressive=True),
     "non_square": lambda: encode(rgb(96, 40), "JPEG", quality=75),
@@ -66,9 +70,20 @@ JPEGS = {
 
 
 @pytest.mark.parametrize("kind", sorted(JPEGS))
-def test_strict_jpeg_decode_gives_pils_pixels(kind):
+def test_strict_jpeg_decode_gives_pils_pixels(kind, monkeypatch):
     data = JPEGS[kind]()
+    calls = []
+    strict = decode.simplejpeg.decode_jpeg
+    monkeypatch.setattr(decode.simplejpeg, "decode_jpeg",
+                        lambda *a, **kw: calls.append(kw) or strict(*a, **kw))
     np.testing.assert_array_equal(decode_pixels(data, S), pil_reference(data))
+    assert calls == [{"colorspace": "RGB", "strict": True}]  # one strict decode, full scale
+
+
+def mpo() -> bytes:
+    buf = io.BytesIO()
+    rgb(256, 256).save(buf, "MPO", save_all=True, append_images=[rgb(64, 64)])
+    return buf.getvalue()
 
 
 def garble(data: bytes, start: int, n: int) -> bytes:
@@ -79,12 +94,18 @@ def garble(data: bytes, start: int, n: int) -> bytes:
     return bytes(out)
 
 
-GARBLED = {  # JPEGs whose compressed data is damaged, and that PIL decodes without an error
+# JPEGs whose compressed data is damaged, and that PIL decodes without an error. Decoded at
+# GARBLED_SIZE px the 256 px ones take the strict decode, the 1200 px one PIL's reduced-scale one.
+GARBLED_SIZE = 96
+GARBLED = {
     "colour": lambda: garble(encode(rgb(256, 256), "JPEG"), 400, 300),
     "grey": lambda: garble(encode(rgb(256, 256).convert("L"), "JPEG"), 300, 200),
     # the two that PIL decodes itself, after a strict check of the compressed data
     "cmyk": lambda: garble(encode(rgb(256, 256).convert("CMYK"), "JPEG"), 400, 300),
     "huge": lambda: garble(encode(rgb(1200, 1000), "JPEG"), 3000, 2000),
+    "mpo": lambda: garble(mpo(), 400, 300),  # PIL names the format MPO: a JPEG all the same
+    # an unknown JFIF revision ends a strict decode at the header: the check skips the metadata
+    "jfif_2": lambda: jfif_2(garble(encode(rgb(256, 256), "JPEG"), 400, 300)),
 }
 
 
@@ -93,15 +114,51 @@ def test_jpeg_with_corrupt_compressed_data_is_a_failure_not_a_grey_smear(kind):
     data = GARBLED[kind]()
     pil_reference(data)  # PIL alone decodes it (libjpeg only warns): the case this guards
     with pytest.raises(DecodeError) as err:
-        decode_pixels(data, S)
+        decode_pixels(data, GARBLED_SIZE)
     assert "corrupt JPEG data" in str(err.value)
 
 
-def test_a_jpeg_whose_metadata_draws_a_warning_still_decodes():
-    data = bytearray(encode(rgb(), "JPEG"))
-    jfif = data.index(b"JFIF\x00")
-    data[jfif + 5] = 2  # JFIF revision 2.01: libjpeg warns "unknown JFIF revision number"
-    np.testing.assert_array_equal(decode_pixels(bytes(data), S), pil_reference(bytes(data)))
+def test_without_strict_jpeg_or_simplejpeg_damaged_jpegs_decode_as_pil_does(monkeypatch):
+    data, size = GARBLED["colour"](), GARBLED_SIZE
+    reference = pil_reference(data, size)
+    np.testing.assert_array_equal(decode_pixels(data, size, strict_jpeg=False), reference)
+    monkeypatch.setattr(decode, "simplejpeg", None)
+    np.testing.assert_array_equal(decode_pixels(data, size), reference)
+
+
+def jfif_2(data: bytes) -> bytes:
+    """JFIF revision 2.01: libjpeg warns "unknown JFIF revision number" (metadata only)."""
+    out = bytearray(data)
+    out[out.index(b"JFIF\x00") + 5] = 2
+    return bytes(out)
+
+
+def fill_before_eoi(data: bytes) -> bytes:
+    """300 zero bytes between the last block and the end marker, as some encoders write."""
+    return data[:-2] + b"\x00" * 300 + data[-2:]
+
+
+def sos_fields_ignored(data: bytes) -> bytes:
+    """Spectral selection end 0 in a sequential JPEG's SOS: libjpeg warns, then ignores it."""
+    out = bytearray(data)
+    sos = out.index(b"\xff\xda")
+    out[sos + 4 + 2 * out[sos + 4] + 2] = 0  # Se, after Ns and the component table
+    return bytes(out)
+
+
+SOUND = {  # libjpeg warns about these, but their pixels are sound: they decode, as PIL does
+    "jfif_2": lambda: jfif_2(encode(rgb(), "JPEG")),
+    "fill_before_eoi": lambda: fill_before_eoi(encode(rgb(), "JPEG")),
+    "sos_fields": lambda: sos_fields_ignored(encode(rgb(), "JPEG")),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(SOUND))
+def test_a_jpeg_that_draws_a_warning_about_sound_data_still_decodes(kind):
+    data = SOUND[kind]()
+    with pytest.raises(ValueError):  # the strict decoder alone refuses it
+        decode.simplejpeg.decode_jpeg(data, strict=True)
+    np.testing.assert_array_equal(decode_pixels(data, S), pil_reference(data))
 
 
 ODD = {
@@ -180,3 +237,15 @@ def test_decode_batch_records_failures_and_never_zero_fills():
     assert reasons[1] == "zero bytes" and "truncated" in reasons[2]
     assert np.isnan(out["pixels"][1]).all() and np.isnan(out["pixels"][2]).all()
     assert np.isfinite(out["pixels"][[0, 3]]).all()
+
+
+def test_the_damage_bench_runs_and_strict_refuses_more_than_pil(capsys):
+    from bench import jpeg_damage
+
+    assert jpeg_damage.main(["--images", "2", "--copies", "3", "--size", "128"]) == 0
+    out = capsys.readouterr().out
+    rows = dict(re.findall(r"^(100 zeroed bytes|3 random bytes|1 flipped bit)\s+6\s+(.*)$", out, re.M))
+    assert len(rows) == 3, out
+    strict, pil = (float(v) for v in re.findall(r"([0-9.]+)%", rows["100 zeroed bytes"]))
+    assert strict > pil, out
+    assert "target sound_jpegs_refused: 0 (goal 0) PASS" in out, out

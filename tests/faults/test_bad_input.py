@@ -52,7 +52,8 @@ def _bad_images() -> dict[str, bytes]:
     Image.new("RGB", (48, 48), (30, 60, 90)).save(good, "JPEG")
     jpeg = good.getvalue()
     corrupt = bytearray(jpeg)
-    corrupt[200:400] = b"\x00" * 200
+    sos = corrupt.index(b"\xff\xda")  # the compressed data follows the scan header
+    corrupt[sos + 20:-2] = b"\x00" * (len(corrupt) - sos - 22)
     return {
         "truncated": jpeg[: len(jpeg) // 3],
         "zero-byte": b"",
