@@ -12,8 +12,8 @@ JPEGs (and MPO, a JPEG with more frames) are decoded by libjpeg-turbo in strict 
 fills what it lost with grey, a strict decode makes the image a failure. Its pixels are identical
 to PIL's with the pinned versions (tested). PIL decodes huge JPEGs (at reduced scale), CMYK ones
 and those the strict decode declines for a reason other than damage, after a strict check of their
-compressed data. ``strict_jpeg=False`` (or no simplejpeg installed, as on a bare GPU box running
-bench/gpu.sh) is PIL alone.
+compressed data where TurboJPEG reads their layout. ``strict_jpeg=False`` (or no simplejpeg
+installed, as on a bare GPU box running bench/gpu.sh) is PIL alone.
 """
 
 from __future__ import annotations
@@ -81,51 +81,76 @@ def _to_rgb(img, size: int) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1))  # [3, S, S]
 
 
-# libjpeg's warnings that the compressed data is damaged (jerror.h, JWRN_*). Its other warnings
-# concern metadata (an unknown JFIF revision or Adobe transform, a bad ICC profile) or fields that
-# a sequential decode ignores ("Invalid SOS parameters"): the pixels are sound, PIL's decode stands.
+# libjpeg's warnings that the compressed data is damaged (jerror.h, JWRN_*); stray bytes between
+# header segments count too (they are how damaged tables show). Its other warnings concern
+# metadata (an unknown JFIF revision or Adobe transform, a bad ICC profile) or fields that a
+# sequential decode ignores ("Invalid SOS parameters"): no verdict, the check below decides.
 _CORRUPT = re.compile(r"Corrupt JPEG data|Premature end of JPEG file|Inconsistent progression")
 _METADATA_ONLY = "bad ICC marker"
 _BEFORE_EOI = re.compile(r"(\d+) extraneous bytes before marker 0xd9")
-_SOS, _EOI = 0xDA, b"\xff\xd9"
+_SOF_SEQUENTIAL, _SOS, _EOI = (0xC0, 0xC1), 0xDA, b"\xff\xd9"
+# Bytes libjpeg-turbo's Huffman decoder reads past the last block: fill before the end marker
+# leaves 0-8 of them read (measured over 400 generated JPEGs), with a margin for a stuffed byte.
+_READ_AHEAD = 12
 JPEG_FORMATS = ("JPEG", "MPO")  # PIL's names; an MPO's first frame is a whole JPEG
 
 
 def _header_segments(data: bytes):
-    """(marker, offset) of each segment after SOI, up to and including the first SOS; stops early
-    at bytes that are not a marker (libjpeg skips such junk, with a warning)."""
+    """(marker, offset, end) of each segment after SOI, up to and including the first SOS; stops
+    early at bytes that are not a marker."""
     i = 2
     while i + 4 <= len(data) and data[i] == 0xFF:
         marker = data[i + 1]
         if marker == 0xFF:  # fill byte before a marker
             i += 1
             continue
-        yield marker, i
+        end = i + 2 + int.from_bytes(data[i + 2:i + 4], "big")
+        yield marker, i, end
         if marker == _SOS:
             return
-        i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+        i = end
 
 
-def _without_metadata(data: bytes) -> bytes:
-    """The JPEG without its leading APPn and COM segments (JFIF, EXIF, ICC, Adobe): what a check
-    of the compressed data needs, minus the metadata whose warnings would end a strict decode
-    before it reached the data."""
-    for marker, at in _header_segments(data):
-        if not (0xE0 <= marker <= 0xEF or marker == 0xFE):
-            return data[:2] + data[at:] if at > 2 else data
+def _data_only(data: bytes) -> bytes:
+    """The JPEG as a check of its compressed data needs it: without the APPn and COM segments
+    before the first scan (JFIF, EXIF, ICC, Adobe) and, in a sequential JPEG, with that scan's
+    spectral fields at the values a sequential decode assumes. Else a warning about those would
+    end the strict check before it reached the data. Unchanged when the header does not parse."""
+    out, sequential = [data[:2]], False
+    for marker, at, end in _header_segments(data):
+        if 0xE0 <= marker <= 0xEF or marker == 0xFE:
+            continue
+        sequential = sequential or marker in _SOF_SEQUENTIAL
+        segment = bytearray(data[at:end])
+        if marker == _SOS:
+            if sequential and len(segment) >= 8:
+                segment[-3:] = b"\x00\x3f\x00"  # Ss = 0, Se = 63, Ah = Al = 0
+            return b"".join(out) + bytes(segment) + data[end:]
+        out.append(bytes(segment))
     return data
 
 
 def _padding_before_eoi(data: bytes, msg: str) -> bool:
-    """Whether libjpeg's "N extraneous bytes before marker 0xd9" are fill (all 0x00 or all 0xFF)
-    that an encoder wrote after the last block, rather than data the decoder lost track of."""
+    """Whether libjpeg's "N extraneous bytes before marker 0xd9" are zero fill that an encoder
+    wrote after the last block, rather than data the decoder lost track of.
+
+    The decoder reads a few bytes ahead (``_READ_AHEAD``), so an encoder's fill run starts at
+    most that far before the N; a run that starts further back was decoded as blocks (a zeroed
+    tail: damage). 0xFF fill before a marker draws no warning, and is skipped here too.
+    """
     found = _BEFORE_EOI.search(msg)
-    sos = next((at for marker, at in _header_segments(data) if marker == _SOS), -1)
+    sos = next((at for marker, at, _ in _header_segments(data) if marker == _SOS), -1)
     if not found or sos < 0:
         return False
-    n, eoi = int(found.group(1)), data.find(_EOI, sos)
-    tail = data[eoi - n:eoi] if eoi - n > sos else b""
-    return bool(tail) and (not tail.strip(b"\x00") or not tail.strip(b"\xff"))
+    n, end = int(found.group(1)), data.find(_EOI, sos)
+    while end > sos and data[end - 1] == 0xFF:
+        end -= 1
+    if n < 1 or end - n <= sos or data[end - n:end] != bytes(n):
+        return False
+    start = end - n
+    while start > sos and data[start - 1] == 0:
+        start -= 1
+    return end - n - start <= _READ_AHEAD
 
 
 def _strict_jpeg(data: bytes, colorspace: str, check_only: bool = False) -> np.ndarray | None:
@@ -155,7 +180,7 @@ def _strict_jpeg(data: bytes, colorspace: str, check_only: bool = False) -> np.n
 def check_jpeg(data: bytes, mode: str) -> None:
     """Raise :class:`DecodeError` when libjpeg finds the compressed data of these JPEG bytes
     (``mode``: PIL's, from the headers) corrupt or truncated; for callers that decode with PIL."""
-    _strict_jpeg(_without_metadata(data), "CMYK" if mode == "CMYK" else "GRAY", check_only=True)
+    _strict_jpeg(_data_only(data), "CMYK" if mode == "CMYK" else "GRAY", check_only=True)
 
 
 def _jpeg(img, data: bytes, reduced: bool):
@@ -167,10 +192,19 @@ def _jpeg(img, data: bytes, reduced: bool):
         pixels = _strict_jpeg(data, "RGB")  # a grey JPEG's channels come out equal, as PIL's do
         if pixels is not None:
             return Image.fromarray(pixels)
-    # PIL decodes huge and CMYK JPEGs, and those the strict decode declined (a metadata warning,
-    # fill before the end marker, a layout TurboJPEG does not take): check their data first
+    # PIL decodes huge and CMYK JPEGs, and those the strict decode declined (a warning about
+    # metadata or SOS fields, fill before the end marker, a layout TurboJPEG does not read): their
+    # data is checked first, where TurboJPEG reads the layout
     check_jpeg(data, img.mode)
     return img
+
+
+def warn_if_lenient(log, strict_jpeg: bool) -> None:
+    """Log, for a job about to decode, that JPEG damage will not be caught (no simplejpeg)."""
+    if strict_jpeg and simplejpeg is None:
+        log.warning("simplejpeg is not installed: JPEGs are decoded by PIL alone, which decodes "
+                    "damaged compressed data (grey blocks) instead of refusing it "
+                    "(requirements.txt pins simplejpeg)")
 
 
 def decode_image(data: bytes | None, size: int = 224, strict_jpeg: bool = True) -> np.ndarray:

@@ -180,10 +180,7 @@ def build_dataset(cfg: Config, shards: list[sources.Shard], min_blocks: int = 1,
     from galaxysae import decode
     from galaxysae.encoder import EncodeBatch
 
-    if cfg.strict_jpeg and decode.simplejpeg is None:
-        log.warning("simplejpeg is not installed: JPEGs are decoded by PIL alone, which embeds "
-                    "damaged compressed data as decoded instead of recording it (requirements.txt "
-                    "pins simplejpeg)")
+    decode.warn_if_lenient(log, cfg.strict_jpeg)
 
     # Ray Data's parquet reader bin-packs row groups into read tasks of up to 128 MiB of
     # compressed bytes: for JPEGs that is thousands of images (30x more once decoded) in one
@@ -267,7 +264,8 @@ def _run(cfg: Config, claim) -> int:
         pinned = f"{cfg.encoder}@{revision}"
     writer = ShardWriter(cfg.output, before_commit=claim.check, provenance={
         "encoder": cfg.encoder, "encoder_revision": revision, "encoder_stand_in": stand_in,
-        "image_size": str(cfg.image_size), "source": config.redact(cfg.dataset),
+        "image_size": str(cfg.image_size), "strict_jpeg": str(cfg.strict_jpeg).lower(),
+        "source": config.redact(cfg.dataset),
         "source_revision": sources.dataset_revision(shards),
     })
     pending = [s for s in shards if cfg.overwrite or not writer.done(s)]

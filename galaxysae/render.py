@@ -269,6 +269,7 @@ def run(cfg: Config) -> dict:
     dicts = [dictionary.load(u) for u in cfg.dictionaries]
     index = image_index.load_or_build(cfg.dataset, cfg.split,
                                       storage.join(cfg.results, "_image_index", f"{cfg.split}.parquet"))
+    decode.warn_if_lenient(log, cfg.strict_jpeg)
     thumbs_remote = ray.remote(num_cpus=1)(_thumbs_task)
     grids_remote = ray.remote(num_cpus=1)(_grids_task)
     summary: dict = {}

@@ -106,7 +106,25 @@ GARBLED = {
     "mpo": lambda: garble(mpo(), 400, 300),  # PIL names the format MPO: a JPEG all the same
     # an unknown JFIF revision ends a strict decode at the header: the check skips the metadata
     "jfif_2": lambda: jfif_2(garble(encode(rgb(256, 256), "JPEG"), 400, 300)),
+    # a zeroed tail (an interrupted write): the blocks decode from zeros, and the zeros left over
+    # before the end marker look like an encoder's fill, but the run began inside the blocks
+    "zeroed_tail": lambda: zeroed_tail(synth_galaxy(256), 300),
+    # warnings that end a strict decode before the data: the check reads a copy without them
+    "sos_fields": lambda: sos_fields_ignored(garble(encode(rgb(256, 256), "JPEG"), 400, 300)),
+    "jfif_2_after_tables_and_fill": lambda: jfif_2_late(garble(encode(rgb(256, 256), "JPEG"),
+                                                               400, 300)),
 }
+
+
+def synth_galaxy(size: int) -> bytes:
+    """A generated galaxy as synth writes it (4:4:4, quality 90: zero bits decode as blocks)."""
+    from galaxysae import synth
+
+    return synth.make_galaxy(0, "train", 0, size, 90)[0]["image"]["bytes"]
+
+
+def zeroed_tail(data: bytes, n: int) -> bytes:
+    return data[:-2 - n] + b"\x00" * n + data[-2:]
 
 
 @pytest.mark.parametrize("kind", sorted(GARBLED))
@@ -122,6 +140,13 @@ def test_without_strict_jpeg_or_simplejpeg_damaged_jpegs_decode_as_pil_does(monk
     data, size = GARBLED["colour"](), GARBLED_SIZE
     reference = pil_reference(data, size)
     np.testing.assert_array_equal(decode_pixels(data, size, strict_jpeg=False), reference)
+    image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    table = pa.table({"id_str": ["a"], "image": pa.array([{"bytes": data, "path": None}], image_type),
+                      "path": ["shard.parquet"]})
+    assert list(decode_batch(table, image_size=size)["reason"])[0].startswith("undecodable")
+    lenient = decode_batch(table, image_size=size, strict_jpeg=False)
+    assert list(lenient["reason"]) == [""]
+    np.testing.assert_array_equal(lenient["pixels"][0], reference)
     monkeypatch.setattr(decode, "simplejpeg", None)
     np.testing.assert_array_equal(decode_pixels(data, size), reference)
 
@@ -133,9 +158,25 @@ def jfif_2(data: bytes) -> bytes:
     return bytes(out)
 
 
-def fill_before_eoi(data: bytes) -> bytes:
-    """300 zero bytes between the last block and the end marker, as some encoders write."""
-    return data[:-2] + b"\x00" * 300 + data[-2:]
+def jfif_2_late(data: bytes) -> bytes:
+    """The JFIF segment, at revision 2.01, moved after the quantisation tables, with two 0xFF
+    fill bytes before the next marker."""
+    app0 = 2 + int.from_bytes(data[4:6], "big") + 2  # SOI, then APP0 (marker + length)
+    dqt = 2 + int.from_bytes(data[app0 + 2:app0 + 4], "big") + app0
+    return jfif_2(data[:2] + data[app0:dqt] + data[2:app0] + b"\xff\xff" + data[dqt:])
+
+
+def fill_before_eoi(data: bytes, ff: int = 0) -> bytes:
+    """300 zero bytes between the last block and the end marker, as some encoders write (then
+    ``ff`` 0xFF fill bytes, which libjpeg skips before a marker)."""
+    return data[:-2] + b"\x00" * 300 + b"\xff" * ff + data[-2:]
+
+
+def bad_icc(data: bytes) -> bytes:
+    """An ICC profile chunk numbered 0: libjpeg warns "Corrupt JPEG data: bad ICC marker"."""
+    out = bytearray(data)
+    out[out.index(b"ICC_PROFILE\x00") + 12] = 0
+    return bytes(out)
 
 
 def sos_fields_ignored(data: bytes) -> bytes:
@@ -149,6 +190,8 @@ def sos_fields_ignored(data: bytes) -> bytes:
 SOUND = {  # libjpeg warns about these, but their pixels are sound: they decode, as PIL does
     "jfif_2": lambda: jfif_2(encode(rgb(), "JPEG")),
     "fill_before_eoi": lambda: fill_before_eoi(encode(rgb(), "JPEG")),
+    "zero_then_ff_fill_before_eoi": lambda: fill_before_eoi(encode(rgb(), "JPEG"), ff=40),
+    "bad_icc": lambda: bad_icc(encode(rgb(), "JPEG", icc_profile=b"profile" * 20)),
     "sos_fields": lambda: sos_fields_ignored(encode(rgb(), "JPEG")),
 }
 
@@ -244,8 +287,9 @@ def test_the_damage_bench_runs_and_strict_refuses_more_than_pil(capsys):
 
     assert jpeg_damage.main(["--images", "2", "--copies", "3", "--size", "128"]) == 0
     out = capsys.readouterr().out
-    rows = dict(re.findall(r"^(100 zeroed bytes|3 random bytes|1 flipped bit)\s+6\s+(.*)$", out, re.M))
-    assert len(rows) == 3, out
+    kinds = "100 zeroed bytes|300 zeroed tail bytes|3 random bytes|1 flipped bit"
+    rows = dict(re.findall(rf"^({kinds})\s+6\s+(.*)$", out, re.M))
+    assert len(rows) == 4, out
     strict, pil = (float(v) for v in re.findall(r"([0-9.]+)%", rows["100 zeroed bytes"]))
     assert strict > pil, out
     assert "target sound_jpegs_refused: 0 (goal 0) PASS" in out, out

@@ -208,6 +208,7 @@ def test_output_contract_readable_by_plain_pyarrow(local_run, offline_hub):
     assert meta["encoder"] == ENCODER and meta["encoder_revision"] == offline_hub["encoder_revision"]
     assert "NOT the real Zoobot weights" in meta["encoder_stand_in"]
     assert meta["image_size"] == str(SIZE) and meta["precision"] == "fp32"
+    assert meta["strict_jpeg"] == "true"
     assert meta["source_shard"] == "data/train-00000-of-00002.parquet" and meta["code_version"]
     assert meta["source_revision"] == ""  # a local directory has no commit
 

@@ -128,6 +128,7 @@ def test_a_thumbnail_of_a_jpeg_with_corrupt_compressed_data_is_refused_not_greye
     assert render.thumbnail(good, 32)
     with pytest.raises(decode.DecodeError, match="corrupt JPEG data"):
         render.thumbnail(bytes(bad), 32)
+    assert render.thumbnail(bytes(bad), 32, strict_jpeg=False)  # as PIL alone shows it
 
 
 def test_config_errors_name_the_key():
