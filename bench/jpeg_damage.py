@@ -34,7 +34,7 @@ def damage(data: bytes, kind: str, rng: np.random.Generator) -> bytes:
     out = bytearray(data)
     lo, hi = out.index(b"\xff\xda") + 20, len(out) - 2  # the compressed data, not the end marker
     if kind == "300 zeroed tail bytes":  # an interrupted write: the end marker kept
-        out[hi - 300:hi] = bytes(300)
+        out[max(lo, hi - 300):hi] = bytes(hi - max(lo, hi - 300))
     elif kind == "100 zeroed bytes":
         at = int(rng.integers(lo, hi - 100))
         out[at:at + 100] = bytes(100)
