@@ -46,14 +46,31 @@ def damage(data: bytes, kind: str, rng: np.random.Generator) -> bytes:
     return bytes(out)
 
 
+def jfif_2(data: bytes) -> bytes:
+    """JFIF revision 2.01: libjpeg warns "unknown JFIF revision number" (metadata only)."""
+    out = bytearray(data)
+    out[out.index(b"JFIF\x00") + 5] = 2
+    return bytes(out)
+
+
+def fill_before_eoi(data: bytes, ff: int = 0) -> bytes:
+    """300 zero bytes between the last block and the end marker, as some encoders write (then
+    ``ff`` 0xFF fill bytes, which libjpeg skips before a marker)."""
+    return data[:-2] + b"\x00" * 300 + b"\xff" * ff + data[-2:]
+
+
+def sos_fields_ignored(data: bytes) -> bytes:
+    """Spectral selection end 0 in a sequential JPEG's SOS: libjpeg warns, then ignores it."""
+    out = bytearray(data)
+    sos = out.index(b"\xff\xda")
+    out[sos + 4 + 2 * out[sos + 4] + 2] = 0  # Se, after Ns and the component table
+    return bytes(out)
+
+
 def sound_variants(data: bytes) -> dict[str, bytes]:
-    jfif = bytearray(data)
-    jfif[jfif.index(b"JFIF\x00") + 5] = 2
-    sos = bytearray(data)
-    at = sos.index(b"\xff\xda")
-    sos[at + 4 + 2 * sos[at + 4] + 2] = 0
-    return {"fill before the end marker": data[:-2] + bytes(300) + data[-2:],
-            "unknown JFIF revision": bytes(jfif), "SOS fields ignored": bytes(sos)}
+    """Sound JPEGs libjpeg warns about (also used by tests/test_decode.py)."""
+    return {"fill before the end marker": fill_before_eoi(data),
+            "unknown JFIF revision": jfif_2(data), "SOS fields ignored": sos_fields_ignored(data)}
 
 
 def refused(data: bytes, strict: bool) -> bool:

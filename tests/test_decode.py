@@ -10,6 +10,7 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
+from bench.jpeg_damage import fill_before_eoi, jfif_2, sos_fields_ignored
 from galaxysae import decode
 from galaxysae.decode import DecodeError, decode_batch, decode_image, decode_pixels
 
@@ -151,13 +152,6 @@ def test_without_strict_jpeg_or_simplejpeg_damaged_jpegs_decode_as_pil_does(monk
     np.testing.assert_array_equal(decode_pixels(data, size), reference)
 
 
-def jfif_2(data: bytes) -> bytes:
-    """JFIF revision 2.01: libjpeg warns "unknown JFIF revision number" (metadata only)."""
-    out = bytearray(data)
-    out[out.index(b"JFIF\x00") + 5] = 2
-    return bytes(out)
-
-
 def jfif_2_late(data: bytes) -> bytes:
     """The JFIF segment, at revision 2.01, moved after the quantisation tables, with two 0xFF
     fill bytes before the next marker."""
@@ -166,24 +160,10 @@ def jfif_2_late(data: bytes) -> bytes:
     return jfif_2(data[:2] + data[app0:dqt] + data[2:app0] + b"\xff\xff" + data[dqt:])
 
 
-def fill_before_eoi(data: bytes, ff: int = 0) -> bytes:
-    """300 zero bytes between the last block and the end marker, as some encoders write (then
-    ``ff`` 0xFF fill bytes, which libjpeg skips before a marker)."""
-    return data[:-2] + b"\x00" * 300 + b"\xff" * ff + data[-2:]
-
-
 def bad_icc(data: bytes) -> bytes:
     """An ICC profile chunk numbered 0: libjpeg warns "Corrupt JPEG data: bad ICC marker"."""
     out = bytearray(data)
     out[out.index(b"ICC_PROFILE\x00") + 12] = 0
-    return bytes(out)
-
-
-def sos_fields_ignored(data: bytes) -> bytes:
-    """Spectral selection end 0 in a sequential JPEG's SOS: libjpeg warns, then ignores it."""
-    out = bytearray(data)
-    sos = out.index(b"\xff\xda")
-    out[sos + 4 + 2 * out[sos + 4] + 2] = 0  # Se, after Ns and the component table
     return bytes(out)
 
 
