@@ -270,6 +270,7 @@ def _run(cfg: Config, claim) -> int:
     })
     pending = [s for s in shards if cfg.overwrite or not writer.done(s)]
     skipped = len(shards) - len(pending)
+    writer.check_done([s for s in shards if s not in pending])
     # Every shard of a split is scanned (done ones too): a duplicate id_str anywhere in a split
     # is an error before any work starts.
     expected = scan_shards(shards, pending, required=(cfg.image_column,))
@@ -346,10 +347,17 @@ def _run(cfg: Config, claim) -> int:
              rate, steady, startup)
     if stand_in:
         log.warning("these embeddings come from a STAND-IN encoder (%s)", stand_in)
-    fraction = stats.failed / stats.rows_in if stats.rows_in else 0.0
+    # The threshold is on the whole output: a rerun that finds every shard done exits as the
+    # run that wrote them did.
+    failed = stats.failed + stats.done_failed
+    total = stats.rows_in + stats.done_embedded + stats.done_failed
+    if skipped:
+        log.info("output: %d shards, %d rows embedded, %d failed (this run and earlier ones)",
+                 len(shards), stats.embedded + stats.done_embedded, failed)
+    fraction = failed / total if total else 0.0
     if fraction > cfg.max_failure_fraction:
         log.error("%d of %d images (%.2f%%) failed to decode, more than max_failure_fraction=%g; "
-                  "see %s", stats.failed, stats.rows_in, 100 * fraction, cfg.max_failure_fraction,
+                  "see %s", failed, total, 100 * fraction, cfg.max_failure_fraction,
                   storage.join(cfg.output, "_failures"))
         return 3
     return 0

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -85,6 +86,32 @@ class Stats:
     shards_written: int = 0
     first_batch_at: float = 0.0  # time.monotonic() when the first rows came back (0: none yet)
     first_batch_rows: int = 0
+    done_embedded: int = 0  # rows of the shards an earlier run finished (file metadata)
+    done_failed: int = 0
+
+
+def _weights(provenance: dict[str, str]) -> str:
+    """The encoder's weights as recorded: the Hub commit where there is one (a staged copy
+    records ``repo@commit``, the Hub name the bare commit), else name and revision."""
+    rev = provenance.get("encoder_revision", "")
+    m = re.search(r"[0-9a-f]{40}$", rev)
+    return m.group(0) if m else f"{provenance.get('encoder', '')} ({rev})"
+
+
+def provenance_conflicts(theirs: dict[str, str], ours: dict[str, str]) -> list[str]:
+    """What makes a finished shard's embeddings not what this run would write ("key: theirs ->
+    ours"). A key an older file lacks, and a dataset commit either side lacks, is not a conflict;
+    precision is not compared (a resumed job may run on other hardware)."""
+    out = []
+    if "encoder_revision" in theirs and _weights(theirs) != _weights(ours):
+        out.append(f"encoder weights: {_weights(theirs)} -> {_weights(ours)}")
+    for key in ("encoder_stand_in", "image_size", "strict_jpeg", "source_revision"):
+        if key not in theirs or theirs[key] == ours.get(key, ""):
+            continue
+        if key == "source_revision" and not (theirs[key] and ours.get(key)):
+            continue
+        out.append(f"{key}: {theirs[key] or '(none)'} -> {ours.get(key) or '(none)'}")
+    return out
 
 
 def _failure_schema():
@@ -123,6 +150,36 @@ class ShardWriter:
 
     def done(self, shard: Shard) -> bool:
         return storage.exists(self.embeddings_url(shard))
+
+    def check_done(self, shards: list[Shard]) -> None:
+        """Read the metadata of finished shards' files: count their rows into ``stats`` (the
+        failure fraction is the whole output's, not this run's), and refuse, naming the file and
+        what differs, when one was written with other encoder weights, image size, strict_jpeg
+        or dataset commit than this run's: skipping it would mix two runs in one output."""
+        import pyarrow.parquet as pq
+
+        def meta(shard: Shard) -> dict[str, str]:
+            url = self.embeddings_url(shard)
+            fs, path = storage.arrow_fs(url)
+            try:
+                raw = pq.read_schema(path, filesystem=fs).metadata or {}
+            except Exception as exc:  # noqa: BLE001 - name the file that is at fault
+                raise ValueError(f"finished shard {url}: unreadable parquet "
+                                 f"({type(exc).__name__}: {exc}); remove it or rerun with "
+                                 f"--overwrite") from None
+            return {k.decode(): v.decode("utf-8", "replace") for k, v in raw.items()}
+
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            metas = list(pool.map(meta, shards))
+        for shard, theirs in zip(shards, metas):
+            conflicts = provenance_conflicts(theirs, self.provenance)
+            if conflicts:
+                raise ValueError(
+                    f"{self.embeddings_url(shard)} was written by another run ({'; '.join(conflicts)}): "
+                    f"skipping it would mix two runs in {self.output}. Rerun with --overwrite to "
+                    f"redo every shard, or write to another --output")
+            self.stats.done_embedded += int(theirs.get("rows", 0))
+            self.stats.done_failed += int(theirs.get("failed", 0))
 
     # -- streaming
     def expect(self, shards: list[Shard], ids: dict[Shard, list[str]]) -> None:

@@ -276,7 +276,8 @@ def _make_bad_dataset(src: Path, dest: Path) -> dict[str, str]:
     return kinds
 
 
-def test_corrupt_images_are_recorded_and_odd_ones_embedded(synth_dataset, ray_cluster, tmp_path, caplog):
+def test_corrupt_images_are_recorded_and_odd_ones_embedded(synth_dataset, offline_hub, ray_cluster,
+                                                           tmp_path, caplog):
     kinds = _make_bad_dataset(synth_dataset, tmp_path / "bad")
     out = tmp_path / "out"
     with caplog.at_level(logging.INFO, logger="galaxysae"):
@@ -292,6 +293,19 @@ def test_corrupt_images_are_recorded_and_odd_ones_embedded(synth_dataset, ray_cl
     t = pq.read_table(out / "_failures" / "train" / "train-00000-of-00001.parquet")
     assert t.column_names == ["id_str", "split", "shard", "reason"]
     assert set(t.column("shard").to_pylist()) == {"data/train-00000-of-00001.parquet"}
+    # a rerun finds the shard done and still judges the whole output: the same exit, no work
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="galaxysae"):
+        assert embed.run(cfg(dataset=str(tmp_path / "bad"), splits=["train"], output=str(out))) == 3
+    assert any("output: 1 shards, 9 rows embedded, 3 failed" in r.getMessage()
+               for r in caplog.records)
+    assert any("summary: rows in 0, embedded 0" in r.getMessage() for r in caplog.records)
+    # a finished shard written at another image size is not silently kept beside new ones
+    with pytest.raises(ValueError) as err:
+        embed.run(cfg(dataset=str(tmp_path / "bad"), splits=["train"], output=str(out),
+                      image_size=SIZE + 16))
+    assert "train-00000-of-00001.parquet" in str(err.value), err.value
+    assert f"image_size: {SIZE} -> {SIZE + 16}" in str(err.value) and "--overwrite" in str(err.value)
     # tolerated when asked to: the same failures, exit 0
     assert embed.run(cfg(dataset=str(tmp_path / "bad"), splits=["train"], output=str(out),
                          overwrite=True, max_failure_fraction=0.5)) == 0
@@ -391,3 +405,23 @@ def test_8bit_batches_travel_as_uint8_and_embed_exactly_like_floats(synth_datase
     out = decode_batch(bad, image_size=SIZE)
     assert out["pixels"].dtype == np.float32 and np.isnan(out["pixels"][0]).all()
     assert np.array_equal(out["pixels"][1:], as_float[1:])
+
+
+def test_a_finished_shard_conflicts_only_on_what_changes_its_embeddings():
+    from galaxysae.shard_writer import provenance_conflicts
+
+    sha = "a" * 40
+    hub = {"encoder": ENCODER, "encoder_revision": sha, "image_size": "224",
+           "strict_jpeg": "true", "source_revision": "b" * 40, "precision": "bf16"}
+    # the same weights staged (repo@commit), read from another copy of the data, on a CPU
+    staged = {**hub, "encoder": "local-dir:/shared/enc", "encoder_revision": f"mwalmsley/z@{sha}",
+              "source_revision": "", "precision": "fp32"}
+    assert provenance_conflicts(hub, staged) == []
+    assert provenance_conflicts({"rows": "3"}, staged) == []  # a file from before provenance
+    assert provenance_conflicts(hub, {**hub, "encoder_revision": "c" * 40}) == [
+        f"encoder weights: {sha} -> {'c' * 40}"]
+    assert provenance_conflicts(hub, {**hub, "source_revision": "d" * 40, "strict_jpeg": "false"}) == [
+        "strict_jpeg: true -> false", f"source_revision: {'b' * 40} -> {'d' * 40}"]
+    local = {**hub, "encoder": "local-dir:/a", "encoder_revision": "local"}
+    assert provenance_conflicts(local, {**local, "encoder": "local-dir:/b"}) == [
+        "encoder weights: local-dir:/a (local) -> local-dir:/b (local)"]
