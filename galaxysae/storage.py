@@ -67,7 +67,7 @@ def _s3fs(_env_key: tuple):
 
 def _env_key() -> tuple:
     names = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION",
-             "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE")
+             "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE")
     return tuple(os.environ.get(n) for n in names)
 
 
@@ -93,6 +93,16 @@ def fsspec_fs(url: str):
     return fsspec.filesystem("file"), os.path.abspath(local_path(url))
 
 
+@lru_cache(maxsize=64)
+def _bucket_region(bucket: str) -> str:
+    import pyarrow.fs as pafs
+
+    try:
+        return pafs.resolve_s3_region(bucket)
+    except Exception:  # noqa: BLE001 - no network to AWS, no such bucket: the SDK decides
+        return ""
+
+
 def arrow_fs(url: str):
     """(pyarrow filesystem, path) for Ray Data and pyarrow readers."""
     import pyarrow.fs as pafs
@@ -108,10 +118,22 @@ def arrow_fs(url: str):
             kw["endpoint_override"] = parsed.netloc or parsed.path
             kw["scheme"] = parsed.scheme or "https"
         region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-        kw["region"] = region or "us-east-1"
+        if region:
+            kw["region"] = region
+        elif endpoint:
+            kw["region"] = "us-east-1"  # what S3-compatible servers expect when none is named
+        else:
+            # AWS itself: the bucket's own region (pyarrow does not follow S3's redirect to it),
+            # as s3fs finds it; the SDK's own choice (profile, instance metadata) if that fails.
+            region = _bucket_region(url[len("s3://"):].split("/", 1)[0])
+            if region:
+                kw["region"] = region
         if os.environ.get("AWS_ACCESS_KEY_ID"):
             kw["access_key"] = os.environ["AWS_ACCESS_KEY_ID"]
             kw["secret_key"] = os.environ.get("AWS_SECRET_ACCESS_KEY", "")
+            # temporary credentials (SSO, assume-role) are refused without their session token
+            if os.environ.get("AWS_SESSION_TOKEN"):
+                kw["session_token"] = os.environ["AWS_SESSION_TOKEN"]
         return pafs.S3FileSystem(**kw), url[len("s3://"):]
     if is_remote(url):
         fs, path = fsspec_fs(url)

@@ -142,3 +142,40 @@ def test_wrong_credentials_fail_before_any_work_naming_the_url(flaky_s3, flaky_e
     # the same job with the right credentials then runs
     pca.run(cfg)
     assert any(p.endswith("cfg.json") for p in _objects(out))
+
+
+def _arrow_s3_options(url: str = "s3://bucket/key") -> dict:
+    fs, path = storage.arrow_fs(url)
+    assert path == url[len("s3://"):]
+    return fs.__reduce__()[1][0]  # the options pyarrow ships to every Ray read and write task
+
+
+def test_arrow_s3_takes_temporary_credentials_and_the_buckets_region(monkeypatch):
+    """pyarrow's S3 (Ray Data reads and writes) sees what s3fs sees through botocore: a session
+    token beside temporary keys, the region named, else the bucket's own on AWS."""
+    import pyarrow.fs as pafs
+
+    for name in ("AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "ASIAEXAMPLE")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    opts = _arrow_s3_options()
+    assert opts["session_token"] == "" and opts["region"] == "us-east-1"
+    assert opts["endpoint_override"] == "127.0.0.1:9" and opts["scheme"] == "http"
+    monkeypatch.setenv("AWS_SESSION_TOKEN", "FwoGZXIvYXdzEXAMPLE")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-2")
+    opts = _arrow_s3_options()
+    assert opts["session_token"] == "FwoGZXIvYXdzEXAMPLE" and opts["region"] == "eu-west-2"
+    # AWS itself, no region named: the bucket's (AWS cannot be reached from the tests)
+    monkeypatch.delenv("AWS_ENDPOINT_URL")
+    monkeypatch.delenv("AWS_DEFAULT_REGION")
+    asked = []
+    monkeypatch.setattr(pafs, "resolve_s3_region", lambda b: asked.append(b) or "ap-southeast-2")
+    storage._bucket_region.cache_clear()
+    try:
+        assert _arrow_s3_options("s3://euclid-q1/emb/x.parquet")["region"] == "ap-southeast-2"
+        assert _arrow_s3_options("s3://euclid-q1/emb/y.parquet")["region"] == "ap-southeast-2"
+        assert asked == ["euclid-q1"]  # once per bucket
+    finally:
+        storage._bucket_region.cache_clear()
