@@ -96,6 +96,9 @@ class Config:
                              "'num_samples' positive")
         if self.use_gpu:
             train_job.check_gpu_share(self.gpus_per_worker, self.num_workers)
+        if not _axes(self):
+            raise ValueError(f"the [space] table names no values to search: give one of "
+                             f"{', '.join('space.' + k for k in _KEYS)} a list of values")
         for groups in self.space.matryoshka_groups:
             if not groups or any(g <= 0 for g in groups):
                 raise ValueError(f"'space.matryoshka_groups' entry {groups} must be positive sizes")
@@ -193,10 +196,7 @@ def _space(cfg: Config):
     from ray import tune
 
     pick = tune.grid_search if cfg.search == "grid" else tune.choice
-    space = {key: pick(getattr(cfg.space, key)) for key in _KEYS if getattr(cfg.space, key)}
-    if not space:
-        raise config.ConfigError("sweep: the [space] table names no values to search")
-    return space
+    return {key: pick(getattr(cfg.space, key)) for key in _KEYS if getattr(cfg.space, key)}
 
 
 def concurrent_trials(cfg: Config, nodes: list[dict], n_trials: int) -> int:
