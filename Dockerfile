@@ -17,8 +17,10 @@ ENV PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     RAY_DISABLE_USAGE_STATS=1 \
     RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0 \
-    HOME=/home/galaxysae \
-    HF_HOME=/home/galaxysae/.cache/huggingface
+    HOME=/home/galaxysae
+# No HF_HOME here: the Hub cache is $HOME/.cache/huggingface unless the run sets HF_HOME. Apptainer
+# (Slurm) never lets a host variable override one the image sets, so an image HF_HOME would hide
+# the user's cache and point the Hub at the read-only image.
 
 # wget: KubeRay's readiness and liveness probes run `wget` inside the Ray containers (operators
 # before 1.6, and 1.6+ with older Ray); without it no pod ever becomes Ready.
