@@ -42,7 +42,9 @@ LAUNCH_JOBS := embed train sweep render
 CONFIG ?=
 PARTITION ?=
 NODES ?= 1
-GPUS ?= 1
+# GPUs per node: 1 for embed, train and sweep; 0 for render, whose dictionary encode and grids
+# run on CPUs (a GPU there would sit idle)
+GPUS ?=
 CPUS ?= 8
 MEM ?=
 TIME ?=
@@ -58,6 +60,7 @@ RAY_RUNTIME_ENV ?=
 
 # the config a launcher uses: CONFIG, else configs/<job>.toml
 _config = $(or $(CONFIG),configs/$(1).toml)
+_gpus = $(or $(GPUS),$(if $(filter render,$(1)),0,1))
 
 ## submit-<job>: sbatch slurm/<job>.sbatch (Ray started inside the allocation); prints job id and log
 $(addprefix submit-,$(LAUNCH_JOBS)): submit-%:
@@ -65,7 +68,7 @@ $(addprefix submit-,$(LAUNCH_JOBS)): submit-%:
 	@mkdir -p "$(SLURM_LOG_DIR)"
 	@out=$$(sbatch --parsable --job-name=gs-$* --output="$(abspath $(SLURM_LOG_DIR))/%x-%j.out" \
 	  --nodes=$(NODES) --cpus-per-task=$(CPUS) $(if $(TIME),--time=$(TIME)) $(if $(MEM),--mem=$(MEM)) \
-	  $(if $(PARTITION),--partition=$(PARTITION)) $(if $(filter-out 0,$(GPUS)),--gres=gpu:$(GPUS)) \
+	  $(if $(PARTITION),--partition=$(PARTITION)) $(if $(filter-out 0,$(call _gpus,$*)),--gres=gpu:$(call _gpus,$*)) \
 	  $(SBATCH_FLAGS) slurm/$*.sbatch --config "$(call _config,$*)" $(EXTRA)) || exit $$?; \
 	  id=$${out%%;*}; \
 	  echo "job $$id"; \

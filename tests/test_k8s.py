@@ -130,9 +130,11 @@ def _check_rayjob(doc: dict, configmaps: dict, where: str) -> None:
     assert job, f"{where}: entrypoint must run `galaxysae <job> --config FILE`: {spec['entrypoint']}"
     cluster = spec["rayClusterSpec"]
     pods = [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
-    assert any("nvidia.com/gpu" in c.get("resources", {}).get("limits", {})
-               for g in cluster["workerGroupSpecs"] for c in g["template"]["spec"]["containers"]), \
-        f"{where}: no GPU worker group"
+    # a GPU worker group exactly where the job uses GPUs (render's encode and grids run on CPUs)
+    has_gpu = any("nvidia.com/gpu" in c.get("resources", {}).get("limits", {})
+                  for g in cluster["workerGroupSpecs"] for c in g["template"]["spec"]["containers"])
+    assert has_gpu == (job.group(1) != "render"), \
+        f"{where}: {'no' if not has_gpu else 'an idle'} GPU worker group for {job.group(1)}"
     mounted = set()
     for pod in pods:
         volumes = {v["name"]: v for v in pod["spec"].get("volumes", [])}

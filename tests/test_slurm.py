@@ -229,3 +229,14 @@ def test_cancel_resubmit_and_requeue(slurm, offline_hub, many_shards, s3_prefix,
     assert not storage.exists(f"{output}/_claim.json"), "the finished job left its claim behind"
     _assert_no_secret(log1.read_text() + text)
     _assert_no_ray_left(job2)
+
+
+@pytest.mark.parametrize("target, gpus, gres", [
+    ("submit-embed", None, "--gres=gpu:1"), ("submit-sweep", None, "--gres=gpu:1"),
+    ("submit-render", None, None),  # render's encode and grids run on CPUs
+    ("submit-render", "2", "--gres=gpu:2"), ("submit-embed", "0", None)])
+def test_make_submit_asks_for_gpus_only_where_the_job_uses_them(target, gpus, gres):
+    args = ["make", "-n", target] + ([f"GPUS={gpus}"] if gpus else [])
+    out = subprocess.run(args, cwd=REPO, capture_output=True, text=True, check=True).stdout
+    sbatch = next(line for line in out.splitlines() if "sbatch --parsable" in line)
+    assert re.findall(r"--gres=\S+", sbatch) == ([gres] if gres else []), sbatch
