@@ -143,7 +143,8 @@ def trial_config(base: dict, params: dict, output: str) -> dict:
     if "lr" in params:
         optim["lr"] = params["lr"]
     n, k = model.get("n_latents", defaults.n_latents), model.get("k", base_k)
-    model["aux_k"] = max(1, min(round(model.get("aux_k", defaults.aux_k) * k / base_k), n))
+    aux_k = model.get("aux_k", defaults.aux_k)  # 0: AuxK off, in every trial too
+    model["aux_k"] = max(1, min(round(aux_k * k / base_k), n)) if aux_k else 0
     if model.get("multik", defaults.multik):
         model["multik"] = max(k, min(round(model.get("multik", defaults.multik) * k / base_k), n))
     data["output"] = output
@@ -165,8 +166,10 @@ def _trial(params: dict, base: dict, sweep_output: str, shared: train_job.Shared
     data["run_name"] = f"sweep-{name}"  # unique Train run per trial
     cfg = config.from_dict(train_job.Config, data, f"trial {name}")
     metrics = train_job.run(cfg, callbacks=[TuneReportCallback()], shared=shared)
-    # epoch stays below ASHA's max_t (epochs + 1): this last report must not be cut short
-    tune.report({"epoch": cfg.epochs, "mse": metrics["levels"][-1]["mse"], "fvu": metrics["fvu"],
+    # epoch stays below ASHA's max_t (epochs + 1): this last report must not be cut short.
+    # "mse" is the train MSE in every report (ASHA compares it); the test metrics beside it.
+    tune.report({"epoch": cfg.epochs, "mse": metrics["train"]["mse"],
+                 "test_mse": metrics["levels"][-1]["mse"], "fvu": metrics["fvu"],
                  "l0": metrics["l0"], "dead": metrics["dead_fraction"], "done": True})
 
 
@@ -313,7 +316,7 @@ def collect(cfg: Config, grid) -> list[dict]:
             "trial": name, "status": "finished" if m else ("error" if result.error else "stopped"),
             "k": params.get("k", ""), "n_latents": sum(groups) if groups else params.get("n_latents", ""),
             "lr": params.get("lr", ""), "matryoshka_groups": "-".join(map(str, groups)),
-            "epochs": last.get("epoch", ""), "train_mse": last.get("mse", ""),
+            "epochs": last.get("epoch", ""), "train_mse": m.get("train", {}).get("mse", "") if m else last.get("mse", ""),
             "fvu": m.get("fvu", ""), "mse": m.get("mse", ""), "l0": m.get("l0", ""),
             "dead_fraction": m.get("dead_fraction", ""), "pca_fvu": m.get("pca", {}).get("fvu", ""),
             "output": out,

@@ -23,6 +23,7 @@ import math
 import os
 import re
 import time
+import tomllib
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -326,6 +327,46 @@ def save_checkpoint(cfg: Config, state: dict, epoch: int) -> str:
     for u in old[: max(0, len(old) - cfg.keep_checkpoints)]:
         storage.remove(u)
     return url
+
+
+# What decides the trained weights. Checkpoints or a finished SAE written with other values are
+# neither resumed nor kept; resources (workers, device, mode) may differ: a resumed job may run
+# on other hardware.
+SETTINGS = ("model", "optim", "epochs", "batch_size", "seed", "train_split")
+
+
+def settings_changes(saved: dict, cfg: Config) -> list[str]:
+    """``SETTINGS`` keys whose value in ``cfg`` differs from the ``saved`` config ("key: old ->
+    new"); a key either side lacks (a field added or removed since, a None) is not compared."""
+    now = config.to_dict(cfg)
+    out: list[str] = []
+
+    def walk(old: dict, new: dict, prefix: str) -> None:
+        for key in sorted(set(old) & set(new)):
+            a, b = old[key], new[key]
+            if isinstance(a, dict) and isinstance(b, dict):
+                walk(a, b, f"{prefix}{key}.")
+            elif a != b:
+                out.append(f"{prefix}{key}: {a!r} -> {b!r}")
+
+    walk({k: saved[k] for k in SETTINGS if k in saved}, {k: now[k] for k in SETTINGS}, "")
+    return out
+
+
+def check_same_settings(cfg: Config, finished: bool) -> None:
+    """Refuse, naming what differs, to resume or keep an output trained with other settings
+    (its config.toml): the weights would be half one run and half another, or the artifact
+    would not be what this config describes."""
+    saved_url = storage.join(cfg.output, "config.toml")
+    if not (finished or latest_checkpoint(cfg.output)) or not storage.exists(saved_url):
+        return
+    changes = settings_changes(tomllib.loads(storage.read_bytes(saved_url).decode()), cfg)
+    if changes:
+        what = "a trained SAE" if finished else "checkpoints of a training"
+        raise config.ConfigError(
+            f"{cfg.output} holds {what} with other settings ({'; '.join(changes)}): rerun with "
+            f"the settings in {saved_url} to {'keep' if finished else 'resume'} it, or write to "
+            f"another --output (or delete it to start over)")
 
 
 def load_checkpoint(url: str) -> dict:
@@ -771,7 +812,9 @@ def run(cfg: Config, callbacks=None, shared: SharedSplits | None = None) -> dict
             metrics["train"] = old["train"]
         evaluation.write(metrics, model, cfg.output)
         return metrics
-    if storage.exists(metrics_url) and storage.exists(storage.join(cfg.output, "sae.safetensors")):
+    finished = storage.exists(metrics_url) and storage.exists(storage.join(cfg.output, "sae.safetensors"))
+    check_same_settings(cfg, finished)
+    if finished:
         log.info("%s already holds a trained SAE (metrics.json): nothing to do", cfg.output)
         return _read_json(metrics_url)
     log.info("training on %d x %d embeddings from %s; test %d rows", len(train), train.x.shape[1],

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import os
+from pathlib import Path
 
 import pytest
 
@@ -33,6 +35,8 @@ def test_trial_config_applies_params():
         m = sweep_job.trial_config(topk, {"k": k}, "o")["model"]
         assert (m["k"], m["aux_k"], m["multik"]) == (k, aux_k, multik)
     assert sweep_job.trial_config(topk, {"k": 64, "n_latents": 256}, "o")["model"]["multik"] == 256
+    no_aux = {"model": {"n_latents": 5120, "k": 64, "aux_k": 0}}
+    assert sweep_job.trial_config(no_aux, {"k": 32, "lr": 1e-3}, "o")["model"]["aux_k"] == 0
 
 
 def test_a_matryoshka_base_cannot_be_resized_by_n_latents(tmp_path):
@@ -95,6 +99,8 @@ def test_sweep_runs_its_trials_end_to_end(ray_cluster, s3_server, s3_prefix, tmp
     for r in rows:
         assert 0 < float(r["fvu"]) < 1.5
         assert float(r["l0"]) == pytest.approx(float(r["k"]))
+        m = json.loads(Path(r["output"], "metrics.json").read_text())
+        assert (float(r["train_mse"]), float(r["mse"])) == (m["train"]["mse"], m["mse"]), (r, m)
         assert r["output"].startswith(out) and os.path.isfile(os.path.join(r["output"], "sae.safetensors"))
     assert os.path.getsize(f"{out}/fvu_vs_l0.png") > 1000
     # a rerun restores the experiment: the failed trial is retried, the finished ones are kept

@@ -4,6 +4,7 @@ and Ray Train modes, checkpoints, evaluation and --eval-only (resume after a kil
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +36,7 @@ def run_cli(*args) -> int:
     return cli.main(["train", *args])
 
 
-def test_local_mode_writes_a_complete_artifact_and_rerun_skips(tmp_path, caplog):
+def test_local_mode_writes_a_complete_artifact_and_rerun_skips(tmp_path, caplog, capsys):
     make_embeddings(str(tmp_path / "emb"))
     out = tmp_path / "sae"
     assert run_cli("--embeddings", str(tmp_path / "emb"), "--output", str(out), "--mode", "local",
@@ -63,6 +64,22 @@ def test_local_mode_writes_a_complete_artifact_and_rerun_skips(tmp_path, caplog)
     again = json.loads((out / "metrics.json").read_text())
     assert again["fvu"] == pytest.approx(metrics["fvu"])
     assert (out / "sae.safetensors").stat().st_mtime_ns == mtime
+    # other settings: the SAE is not kept as theirs, nor its checkpoints resumed into a hybrid
+    common = ("--embeddings", str(tmp_path / "emb"), "--output", str(out), "--mode", "local", *SMALL)
+    with pytest.raises(SystemExit, match="2"):
+        run_cli(*common, "--model.k", "8")
+    assert "a trained SAE with other settings (model.k: 4 -> 8)" in capsys.readouterr().err
+    for name in ("metrics.json", "sae.safetensors"):
+        (out / name).unlink()
+    with pytest.raises(SystemExit, match="2"):
+        run_cli(*common, "--optim.lr", "1e-3", "--epochs", "8")
+    err = capsys.readouterr().err
+    assert "checkpoints of a training with other settings (epochs: 6 -> 8; optim.lr: 0.003 -> 0.001)" in err
+    assert "sae.safetensors" not in {p.name for p in out.iterdir()}
+    # the same settings on another device, logging more often: resumed (from the last epoch's checkpoint)
+    with caplog.at_level(logging.INFO, logger="galaxysae"):
+        assert run_cli(*common, "--device", "cpu", "--log_every", "5") == 0
+    assert any("resuming from" in r.getMessage() for r in caplog.records)
 
 
 def test_matryoshka_metrics_per_level(tmp_path):
