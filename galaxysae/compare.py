@@ -122,7 +122,8 @@ def mask_low_votes(fractions: np.ndarray, columns: list[str], totals: dict[str, 
     return out
 
 
-def read_labels(dataset: str, split: str, min_votes: int = 1) -> tuple[list[str], np.ndarray, list[str]]:
+def read_labels(dataset: str, split: str, min_votes: int = 1,
+                config: str = "default") -> tuple[list[str], np.ndarray, list[str]]:
     """-> (ids[N], fractions[N, C] float64, column names[C]); NaN where the question was not asked
     of the galaxy or fewer than ``min_votes`` volunteers answered it."""
     import pyarrow.parquet as pq
@@ -132,7 +133,7 @@ def read_labels(dataset: str, split: str, min_votes: int = 1) -> tuple[list[str]
     fractions = schema.fraction_columns()
     wanted = fractions + schema.total_columns()
     ids, blocks = [], []
-    for shard in [s for s in sources.resolve(dataset, splits=[split]) if s.split == split]:
+    for shard in [s for s in sources.resolve(dataset, config, splits=[split]) if s.split == split]:
         fs, path = storage.arrow_fs(shard.url)
         names = set(pq.read_schema(path, filesystem=fs).names)
         missing = [c for c in wanted if c not in names]
@@ -140,7 +141,7 @@ def read_labels(dataset: str, split: str, min_votes: int = 1) -> tuple[list[str]
             raise ValueError(f"{shard.url}: lacks label columns {(['id_str'] if 'id_str' not in names else []) + missing[:5]}"
                              f"{' ...' if len(missing) > 5 else ''}")
         t = pq.read_table(path, filesystem=fs, columns=["id_str", *wanted])
-        ids += t.column("id_str").to_pylist()
+        ids += [str(i) for i in t.column("id_str").to_pylist()]  # as embed writes them
         blocks.append(np.column_stack([t.column(c).to_numpy(zero_copy_only=False).astype(np.float64)
                                        for c in wanted]))
     if not ids:
@@ -513,7 +514,7 @@ def run(cfg: Config) -> dict:
     cfg = config.absolute_paths(cfg, inputs=("dictionaries", "embeddings", "dataset"),
                                 outputs=("results",))
     storage.check_writable(cfg.results)  # wrong credentials / unreachable store: fail first
-    label_ids, labels, columns = read_labels(cfg.dataset, cfg.split, cfg.min_votes)
+    label_ids, labels, columns = read_labels(cfg.dataset, cfg.split, cfg.min_votes, cfg.dataset_config)
     label_pos = {s: i for i, s in enumerate(label_ids)}
     dicts = [dictionary.load(u) for u in cfg.dictionaries]
     tables: dict = {}

@@ -97,7 +97,7 @@ def read_rows(shard: str, rows: list[tuple[int, str]]) -> dict[str, bytes]:
             got_ids = t.column("id_str").to_pylist()
             images = t.column("image").to_pylist()
             for r, id_str in items:
-                if got_ids[r] != id_str:
+                if str(got_ids[r]) != id_str:
                     raise KeyError(f"{shard}: row {int(bounds[g]) + r} holds {got_ids[r]!r}, not "
                                    f"{id_str!r}: the image index is stale; rebuild it")
                 img = images[r]
@@ -108,10 +108,10 @@ def read_rows(shard: str, rows: list[tuple[int, str]]) -> dict[str, bytes]:
     return out
 
 
-def _shard_urls(dataset: str, split: str) -> list[str]:
+def _shard_urls(dataset: str, split: str, config: str = "default") -> list[str]:
     from galaxysae import sources
 
-    return [s.url for s in sources.resolve(dataset, splits=[split]) if s.split == split]
+    return [s.url for s in sources.resolve(dataset, config, splits=[split]) if s.split == split]
 
 
 def build(shards: list[str]) -> ImageIndex:
@@ -122,18 +122,19 @@ def build(shards: list[str]) -> ImageIndex:
     for i, url in enumerate(shards):
         fs, path = storage.arrow_fs(url)
         col = pq.read_table(path, filesystem=fs, columns=["id_str"]).column("id_str").to_pylist()
-        ids += col
+        ids += [str(i) for i in col]  # as embed writes them
         shard_of.append(np.full(len(col), i, np.int32))
         row_of.append(np.arange(len(col), dtype=np.int64))
     return ImageIndex(shards, ids, np.concatenate(shard_of) if shard_of else [],
                       np.concatenate(row_of) if row_of else [])
 
 
-def load_or_build(dataset: str, split: str, index_url: str) -> ImageIndex:
-    """The index of ``dataset``/``split`` saved at ``index_url`` (parquet), built if missing or stale."""
+def load_or_build(dataset: str, split: str, index_url: str, config: str = "default") -> ImageIndex:
+    """The index of ``dataset`` (its ``config``)/``split`` saved at ``index_url`` (parquet), built
+    if missing or stale."""
     import pyarrow.parquet as pq
 
-    shards = _shard_urls(dataset, split)
+    shards = _shard_urls(dataset, split, config)
     if not shards:
         raise FileNotFoundError(f"dataset {dataset}: no parquet shards for split {split!r}")
     if storage.exists(index_url):

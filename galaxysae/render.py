@@ -37,6 +37,7 @@ class DictionaryInputs:
     dictionaries: list[str] = field(default_factory=list, metadata={"help": "artifact dirs (SAE or PCA), local or s3://"})
     embeddings: str = field(default="", metadata={"help": "embed output (dir or s3:// prefix)"})
     dataset: str = field(default="", metadata={"help": "dataset with the images and votes (dir, s3:// or hf://datasets/...)"})
+    dataset_config: str = field(default="default", metadata={"help": "dataset config (as embedded: default, tiny)"})
     split: str = field(default="test", metadata={"help": "split whose galaxies are ranked and correlated"})
     results: str = field(default="results", metadata={"help": "results root (local or s3://)"})
     names: list[str] = field(default_factory=list, metadata={"help": "results folder per dictionary (default: sae/matryoshka_sae/pca)"})
@@ -268,7 +269,8 @@ def run(cfg: Config) -> dict:
     cluster.require_shared({"dataset": cfg.dataset}, {"results": cfg.results}, "render")
     dicts = [dictionary.load(u) for u in cfg.dictionaries]
     index = image_index.load_or_build(cfg.dataset, cfg.split,
-                                      storage.join(cfg.results, "_image_index", f"{cfg.split}.parquet"))
+                                      storage.join(cfg.results, "_image_index", f"{cfg.split}.parquet"),
+                                      cfg.dataset_config)
     decode.warn_if_lenient(log, cfg.strict_jpeg)
     thumbs_remote = ray.remote(num_cpus=1)(_thumbs_task)
     grids_remote = ray.remote(num_cpus=1)(_grids_task)

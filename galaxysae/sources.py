@@ -18,6 +18,7 @@ the usual file patterns (``data/{split}-*.parquet`` for ``default``, ``{config}/
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import logging
 import os
@@ -45,10 +46,13 @@ class Shard:
     split: str
     url: str   # local path or s3:// URL of the parquet file
     rel: str   # path relative to the dataset root, e.g. data/train-00000-of-00002.parquet
+    out: str = ""  # the output file name where the file name is not unique in its split
 
     @property
     def name(self) -> str:
-        return posixpath.basename(self.rel)
+        """The shard's output file name: its file name, or its whole relative path with "/" as
+        "__" where two shards of a split share a file name (a/0000.parquet, b/0000.parquet)."""
+        return self.out or posixpath.basename(self.rel)
 
 
 def hf_repo(dataset: str) -> tuple[str, str | None]:
@@ -92,6 +96,8 @@ def _readme_patterns(readme: str, config: str) -> dict[str, list[str]] | None:
         if isinstance(files, dict):
             files = [{"split": k, "path": v} for k, v in files.items()]
         for item in files or []:
+            if isinstance(item, str):  # data_files: [pattern, ...]: all of them the train split
+                item = {"split": "train", "path": item}
             paths = item.get("path")
             out.setdefault(item.get("split", "train"), []).extend(
                 [paths] if isinstance(paths, str) else list(paths or []))
@@ -139,7 +145,10 @@ def _shards_under(root: str, readme: str, config: str, splits: list[str], what: 
             raise SourceError(f"{what}: no parquet shards for config {config!r}, split {split!r} "
                               f"(looked for {patterns})")
         _check_complete(rels, f"{what}, split {split!r}")
-        shards += [Shard(split, storage.join(root, rel), rel) for rel in rels]
+        names = collections.Counter(posixpath.basename(r) for r in rels)
+        shards += [Shard(split, storage.join(root, rel), rel,
+                         rel.replace("/", "__") if names[posixpath.basename(rel)] > 1 else "")
+                   for rel in rels]
     return shards
 
 

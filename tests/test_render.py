@@ -45,6 +45,11 @@ def test_image_index_returns_the_right_bytes_for_random_ids(chain, tmp_path):
     assert again.locate(ids[0]) == index.locate(ids[0])
     with pytest.raises(KeyError, match="'no-such-galaxy' is not in the image index"):
         index.fetch(["no-such-galaxy"])
+    # the dataset config embedded (render's dataset_config): the tiny subset's own shard
+    tiny = image_index.load_or_build(str(chain.dataset), "test", str(tmp_path / "tiny.parquet"), "tiny")
+    assert [s.split("/")[-2] for s in tiny.shards] == ["tiny"] and 8 <= len(tiny) < len(truth)
+    some = sorted(tiny._pos)[:3]
+    assert tiny.fetch(some) == {i: truth[i] for i in some}
 
 
 @pytest.mark.slow

@@ -38,3 +38,20 @@ def test_a_copy_missing_a_shard_is_refused_naming_it(synth_dataset, tmp_path):
 def test_the_offline_cache_gives_its_commit(offline_hub):
     shards = sources.resolve("hf://datasets/mwalmsley/gz_euclid")
     assert shards and sources.dataset_revision(shards) == offline_hub["dataset_revision"]
+
+
+def test_readme_pattern_lists_and_shards_sharing_a_file_name(tmp_path):
+    """``data_files: [pattern]`` (HF's list form: all train) reads; two shards of a split with
+    one file name get output names of their own, so neither overwrites the other's."""
+    for sub in ("north", "south"):
+        (tmp_path / sub).mkdir()
+        (tmp_path / sub / "0000.parquet").write_bytes(b"")
+    (tmp_path / "README.md").write_text(
+        "---\nconfigs:\n- config_name: default\n  data_files:\n  - north/*.parquet\n"
+        "  - south/*.parquet\n---\n# two fields\n")
+    shards = sources.resolve(str(tmp_path), splits=["train"])
+    assert [(s.split, s.rel, s.name) for s in shards] == [
+        ("train", "north/0000.parquet", "north__0000.parquet"),
+        ("train", "south/0000.parquet", "south__0000.parquet")]
+    with pytest.raises(sources.SourceError, match="split 'test' is not in config 'default'"):
+        sources.resolve(str(tmp_path), splits=["test"])
