@@ -172,8 +172,11 @@ def compute(d, embeddings: str, split: str, out: str, top_n: int = 30, batch_siz
 
     marker = storage.join(out, "_SUCCESS")
     files = embedding_files(embeddings, split)
+    # the inputs' stamps too: a dictionary retrained or embeddings rewritten at the same URLs
+    # make other activations
+    weights = [u for u in storage.listdir(d.url) if u.endswith((".safetensors", "/cfg.json"))]
     key = {"dictionary": d.url, "embeddings": embeddings, "split": split, "files": files,
-           "top_n": top_n}
+           "stamps": [storage.stamp(u) for u in weights + files], "top_n": top_n}
     if not overwrite and storage.exists(marker):
         done = json.loads(storage.read_bytes(marker))
         same = {k: done.get(k) for k in key if k != "top_n"} == {k: v for k, v in key.items() if k != "top_n"}

@@ -134,11 +134,6 @@ def _read_parquet(url: str):
     return pq.read_table(path, filesystem=fs)
 
 
-def _copy(src: str, dst: str) -> None:
-    if not storage.exists(dst):
-        storage.write_bytes(dst, storage.read_bytes(src))
-
-
 # ----------------------------------------------------------------------------- SVG charts
 
 
@@ -582,7 +577,8 @@ def run(cfg: Config) -> str:
         folder = storage.join(cfg.results, e.name)
         site = storage.join(out, e.name)
         for f in sorted(e.grids):
-            _copy(storage.join(folder, "grids", f"feature_{f:05d}.jpg"), storage.join(site, "grids", f"feature_{f:05d}.jpg"))
+            storage.copy_if_newer(storage.join(folder, "grids", f"feature_{f:05d}.jpg"),
+                                  storage.join(site, "grids", f"feature_{f:05d}.jpg"))
         for p in e.plots:
             storage.write_bytes(storage.join(site, "plots", posixpath.basename(p)), storage.read_bytes(p))
         storage.write_bytes(storage.join(site, "index.html"), table_page(e, cfg).encode())

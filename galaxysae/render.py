@@ -108,9 +108,25 @@ def write_summary(d, folder_url: str, split: str, n_galaxies: int, embeddings: s
     storage.write_bytes(storage.join(folder_url, "dictionary.json"), json.dumps(doc, indent=1).encode())
     # the artifact's own plots (PCA explained variance, SAE training curves) travel with it
     for url in storage.listdir(d.url, ".png"):
-        target = storage.join(folder_url, "plots", url.rstrip("/").rsplit("/", 1)[-1])
-        if not storage.exists(target):
-            storage.write_bytes(target, storage.read_bytes(url))
+        storage.copy_if_newer(url, storage.join(folder_url, "plots", url.rstrip("/").rsplit("/", 1)[-1]))
+
+
+def start_grids(folder: str, name: str, activations_url: str, chosen: list[int], cfg) -> None:
+    """Before drawing: grids drawn from other inputs (activations of another dictionary or
+    embeddings, another top_n, layout or decode) are removed, so a rerun redraws them instead of
+    keeping pictures that no longer match the tables; then ``grids/_rendered.json`` records this
+    run's inputs (a killed run's rerun, with the same inputs, keeps the grids it finished)."""
+    marker = json.loads(storage.read_bytes(storage.join(activations_url, "_SUCCESS")))
+    inputs = {"activations": {k: marker.get(k) for k in ("dictionary", "embeddings", "split", "stamps")},
+              "top_n": cfg.top_n, "columns": cfg.columns, "tile": cfg.tile,
+              "strict_jpeg": cfg.strict_jpeg}
+    url = storage.join(folder, "grids", "_rendered.json")
+    if storage.exists(url) and json.loads(storage.read_bytes(url)).get("inputs") != inputs:
+        stale = storage.listdir(storage.join(folder, "grids"), ".jpg")
+        log.info("%s: %d grids were drawn from other inputs: drawing them again", name, len(stale))
+        for u in stale:
+            storage.remove(u)
+    storage.write_bytes(url, json.dumps({"inputs": inputs, "features": chosen}, indent=1).encode())
 
 
 def activations_for(d, folder_url: str, cfg) -> "object":
@@ -281,6 +297,7 @@ def run(cfg: Config) -> dict:
         write_summary(d, folder, cfg.split, acts.n_galaxies, cfg.embeddings)
         stats = acts.features.to_pylist()
         chosen = select_features(acts.features, d.kind, cfg)
+        start_grids(folder, name, acts.url, chosen, cfg)
         todo = [f for f in chosen if cfg.overwrite or not storage.exists(grid_url(folder, f))]
         jobs = [{"feature": f, "url": grid_url(folder, f), "title": _title(d, f, stats[f]),
                  "items": list(zip(stats[f]["top_ids"][: cfg.top_n], stats[f]["top_values"][: cfg.top_n]))}
@@ -303,8 +320,6 @@ def run(cfg: Config) -> dict:
                             for c in chunks]), [])
         summary[name] = {"rendered": len(done), "skipped": len(chosen) - len(todo), "features": chosen,
                          "failed_images": len(failures)}
-        storage.write_bytes(storage.join(folder, "grids", "_rendered.json"),
-                            json.dumps({"features": chosen, "top_n": cfg.top_n}, indent=1).encode())
         log.info("%s: %d grids rendered, %d already done -> %s/grids", name, len(done),
                  len(chosen) - len(todo), folder)
     config.save(cfg, cfg.results, "render.toml")

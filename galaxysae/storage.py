@@ -19,6 +19,7 @@ from pathlib import Path
 __all__ = [
     "is_remote", "local_path", "join", "exists", "read_bytes", "write_bytes", "write_parquet", "listdir",
     "fsspec_fs", "arrow_fs", "makedirs", "remove", "s3_options", "check_writable", "StorageError",
+    "stamp", "modified", "copy_if_newer",
 ]
 
 
@@ -146,6 +147,35 @@ def exists(url: str) -> bool:
     if is_remote(url):
         return _with_retries(url, "existence check", lambda: fs.exists(path))
     return fs.exists(path)
+
+
+def _info(url: str) -> dict:
+    fs, path = fsspec_fs(url)
+    if is_remote(url):
+        return _with_retries(url, "metadata read", lambda: fs.info(path))
+    return fs.info(path)
+
+
+def stamp(url: str) -> str:
+    """What changes when the file at ``url`` is rewritten: its size and its ETag (S3, the content's
+    hash for a single PUT) or modification time (local)."""
+    info = _info(url)
+    return f"{info.get('size')}:{info.get('ETag') or info.get('mtime') or info.get('LastModified')}"
+
+
+def modified(url: str) -> float:
+    """When the file at ``url`` was last written (seconds since the epoch)."""
+    info = _info(url)
+    when = info.get("mtime") or info.get("LastModified")
+    return when.timestamp() if hasattr(when, "timestamp") else float(when)
+
+
+def copy_if_newer(src: str, dst: str) -> bool:
+    """Copy ``src`` to ``dst`` unless ``dst`` exists and was written after ``src``; -> copied."""
+    if exists(dst) and modified(dst) >= modified(src):
+        return False
+    write_bytes(dst, read_bytes(src))
+    return True
 
 
 def makedirs(url: str) -> None:

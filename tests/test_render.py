@@ -81,6 +81,47 @@ def test_grids_on_s3_have_the_expected_size_and_count_and_a_rerun_skips_them(cha
     again = render.run(cfg)
     assert {n: (s["rendered"], s["skipped"]) for n, s in again.items()} == {"matryoshka_sae": (0, 5), "pca": (0, 5)}
     assert stamps == {g: fs.info(storage.fsspec_fs(g)[1])["LastModified"] for g in stamps}
+    # another top_n: every grid is drawn again (none kept from the other inputs)
+    cfg.top_n = 6
+    third = render.run(cfg)
+    assert {n: (s["rendered"], s["skipped"]) for n, s in third.items()} == {"matryoshka_sae": (5, 0), "pca": (5, 0)}
+    for g in stamps:
+        with Image.open(io.BytesIO(storage.read_bytes(g))) as img:
+            assert img.size == render.grid_size(6, 4, 48)
+
+
+@pytest.mark.slow
+def test_a_dictionary_rewritten_in_place_gets_new_activations_and_grids(chain, tmp_path):
+    """The same artifact URL with other weights (retrained into the same folder): render does not
+    reuse the old activations or grids, and the atlas copies the new grids over the old ones."""
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    from galaxysae import atlas
+
+    pca_copy = tmp_path / "pca"
+    shutil.copytree(chain.pca, pca_copy)
+    cfg = config.from_dict(render.Config, {
+        "dictionaries": [str(pca_copy)], "embeddings": str(chain.embeddings),
+        "dataset": str(chain.dataset), "results": str(tmp_path / "results"), "n_features": 2,
+        "top_n": 4, "columns": 2, "tile": 32})
+    assert render.run(cfg)["pca"]["rendered"] == 2
+    acts = tmp_path / "results" / "pca" / "activations" / "test"
+    before = activations.load_features(str(acts)).column("top_ids").to_pylist()
+    site = tmp_path / "atlas"
+    atlas.run(config.from_dict(atlas.Config, {"results": str(tmp_path / "results"), "output": str(site)}))
+    grid = site / "pca" / "grids" / "feature_00000.jpg"
+    old_grid = grid.read_bytes()
+    t = load_file(pca_copy / dictionary.PCA_WEIGHTS)
+    t["components"] = -t["components"]  # each component's other end: other top galaxies
+    save_file(t, pca_copy / dictionary.PCA_WEIGHTS)
+    assert render.run(cfg)["pca"]["rendered"] == 2
+    after = activations.load_features(str(acts)).column("top_ids").to_pylist()
+    assert after[0] != before[0]
+    assert (tmp_path / "results" / "pca" / "grids" / "feature_00000.jpg").read_bytes() != old_grid
+    atlas.run(config.from_dict(atlas.Config, {"results": str(tmp_path / "results"), "output": str(site)}))
+    assert grid.read_bytes() != old_grid
 
 
 @pytest.mark.slow
