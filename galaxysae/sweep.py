@@ -73,7 +73,9 @@ class Config:
     output: str = field(default="", metadata={"help": "sweep directory, local or s3://"})
     search: Literal["grid", "random"] = "grid"
     num_samples: int = field(default=1, metadata={"help": "random: trials; grid: repeats of the grid"})
-    seed: int = 0
+    seed: int = field(default=0, metadata={"help": (
+        "trial i trains with seed + i (repeats of a grid are replicates, not copies); it also "
+        "seeds random search")})
     epochs: int = field(default=0, metadata={"help": "epochs per trial; 0 = the base config's"})
     max_concurrent_trials: int = field(default=0, metadata={
         "help": "trials running at once; 0: as many as the cluster's nodes hold now"})
@@ -114,7 +116,8 @@ def base_train_config(cfg: Config) -> dict:
     data.update(embeddings=cfg.embeddings, mode="ray", num_workers=cfg.num_workers,
                 cpus_per_worker=cfg.cpus_per_worker, use_gpu=cfg.use_gpu,
                 gpus_per_worker=cfg.gpus_per_worker,
-                device="cuda" if cfg.use_gpu else "cpu", data_loading=cfg.data_loading)
+                device="cuda" if cfg.use_gpu else "cpu", data_loading=cfg.data_loading,
+                seed=cfg.seed)
     for key in ("ids", "test_embeddings", "test_ids"):  # trials run in Tune's own folders
         if data.get(key) and not storage.is_remote(data[key]):
             data[key] = os.path.abspath(storage.local_path(data[key]))
@@ -163,6 +166,7 @@ def _trial(params: dict, base: dict, sweep_output: str, shared: train_job.Shared
     name = ctx.get_trial_id()
     out = storage.join(sweep_output, "trials", name)
     data = trial_config(base, params, out)
+    data["seed"] = data.get("seed", 0) + trial_number(name)
     data["run_name"] = f"sweep-{name}"  # unique Train run per trial
     cfg = config.from_dict(train_job.Config, data, f"trial {name}")
     metrics = train_job.run(cfg, callbacks=[TuneReportCallback()], shared=shared)
@@ -171,6 +175,14 @@ def _trial(params: dict, base: dict, sweep_output: str, shared: train_job.Shared
     tune.report({"epoch": cfg.epochs, "mse": metrics["train"]["mse"],
                  "test_mse": metrics["levels"][-1]["mse"], "fvu": metrics["fvu"],
                  "l0": metrics["l0"], "dead": metrics["dead_fraction"], "done": True})
+
+
+def trial_number(trial_id: str) -> int:
+    """Tune's trial id ``3f9a1_00002`` -> 2 (the trial's place in the experiment)."""
+    found = re.fullmatch(r"[0-9a-f]+_(\d+)", trial_id)
+    if not found:
+        raise ValueError(f"unexpected Tune trial id {trial_id!r}")
+    return int(found.group(1))
 
 
 def shape_of(params: dict) -> tuple:
@@ -230,6 +242,7 @@ class SweepError(RuntimeError):
 
 def run(cfg: Config) -> dict:
     from ray import tune
+    from ray.tune.search.basic_variant import BasicVariantGenerator
 
     from galaxysae import cluster
 
@@ -277,6 +290,7 @@ def run(cfg: Config) -> dict:
             param_space=_space(cfg),
             tune_config=tune.TuneConfig(
                 num_samples=cfg.num_samples, max_concurrent_trials=at_once,
+                search_alg=BasicVariantGenerator(random_state=cfg.seed),
                 scheduler=scheduler(cfg, epochs)),
             run_config=tune.RunConfig(name="sweep", storage_path=path, storage_filesystem=fs),
         )
@@ -295,7 +309,7 @@ def run(cfg: Config) -> dict:
     return {"trials": len(rows), "finished": done}
 
 
-COLUMNS = ["trial", "status", "k", "n_latents", "lr", "matryoshka_groups", "epochs", "train_mse",
+COLUMNS = ["trial", "status", "seed", "k", "n_latents", "lr", "matryoshka_groups", "epochs", "train_mse",
            "fvu", "mse", "l0", "dead_fraction", "pca_fvu", "output", "error"]
 
 
@@ -314,6 +328,7 @@ def collect(cfg: Config, grid) -> list[dict]:
         groups = params.get("matryoshka_groups") or []
         rows.append({
             "trial": name, "status": "finished" if m else ("error" if result.error else "stopped"),
+            "seed": cfg.seed + trial_number(name) if name else "",
             "k": params.get("k", ""), "n_latents": sum(groups) if groups else params.get("n_latents", ""),
             "lr": params.get("lr", ""), "matryoshka_groups": "-".join(map(str, groups)),
             "epochs": last.get("epoch", ""), "train_mse": m.get("train", {}).get("mse", "") if m else last.get("mse", ""),

@@ -90,6 +90,7 @@ def test_sweep_runs_its_trials_end_to_end(ray_cluster, s3_server, s3_prefix, tmp
     assert one > 0 and reads == one, f"the sweep made {reads} reads of the embeddings; one load makes {one}"
     rows = list(csv.DictReader(io.StringIO(storage.read_bytes(f"{out}/results.csv").decode())))
     assert len(rows) == 4 and len({r["trial"] for r in rows}) == 4  # failed trials named apart
+    assert sorted(int(r["seed"]) for r in rows) == [0, 1, 2, 3]  # trial i: seed + i
     failed = [r for r in rows if r["status"] == "error"]
     assert sorted(r["k"] for r in failed) == ["128", "64"]
     assert all("'model.k' must be in 1..32" in r["error"] and r["trial"] for r in failed)
@@ -101,6 +102,7 @@ def test_sweep_runs_its_trials_end_to_end(ray_cluster, s3_server, s3_prefix, tmp
         assert float(r["l0"]) == pytest.approx(float(r["k"]))
         m = json.loads(Path(r["output"], "metrics.json").read_text())
         assert (float(r["train_mse"]), float(r["mse"])) == (m["train"]["mse"], m["mse"]), (r, m)
+        assert f"seed = {r['seed']}\n" in Path(r["output"], "config.toml").read_text()
         assert r["output"].startswith(out) and os.path.isfile(os.path.join(r["output"], "sae.safetensors"))
     assert os.path.getsize(f"{out}/fvu_vs_l0.png") > 1000
     # a rerun restores the experiment: the failed trial is retried, the finished ones are kept
