@@ -96,6 +96,27 @@ _gs_setup() {
   _GS_TMP=/tmp/ray-${SLURM_JOB_ID}
 }
 
+_gs_worker_cpus() {
+  # SLURM_JOB_CPUS_PER_NODE lists the job's CPUs per node in node-list order ("16(x2),8"). With
+  # whole nodes of mixed sizes a worker node may have fewer than the batch node, and a step asking
+  # any node for more than it holds is refused: the workers' step asks for the fewest they hold.
+  local item n count min='' i=0 items=()
+  IFS=, read -ra items <<<"${SLURM_JOB_CPUS_PER_NODE:-}"
+  for item in "${items[@]}"; do
+    if [[ $item =~ ^([0-9]+)\(x([0-9]+)\)$ ]]; then
+      n=${BASH_REMATCH[1]} count=${BASH_REMATCH[2]}
+    elif [[ $item =~ ^[0-9]+$ ]]; then
+      n=$item count=1
+    else
+      break
+    fi
+    # the first node is the head's (the batch node)
+    if ((i + count > 1)) && [[ -z $min || $n -lt $min ]]; then min=$n; fi
+    i=$((i + count))
+  done
+  echo "${min:-$_GS_CPUS}"
+}
+
 _gs_port_busy() { (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null; }
 
 _gs_pick_ports() {
@@ -177,10 +198,17 @@ ray_cluster_start() {
     --disable-usage-stats &
   _GS_HEAD_PID=$!
   if ((_GS_NNODES > 1)); then
-    "${_GS_STEP[@]}" --job-name=gs-ray-workers --nodes=$((_GS_NNODES - 1)) --ntasks=$((_GS_NNODES - 1)) \
-      --exclude="$_GS_HEAD" "${_GS_EXEC[@]}" \
-      "$_GS_RAY" start --block --address="$RAY_ADDRESS" "${ports[@]}" "${memory[@]}" \
-      --num-cpus="$_GS_CPUS" --num-gpus="$_GS_GPUS" --temp-dir="$_GS_TMP" &
+    local wcpus wmem=$_GS_MEM_MB wmemory
+    wcpus=$(_gs_worker_cpus)
+    ((wcpus == _GS_CPUS)) || _gs_log "worker nodes hold $wcpus CPUs for this job (the head's: $_GS_CPUS): each runs a Ray node of $wcpus"
+    if [[ -z ${SLURM_MEM_PER_NODE:-} && ${SLURM_MEM_PER_CPU:-} =~ ^[1-9][0-9]*$ ]]; then
+      wmem=$((SLURM_MEM_PER_CPU * wcpus))
+    fi
+    mapfile -t wmemory < <(_GS_MEM_MB=$wmem _gs_ray_memory)
+    "${_GS_STEP[@]}" --cpus-per-task="$wcpus" --job-name=gs-ray-workers --nodes=$((_GS_NNODES - 1)) \
+      --ntasks=$((_GS_NNODES - 1)) --exclude="$_GS_HEAD" "${_GS_EXEC[@]}" \
+      "$_GS_RAY" start --block --address="$RAY_ADDRESS" "${ports[@]}" "${wmemory[@]}" \
+      --num-cpus="$wcpus" --num-gpus="$_GS_GPUS" --temp-dir="$_GS_TMP" &
     _GS_WORKERS_PID=$!
   fi
   _gs_wait_nodes

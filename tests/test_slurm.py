@@ -240,3 +240,14 @@ def test_make_submit_asks_for_gpus_only_where_the_job_uses_them(target, gpus, gr
     out = subprocess.run(args, cwd=REPO, capture_output=True, text=True, check=True).stdout
     sbatch = next(line for line in out.splitlines() if "sbatch --parsable" in line)
     assert re.findall(r"--gres=\S+", sbatch) == ([gres] if gres else []), sbatch
+
+
+@pytest.mark.parametrize("spec, worker_cpus", [
+    ("16(x2),8", 8), ("16,8,12", 8), ("16(x3)", 16), ("8,16(x2)", 16), ("16", 16), ("", 16)])
+def test_worker_nodes_ask_for_the_cpus_they_hold(spec, worker_cpus):
+    """Whole nodes of mixed sizes: the batch (head) node's count would be refused on a smaller
+    worker node; SLURM_JOB_CPUS_PER_NODE (node-list order, head first) gives theirs."""
+    out = subprocess.run(
+        ["bash", "-c", 'source slurm/ray_cluster.sh; _GS_CPUS=16; _gs_worker_cpus'], cwd=REPO,
+        env={**os.environ, "SLURM_JOB_CPUS_PER_NODE": spec}, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == str(worker_cpus)
