@@ -291,7 +291,11 @@ def localize_encoder(name: str, cache: str | None = None) -> str:
     url = name[len("local-dir:"):] if name.startswith("local-dir:") else name
     if not url.startswith("s3://"):
         return name
-    target = encoder_cache_dir(cache) / hashlib.sha256(url.encode()).hexdigest()[:16]
+    # keyed on what the stage recorded (revision, each file's blob id) too: a node that fetched
+    # an earlier stage to this prefix does not keep using those weights
+    stage_url = storage.join(url, "galaxysae_stage.json")
+    stamp = storage.read_bytes(stage_url) if storage.exists(stage_url) else b""
+    target = encoder_cache_dir(cache) / hashlib.sha256(url.encode() + b"\0" + stamp).hexdigest()[:16]
     if (target / "config.json").is_file():
         return f"local-dir:{target}"
     fs, path = storage.fsspec_fs(url)

@@ -7,10 +7,11 @@ Compute nodes without internet (common on HPC) then run ``embed`` from the stage
                     --encoder local-dir:s3://bucket/staged/zoobot-encoder-euclid ...
 
 The dataset keeps its Hub layout (README.md with its configs header, ``data/...`` shards); the
-encoder folder keeps timm's files plus ``galaxysae_stage.json`` (source repo and revision, which
-embed records as the encoder's provenance). Each file is written atomically (temp + rename on
-disk; S3 uploads appear only when complete) and a file already there with the same size is
-skipped, so a rerun after a crash finishes the copy.
+encoder folder keeps timm's files. Each holds ``galaxysae_stage.json`` (source, revision, which
+embed records as the encoder's provenance, and each file's Hub blob id). Each file is written
+atomically (temp + rename on disk; S3 uploads appear only when complete) and a file already
+there from the same blob is skipped, so a rerun after a crash finishes the copy and a restage
+of a newer revision replaces every file that changed, even one of the same size.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from galaxysae import config, sources, storage
+from galaxysae.encoder import STAGE_FILE
 
 log = logging.getLogger("galaxysae.stage")
 
@@ -59,9 +61,26 @@ def _same_size(src: Path, dest: str) -> bool:
         return False
 
 
-def copy_file(src: Path, dest: str, overwrite: bool = False) -> bool:
-    """Copy one local file to a local path or s3:// URL atomically; False when skipped."""
-    if not overwrite and _same_size(src, dest):
+def blob_id(src: Path) -> str:
+    """A Hub cache file's content id: the name of the blob its snapshot link points to (the
+    file's sha256 for LFS files, its git hash for others), else its size and mtime."""
+    real = Path(os.path.realpath(src))
+    if real.parent.name == "blobs":
+        return real.name
+    st = real.stat()
+    return f"{st.st_size}:{st.st_mtime_ns}"
+
+
+def read_manifest(dest_root: str) -> dict:
+    url = storage.join(dest_root, STAGE_FILE)
+    return json.loads(storage.read_bytes(url)) if storage.exists(url) else {}
+
+
+def copy_file(src: Path, dest: str, overwrite: bool = False, staged: str = "") -> bool:
+    """Copy one local file to a local path or s3:// URL atomically; False when skipped: the
+    destination holds the same content (``staged``, the blob id a previous stage recorded for
+    it, is this file's, and the size matches)."""
+    if not overwrite and staged == blob_id(src) and _same_size(src, dest):
         return False
     if storage.is_remote(dest):
         fs, path = storage.fsspec_fs(dest)
@@ -78,6 +97,15 @@ def copy_file(src: Path, dest: str, overwrite: bool = False) -> bool:
     return True
 
 
+def write_manifest(dest_root: str, source: str, snapshot: Path, rels: list[str], before: dict) -> None:
+    """``galaxysae_stage.json``: where the copy comes from (source, revision) and each file's blob
+    id, written after the files: what a restage compares (a new revision's weights can have the
+    old ones' size) and what a node's local copy of an S3-staged encoder is keyed on."""
+    files = {**before, **{rel: blob_id(snapshot / rel) for rel in rels}}
+    info = {"source": source, "revision": snapshot.name, "files": dict(sorted(files.items()))}
+    storage.write_bytes(storage.join(dest_root, STAGE_FILE), json.dumps(info, indent=2).encode())
+
+
 def stage_dataset(cfg: Config) -> str:
     repo_id, _ = sources.hf_repo(cfg.dataset)
     snapshot = Path(sources.hf_snapshot(cfg.dataset, cfg.dataset_config, cfg.splits))
@@ -85,9 +113,11 @@ def stage_dataset(cfg: Config) -> str:
                                cfg.dataset_config, cfg.splits)
     dest_root = storage.join(cfg.output, repo_id.split("/")[-1])
     rels = [s.rel for s in shards] + (["README.md"] if (snapshot / "README.md").is_file() else [])
+    before = read_manifest(dest_root).get("files", {})
     copied = 0
     for rel in rels:
-        copied += copy_file(snapshot / rel, storage.join(dest_root, rel), cfg.overwrite)
+        copied += copy_file(snapshot / rel, storage.join(dest_root, rel), cfg.overwrite, before.get(rel, ""))
+    write_manifest(dest_root, cfg.dataset, snapshot, rels, before)
     log.info("dataset %s: %d files at %s (%d copied, %d already there)", cfg.dataset, len(rels),
              dest_root, copied, len(rels) - copied)
     return dest_root
@@ -103,13 +133,12 @@ def stage_encoder(cfg: Config) -> str:
         raise sources.hub_error(f"encoder {cfg.encoder}", exc) from None
     dest_root = storage.join(cfg.output, repo_id.split("/")[-1])
     files = sorted(p for p in snapshot.rglob("*") if p.is_file() and not p.name.startswith("."))
+    rels = [f.relative_to(snapshot).as_posix() for f in files]
+    before = read_manifest(dest_root).get("files", {})
     copied = 0
-    for f in files:
-        rel = f.relative_to(snapshot).as_posix()
-        copied += copy_file(f, storage.join(dest_root, rel), cfg.overwrite)
-    stage_info = {"source": f"hf_hub:{repo_id}", "revision": snapshot.name}
-    storage.write_bytes(storage.join(dest_root, "galaxysae_stage.json"),
-                        json.dumps(stage_info, indent=2).encode())
+    for f, rel in zip(files, rels):
+        copied += copy_file(f, storage.join(dest_root, rel), cfg.overwrite, before.get(rel, ""))
+    write_manifest(dest_root, f"hf_hub:{repo_id}", snapshot, rels, before)
     cfg_json = json.loads((snapshot / "config.json").read_text()) if (snapshot / "config.json").is_file() else {}
     if cfg_json.get("galaxysae_stand_in"):
         log.warning("encoder %s is a STAND-IN (%s); staged as is", cfg.encoder, cfg_json["galaxysae_stand_in"])

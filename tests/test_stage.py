@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 
-from galaxysae import embed, encoder, stage, storage
+from galaxysae import embed, encoder, sources, stage, storage
 from galaxysae.decode import decode_image
 from tests.test_embed import SIZE, embeddings
 
@@ -28,6 +29,17 @@ def test_stage_to_s3_then_embed_offline_from_the_copy(offline_hub, ray_cluster, 
     mtime = fs.info(f"{path}/gz_euclid/tiny/train-00000-of-00001.parquet")["LastModified"]
     stage.run(stage.Config(output=s3_prefix, dataset_config="tiny"))
     assert fs.info(f"{path}/gz_euclid/tiny/train-00000-of-00001.parquet")["LastModified"] == mtime
+    # a file staged from another blob (an earlier revision, even of the same size) is copied again
+    manifest_url = f"{s3_prefix}/gz_euclid/galaxysae_stage.json"
+    manifest = json.loads(storage.read_bytes(manifest_url))
+    assert len(manifest["files"]["tiny/train-00000-of-00001.parquet"]) == 64  # the sha256 blob
+    manifest["files"]["tiny/train-00000-of-00001.parquet"] = "an-earlier-blob"
+    storage.write_bytes(manifest_url, json.dumps(manifest).encode())
+    time.sleep(1.1)  # S3 LastModified counts whole seconds
+    stage.run(stage.Config(output=s3_prefix, dataset_config="tiny"))
+    assert fs.info(f"{path}/gz_euclid/tiny/train-00000-of-00001.parquet")["LastModified"] > mtime
+    again = json.loads(storage.read_bytes(manifest_url))["files"]
+    assert len(again["tiny/train-00000-of-00001.parquet"]) == 64 and set(again) == set(manifest["files"])
 
     emb_url = f"{s3_prefix}/emb"
     assert embed.run(embed.Config(
@@ -51,3 +63,11 @@ def test_stage_to_s3_then_embed_offline_from_the_copy(offline_hub, ray_cluster, 
     assert meta[b"encoder_revision"].decode() == (
         f"hf_hub:{offline_hub['encoder_repo']}@{offline_hub['encoder_revision']}")
     assert b"NOT the real Zoobot weights" in meta[b"encoder_stand_in"]
+    # a node's local copy of the S3-staged encoder is keyed on what was staged: a restage of
+    # another revision to the same prefix is fetched again, not served from the old copy
+    cache = str(tmp_path / "cache")
+    first = sources.localize_encoder(out["encoder"], cache)
+    assert sources.localize_encoder(out["encoder"], cache) == first
+    enc_manifest = f"{s3_prefix}/zoobot-encoder-euclid/galaxysae_stage.json"
+    storage.write_bytes(enc_manifest, json.dumps({**info, "revision": "0" * 40}).encode())
+    assert sources.localize_encoder(out["encoder"], cache) != first
