@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -239,3 +240,40 @@ def test_embeddings_from_other_data_are_refused(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="no embeddings for split 'test'"):
         list(activations.read_embeddings(str(tmp_path), "test"))
+
+
+def test_sparse_codes_are_ranked_by_their_non_zeros_exactly_as_dense_ranks():
+    """SAE codes take the non-zeros-only ranking; ties, negatives, dead and nearly dead features
+    and a constant vote column must give scipy's Spearman all the same."""
+    from scipy import stats
+
+    rng = np.random.default_rng(3)
+    n, m = 500, 30
+    codes = np.zeros((n, m), np.float32)
+    for i in range(n):
+        codes[i, rng.choice(m, 3, replace=False)] = np.round(rng.exponential(1, 3), 1)  # ties
+    codes[:, 0] = 0  # dead
+    codes[:, 1] = 0
+    codes[:4, 1] = 2.0  # four tied galaxies
+    codes[:, 2] = np.where(rng.random(n) < 0.1, -rng.random(n), 0)  # negative codes
+    labels = rng.random((n, 4))
+    asked = rng.random(n) < 0.7
+    labels[~asked, 2:] = np.nan  # a second question, asked of 70%
+    labels[asked, 3] = 0.5  # a constant answer
+    assert np.count_nonzero(codes) < compare.SPARSE_BELOW * codes.size
+    rho, n_valid = compare.spearman(codes, labels, min_valid=20)
+    assert list(n_valid) == [n, n, asked.sum(), asked.sum()]
+    assert np.isnan(rho[0]).all() and np.isnan(rho[:, 3]).all()
+    for f in range(1, m):
+        for c in range(3):
+            ok = ~np.isnan(labels[:, c])
+            assert rho[f, c] == pytest.approx(stats.spearmanr(codes[ok, f], labels[ok, c])[0], abs=1e-12)
+
+
+def test_the_spearman_bench_runs_and_both_rankings_agree(capsys):
+    from bench import compare as bench_compare
+
+    assert bench_compare.main(["--galaxies", "600", "--latents", "64", "--k", "4", "--rounds", "1"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"max \|rho difference\| \S+, same NaNs: True", out), out
+    assert re.search(r"target sparse_spearman_speedup: [0-9.]+x", out), out
