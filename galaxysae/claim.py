@@ -6,7 +6,10 @@ create-if-absent (``O_EXCL`` locally, a conditional ``PUT`` with ``If-None-Match
 two runs started at once exactly one gets it; the other raises :class:`ClaimError` naming the
 output and the holder. A claim is taken over when its heartbeat is older than ``stale_s``, when
 its pid is dead on this very host, or when it belongs to an earlier run of the same Slurm job (a
-requeue): a crashed or preempted run never blocks its rerun for longer than ``stale_s``.
+requeue). A claim held on another host (whose pid cannot be checked: a KubeRay retry on a new
+pod, a new container) is watched: if its heartbeat moves, its holder is alive and this run
+stops; if not, this run waits for it to go stale and takes over. So a crashed or preempted run
+never blocks its rerun for longer than ``stale_s``, and its rerun does not fail meanwhile.
 
 Some S3 servers ignore conditional writes; reading the claim back after creating it, and again on
 every heartbeat, still tells a loser it lost (``lost`` turns true and the run stops before its
@@ -61,7 +64,7 @@ class Claim:
             "run_id": uuid.uuid4().hex, "job": job, "host": socket.gethostname(), "pid": os.getpid(),
             "slurm_job": os.environ.get("SLURM_JOB_ID", ""),
             "started": dt.datetime.fromtimestamp(now, dt.timezone.utc).isoformat(timespec="seconds"),
-            "heartbeat": now,
+            "heartbeat": now, "heartbeat_s": self.heartbeat_s,
         }
         self.lost = ""  # why the claim was lost, "" while it is held
         self._stop = threading.Event()
@@ -144,6 +147,10 @@ class Claim:
             if other is None:
                 continue  # released between our create and our read: try again
             why = self._why_stale(other)
+            if not why and other.get("host") != self.record["host"]:
+                why = self._watch(other)
+                if why is None:
+                    continue  # released while we watched: try again
             if not why:
                 raise ClaimError(self._busy(other))
             log.warning("taking over the claim on %s from %s: %s", self.output,
@@ -151,6 +158,27 @@ class Claim:
             storage.remove(self.url)
         raise ClaimError(f"output {self.output}: could not claim {self.url} after 5 tries "
                          "(other runs keep taking it)")
+
+    def _watch(self, other: dict) -> str | None:
+        """Watch a claim held on another host: "" once its heartbeat moves (a live holder), why
+        it may be taken over once it goes stale, None if it is released meanwhile."""
+        beat = float(other.get("heartbeat_s") or self.heartbeat_s)
+        age = time.time() - float(other.get("heartbeat", 0))
+        log.warning("output %s is claimed by %s: waiting up to %.0f s for its heartbeat (every "
+                    "%g s) to show the run is alive, or for the claim to go stale", self.output,
+                    self._describe(other), max(0.0, self.stale_s - age) + beat, beat)
+        while True:
+            time.sleep(min(beat / 2, 5.0))
+            now = self._read()
+            if now is None:
+                return None
+            if not now:
+                return "unreadable claim"
+            if now.get("run_id") != other.get("run_id") or now.get("heartbeat") != other.get("heartbeat"):
+                return ""
+            why = self._why_stale(now)
+            if why:
+                return why
 
     def _busy(self, other: dict) -> str:
         return (f"output {self.output} is being written by another run ({self._describe(other)}); "

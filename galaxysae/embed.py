@@ -78,7 +78,7 @@ class Config:
         "help": "seconds between progress lines in the log"})
     claim_stale_s: float = field(default=600.0, metadata={
         "help": "a run writing the output holds {output}/_claim.json with a heartbeat; a second run "
-                "refuses to start unless that heartbeat is older than this (seconds)"})
+                "exits 4 while it moves, and takes over once it is older than this (seconds)"})
 
     def validate(self) -> None:
         if not self.splits:

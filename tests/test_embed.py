@@ -425,3 +425,48 @@ def test_a_finished_shard_conflicts_only_on_what_changes_its_embeddings():
     local = {**hub, "encoder": "local-dir:/a", "encoder_revision": "local"}
     assert provenance_conflicts(local, {**local, "encoder": "local-dir:/b"}) == [
         "encoder weights: local-dir:/a (local) -> local-dir:/b (local)"]
+
+
+def test_a_claim_held_on_another_host_is_watched_not_fatal(tmp_path):
+    """A rerun on a new pod or container cannot check the old holder's pid: it waits while the
+    heartbeat stands still and takes over once it is stale; a live holder's moving heartbeat
+    stops it."""
+    import json
+    import threading
+
+    from galaxysae.claim import Claim, ClaimError
+
+    def held(out, beat: float) -> dict:
+        rec = {"run_id": "elsewhere", "host": "another-pod", "pid": 1, "slurm_job": "",
+               "started": "2026-11-30T00:00:00+00:00", "heartbeat": time.time(), "heartbeat_s": beat}
+        (out / "_claim.json").write_text(json.dumps(rec))
+        return rec
+
+    dead = tmp_path / "dead"
+    dead.mkdir()
+    held(dead, 0.4)
+    t0 = time.monotonic()
+    claim = Claim(str(dead), stale_s=2.0).acquire()
+    assert 1.5 < time.monotonic() - t0 < 10  # waited for the stale heartbeat, then took over
+    assert json.loads((dead / "_claim.json").read_text())["run_id"] == claim.record["run_id"]
+    claim.release()
+
+    live = tmp_path / "live"
+    live.mkdir()
+    rec, stop = held(live, 0.4), threading.Event()
+
+    def beat():
+        while not stop.wait(0.4):
+            rec["heartbeat"] = time.time()
+            (live / "_claim.json").write_text(json.dumps(rec))
+
+    thread = threading.Thread(target=beat)
+    thread.start()
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(ClaimError, match="host another-pod"):
+            Claim(str(live), stale_s=30.0).acquire()
+        assert time.monotonic() - t0 < 5
+    finally:
+        stop.set()
+        thread.join()
