@@ -97,13 +97,30 @@ def copy_file(src: Path, dest: str, overwrite: bool = False, staged: str = "") -
     return True
 
 
-def write_manifest(dest_root: str, source: str, snapshot: Path, rels: list[str], before: dict) -> None:
-    """``galaxysae_stage.json``: where the copy comes from (source, revision) and each file's blob
-    id, written after the files: what a restage compares (a new revision's weights can have the
-    old ones' size) and what a node's local copy of an S3-staged encoder is keyed on."""
-    files = {**before, **{rel: blob_id(snapshot / rel) for rel in rels}}
-    info = {"source": source, "revision": snapshot.name, "files": dict(sorted(files.items()))}
-    storage.write_bytes(storage.join(dest_root, STAGE_FILE), json.dumps(info, indent=2).encode())
+def copy_tree(snapshot: Path, rels: list[str], dest_root: str, source: str, overwrite: bool) -> int:
+    """Copy ``rels`` of a Hub snapshot under ``dest_root``, keeping ``galaxysae_stage.json`` (source,
+    revision, each file's blob id) up to date after every file copied: what a restage compares (a
+    new revision's weights can have the old ones' size; a crashed stage's rerun skips the files
+    it finished) and what a node's local copy of an S3-staged encoder is keyed on. -> files copied."""
+    before = read_manifest(dest_root)
+    files = dict(before.get("files", {}))
+    if "files" not in before and before.get("revision") == snapshot.name:
+        # staged by an earlier version from this very revision: the same size is the same file
+        files = {rel: blob_id(snapshot / rel) for rel in rels if _same_size(snapshot / rel, storage.join(dest_root, rel))}
+
+    def record() -> None:
+        info = {"source": source, "revision": snapshot.name, "files": dict(sorted(files.items()))}
+        storage.write_bytes(storage.join(dest_root, STAGE_FILE), json.dumps(info, indent=2).encode())
+
+    copied = 0
+    for rel in rels:
+        if copy_file(snapshot / rel, storage.join(dest_root, rel), overwrite, files.get(rel, "")):
+            copied += 1
+            files[rel] = blob_id(snapshot / rel)
+            record()
+    files.update({rel: blob_id(snapshot / rel) for rel in rels})
+    record()
+    return copied
 
 
 def stage_dataset(cfg: Config) -> str:
@@ -113,11 +130,7 @@ def stage_dataset(cfg: Config) -> str:
                                cfg.dataset_config, cfg.splits)
     dest_root = storage.join(cfg.output, repo_id.split("/")[-1])
     rels = [s.rel for s in shards] + (["README.md"] if (snapshot / "README.md").is_file() else [])
-    before = read_manifest(dest_root).get("files", {})
-    copied = 0
-    for rel in rels:
-        copied += copy_file(snapshot / rel, storage.join(dest_root, rel), cfg.overwrite, before.get(rel, ""))
-    write_manifest(dest_root, cfg.dataset, snapshot, rels, before)
+    copied = copy_tree(snapshot, rels, dest_root, cfg.dataset, cfg.overwrite)
     log.info("dataset %s: %d files at %s (%d copied, %d already there)", cfg.dataset, len(rels),
              dest_root, copied, len(rels) - copied)
     return dest_root
@@ -134,11 +147,7 @@ def stage_encoder(cfg: Config) -> str:
     dest_root = storage.join(cfg.output, repo_id.split("/")[-1])
     files = sorted(p for p in snapshot.rglob("*") if p.is_file() and not p.name.startswith("."))
     rels = [f.relative_to(snapshot).as_posix() for f in files]
-    before = read_manifest(dest_root).get("files", {})
-    copied = 0
-    for f, rel in zip(files, rels):
-        copied += copy_file(f, storage.join(dest_root, rel), cfg.overwrite, before.get(rel, ""))
-    write_manifest(dest_root, f"hf_hub:{repo_id}", snapshot, rels, before)
+    copied = copy_tree(snapshot, rels, dest_root, f"hf_hub:{repo_id}", cfg.overwrite)
     cfg_json = json.loads((snapshot / "config.json").read_text()) if (snapshot / "config.json").is_file() else {}
     if cfg_json.get("galaxysae_stand_in"):
         log.warning("encoder %s is a STAND-IN (%s); staged as is", cfg.encoder, cfg_json["galaxysae_stand_in"])

@@ -166,13 +166,14 @@ def _trial(params: dict, base: dict, sweep_output: str, shared: train_job.Shared
     name = ctx.get_trial_id()
     out = storage.join(sweep_output, "trials", name)
     data = trial_config(base, params, out)
-    data["seed"] = data.get("seed", 0) + trial_number(name)
+    data["seed"] = trial_seed(data.get("seed", 0), name, out)
     data["run_name"] = f"sweep-{name}"  # unique Train run per trial
     cfg = config.from_dict(train_job.Config, data, f"trial {name}")
     metrics = train_job.run(cfg, callbacks=[TuneReportCallback()], shared=shared)
     # epoch stays below ASHA's max_t (epochs + 1): this last report must not be cut short.
     # "mse" is the train MSE in every report (ASHA compares it); the test metrics beside it.
-    tune.report({"epoch": cfg.epochs, "mse": metrics["train"]["mse"],
+    # (a checkpoint from before 'last' was recorded gives a resumed run no train MSE: the test's)
+    tune.report({"epoch": cfg.epochs, "mse": metrics["train"].get("mse", metrics["levels"][-1]["mse"]),
                  "test_mse": metrics["levels"][-1]["mse"], "fvu": metrics["fvu"],
                  "l0": metrics["l0"], "dead": metrics["dead_fraction"], "done": True})
 
@@ -183,6 +184,15 @@ def trial_number(trial_id: str) -> int:
     if not found:
         raise ValueError(f"unexpected Tune trial id {trial_id!r}")
     return int(found.group(1))
+
+
+def trial_seed(seed: int, trial_id: str, out: str) -> int:
+    """``seed`` + the trial's number; a trial that already started (restored, its config.toml
+    written) keeps the seed it started with, whatever the sweep's seed is now."""
+    saved = storage.join(out, "config.toml")
+    if storage.exists(saved):
+        return int(tomllib.loads(storage.read_bytes(saved).decode()).get("seed", seed))
+    return seed + trial_number(trial_id)
 
 
 def shape_of(params: dict) -> tuple:
@@ -214,6 +224,19 @@ def _space(cfg: Config):
     return {key: pick(getattr(cfg.space, key)) for key in _KEYS if getattr(cfg.space, key)}
 
 
+def tune_config(cfg: Config, at_once: int, epochs: int):
+    """Trials run ``at_once`` at most; random search draws from ``cfg.seed``. The limit goes to
+    the search algorithm itself: Tune ignores max_concurrent_trials (with a warning) beside a
+    BasicVariantGenerator passed in, and every trial's driver would start at once."""
+    from ray import tune
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    return tune.TuneConfig(
+        num_samples=cfg.num_samples,
+        search_alg=BasicVariantGenerator(max_concurrent=at_once, random_state=cfg.seed),
+        scheduler=scheduler(cfg, epochs))
+
+
 def concurrent_trials(cfg: Config, nodes: list[dict], n_trials: int) -> int:
     """How many trials the cluster's ``nodes`` hold at once (each its Train workers and its
     driver's sliver of CPU), at least 1 and at most ``n_trials``: a sweep fills the cluster."""
@@ -242,7 +265,6 @@ class SweepError(RuntimeError):
 
 def run(cfg: Config) -> dict:
     from ray import tune
-    from ray.tune.search.basic_variant import BasicVariantGenerator
 
     from galaxysae import cluster
 
@@ -288,10 +310,7 @@ def run(cfg: Config) -> dict:
         tuner = tune.Tuner(
             trainable,
             param_space=_space(cfg),
-            tune_config=tune.TuneConfig(
-                num_samples=cfg.num_samples, max_concurrent_trials=at_once,
-                search_alg=BasicVariantGenerator(random_state=cfg.seed),
-                scheduler=scheduler(cfg, epochs)),
+            tune_config=tune_config(cfg, at_once, epochs),
             run_config=tune.RunConfig(name="sweep", storage_path=path, storage_filesystem=fs),
         )
     grid = tuner.fit()
@@ -328,7 +347,7 @@ def collect(cfg: Config, grid) -> list[dict]:
         groups = params.get("matryoshka_groups") or []
         rows.append({
             "trial": name, "status": "finished" if m else ("error" if result.error else "stopped"),
-            "seed": cfg.seed + trial_number(name) if name else "",
+            "seed": trial_seed(cfg.seed, name, out) if name else "",
             "k": params.get("k", ""), "n_latents": sum(groups) if groups else params.get("n_latents", ""),
             "lr": params.get("lr", ""), "matryoshka_groups": "-".join(map(str, groups)),
             "epochs": last.get("epoch", ""), "train_mse": m.get("train", {}).get("mse", "") if m else last.get("mse", ""),

@@ -437,7 +437,8 @@ def train_steps(cfg: Config, model, opt, sched, batches, state: dict, progress: 
     import torch
 
     raw = getattr(model, "module", model)  # DDP-wrapped in Ray mode
-    last: dict = {}
+    # a run resumed after its last epoch's checkpoint reports that epoch's metrics
+    last: dict = dict(state.get("last") or {})
     t_start, n_seen = time.perf_counter(), 0
     for epoch in range(state["epoch"], cfg.epochs):
         model.train()
@@ -456,6 +457,7 @@ def train_steps(cfg: Config, model, opt, sched, batches, state: dict, progress: 
         loss, mse, l0 = (acc / max(1, n_steps)).tolist() if acc is not None else (math.nan,) * 3
         last = {"epoch": epoch + 1, "step": state["step"], "loss": loss, "mse": mse, "l0": l0,
                 "dead": float(raw.dead_fraction())}
+        state["last"] = dict(last)
         on_epoch_end(epoch + 1, last)
         if cfg.max_steps and state["step"] >= cfg.max_steps:
             break
@@ -471,13 +473,13 @@ def _resume(cfg: Config, model, opt, sched, state: dict) -> None:
     model.load_state_dict(ck["model"])
     opt.load_state_dict(ck["optim"])
     sched.load_state_dict(ck["sched"])
-    state.update(epoch=ck["epoch"], step=ck["step"])
+    state.update(epoch=ck["epoch"], step=ck["step"], last=ck.get("last") or {})
     log.info("resuming from %s (epoch %d, step %d)", url, ck["epoch"], ck["step"])
 
 
 def _checkpoint_state(model, opt, sched, state) -> dict:
     return {"model": model.state_dict(), "optim": opt.state_dict(), "sched": sched.state_dict(),
-            "epoch": state["epoch"], "step": state["step"]}
+            "epoch": state["epoch"], "step": state["step"], "last": state.get("last") or {}}
 
 
 def _steps_per_epoch(n: int, batch: int) -> int:

@@ -458,7 +458,8 @@ def test_a_claim_held_on_another_host_is_watched_not_fatal(tmp_path):
     def beat():
         while not stop.wait(0.4):
             rec["heartbeat"] = time.time()
-            (live / "_claim.json").write_text(json.dumps(rec))
+            (live / "_claim.tmp").write_text(json.dumps(rec))
+            os.replace(live / "_claim.tmp", live / "_claim.json")  # atomic, as storage writes
 
     thread = threading.Thread(target=beat)
     thread.start()

@@ -40,6 +40,14 @@ def test_stage_to_s3_then_embed_offline_from_the_copy(offline_hub, ray_cluster, 
     assert fs.info(f"{path}/gz_euclid/tiny/train-00000-of-00001.parquet")["LastModified"] > mtime
     again = json.loads(storage.read_bytes(manifest_url))["files"]
     assert len(again["tiny/train-00000-of-00001.parquet"]) == 64 and set(again) == set(manifest["files"])
+    # a stage that died part way (README.md not copied yet): its rerun sends only what is missing
+    shard_mtime = fs.info(f"{path}/gz_euclid/tiny/train-00000-of-00001.parquet")["LastModified"]
+    fs.rm(f"{path}/gz_euclid/README.md")
+    storage.write_bytes(manifest_url, json.dumps(
+        {**manifest, "files": {k: v for k, v in again.items() if k != "README.md"}}).encode())
+    stage.run(stage.Config(output=s3_prefix, dataset_config="tiny"))
+    assert fs.info(f"{path}/gz_euclid/tiny/train-00000-of-00001.parquet")["LastModified"] == shard_mtime
+    assert storage.exists(f"{s3_prefix}/gz_euclid/README.md")
 
     emb_url = f"{s3_prefix}/emb"
     assert embed.run(embed.Config(

@@ -157,6 +157,12 @@ def test_a_sweep_runs_as_many_trials_at_once_as_the_cluster_holds():
     assert at_once([{"CPU": 2.0}]) == 1  # each driver's sliver of CPU counts too: 2 x 1.01 > 2
     assert at_once([{"CPU": 4.0}]) == 3
     assert at_once([{"CPU": 1.0}], cpus_per_worker=4) == 1  # never 0 (require_resources says why)
+    # the limit is the search algorithm's: Tune ignores max_concurrent_trials beside one passed in
+    cfg = config.from_dict(sweep_job.Config, {
+        "train_config": "configs/demo/train_topk.toml", "embeddings": "e", "output": "o",
+        "space": {"k": [2, 4]}, "seed": 7})
+    tc = sweep_job.tune_config(cfg, at_once=3, epochs=5)
+    assert tc.max_concurrent_trials is None and tc.search_alg.max_concurrent == 3
     # trials that share a GPU: four quarters on one GPU, CPUs allowing
     one_gpu = [{"CPU": 16.0, "GPU": 1.0}]
     assert at_once(one_gpu, use_gpu=True, cpus_per_worker=3) == 1

@@ -80,6 +80,9 @@ def test_local_mode_writes_a_complete_artifact_and_rerun_skips(tmp_path, caplog,
     with caplog.at_level(logging.INFO, logger="galaxysae"):
         assert run_cli(*common, "--device", "cpu", "--log_every", "5") == 0
     assert any("resuming from" in r.getMessage() for r in caplog.records)
+    # resumed after its last epoch: that epoch's train metrics come back from the checkpoint
+    resumed = json.loads((out / "metrics.json").read_text())["train"]
+    assert (resumed["epoch"], resumed["mse"]) == (6, pytest.approx(metrics["train"]["mse"]))
 
 
 def test_matryoshka_metrics_per_level(tmp_path):
