@@ -242,18 +242,22 @@ def load(path: str, train_split: str, test_split: str, ids: str = "", test_fract
     return train, test
 
 
-def ray_dataset(root: str, split: str, width: int):
+def ray_dataset(root: str, split: str, width: int, seed: int | None = None):
     """A Ray Data dataset streaming ``{root}/{split}/*.parquet`` as float32 batches.
 
     Each batch is checked (finite rows, width) where it is read, so a bad row fails the run with
-    the file's ids instead of poisoning the model.
+    the file's ids instead of poisoning the model. With a ``seed`` the files are read in a
+    shuffled order, another one each time the dataset is iterated (each epoch): embed writes one
+    file per input shard, and shards ordered by sky position or id would otherwise feed training
+    the same runs of similar galaxies in the same order every epoch.
     """
     import ray.data
 
     files = parquet_files(root, split)
     fs, _ = storage.arrow_fs(files[0])
     paths = [storage.arrow_fs(f)[1] for f in files]
-    ds = ray.data.read_parquet(paths, filesystem=fs).select_columns(["id_str", "embedding"])
+    shuffle = ray.data.FileShuffleConfig(seed=seed, reseed_after_execution=True) if seed is not None else None
+    ds = ray.data.read_parquet(paths, filesystem=fs, shuffle=shuffle).select_columns(["id_str", "embedding"])
     source = storage.join(root, split)
 
     def to_x(batch):

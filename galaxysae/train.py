@@ -101,7 +101,8 @@ class Config:
     data_loading: Literal["stream", "memory"] = field(default="memory", metadata={"help": (
         "ray mode: memory: the driver's copy of the split goes to the object store once (one "
         "copy per node), each worker trains on its block of it, shuffled every epoch; stream: Ray "
-        "Data re-reads the parquet every epoch, shuffled within a buffer")})
+        "Data re-reads the parquet every epoch, its files in a seeded order new each epoch, rows "
+        "shuffled within a buffer")})
     device: str = field(default="auto", metadata={"help": (
         "auto: a GPU when there is one (local: torch sees one; ray: the cluster has one, or "
         "gpus_per_worker of one, per worker); cpu; cuda: a GPU or an error; mps: Apple's GPU "
@@ -718,7 +719,7 @@ def run_ray(cfg: Config, train, init: dict, callbacks=None, x_ref=None) -> dict:
                  "parquet: the workers take the split from memory (data_loading = memory)")
         cfg = config.from_dict(Config, {**config.to_dict(cfg), "data_loading": "memory"})
     elif cfg.data_loading == "stream":
-        datasets["train"] = embeddings.ray_dataset(cfg.embeddings, cfg.train_split, d_in)
+        datasets["train"] = embeddings.ray_dataset(cfg.embeddings, cfg.train_split, d_in, seed=cfg.seed)
     # rank 0 writes the output and every worker resumes from it; Ray Data's read tasks read the
     # embeddings on any node, while in memory mode the split travels through the object store
     reads = {"embeddings": cfg.embeddings} if cfg.data_loading == "stream" else {}

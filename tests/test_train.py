@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from galaxysae import cli, config, storage
+from galaxysae import cli, config, embeddings, storage
 from galaxysae import train as train_job
 from galaxysae.embeddings import EmbeddingsError, load, planted, write_parquet
 from galaxysae.sae import SparseAutoencoder
@@ -201,3 +201,30 @@ def test_ray_train_mode_streams_parquet_from_s3(ray_cluster, s3_prefix):
     assert t["batch_size"] == 64 and t["steps"] == 3 * (512 // 64)
     assert metrics["l0"] == pytest.approx(4.0) and metrics["fvu"] < 1
     assert storage.listdir(f"{out}/checkpoints", ".pt")
+
+
+def test_streamed_embeddings_come_in_another_file_order_each_epoch(ray_cluster, tmp_path):
+    """Stream mode reads the per-shard files in a seeded shuffled order, reshuffled each time the
+    dataset is iterated (each epoch), not in file-name order every epoch."""
+    import ray
+
+    x = make_embeddings(str(tmp_path / "emb"), n_train=160, n_test=16, n_files=8)
+    ctx = ray.data.DataContext.get_current()
+    saved, ctx.execution_options.preserve_order = ctx.execution_options.preserve_order, True
+    try:
+        def first_rows(ds) -> list[int]:
+            """The training row (of x) that opens each of the 8 files, in the order read."""
+            rows = np.concatenate([b["x"] for b in ds.iter_batches(batch_size=None, batch_format="numpy")])
+            assert len(rows) == 160
+            at = {tuple(np.round(r, 5)): i for i, r in enumerate(x[:160])}
+            order = [at[tuple(np.round(r, 5))] for r in rows]
+            return [order[i] for i in range(0, 160, 20)]
+
+        in_name_order = first_rows(embeddings.ray_dataset(str(tmp_path / "emb"), "train", 32))
+        assert in_name_order == list(range(0, 160, 20))
+        ds = embeddings.ray_dataset(str(tmp_path / "emb"), "train", 32, seed=0)
+        epoch0, epoch1 = first_rows(ds), first_rows(ds)
+        assert sorted(epoch0) == sorted(epoch1) == in_name_order
+        assert epoch0 != in_name_order and epoch1 != epoch0
+    finally:
+        ctx.execution_options.preserve_order = saved
