@@ -14,7 +14,9 @@ with the same inputs reuses them:
 - ``features.parquet``: one row per feature: ``feature``, ``level`` (1-based Matryoshka level),
   ``n_active``, ``frequency`` (fraction of galaxies with a non-zero activation; for PCA the
   fraction with a positive score), ``mean`` (over all galaxies), ``mean_active`` (over active
-  ones), ``max``, ``top_ids`` / ``top_values`` (the ``top_n`` highest activations, descending).
+  ones), ``max``, ``top_ids`` / ``top_values`` (the ``top_n`` highest activations, descending),
+  ``bottom_ids`` / ``bottom_values`` (a signed dictionary's ``top_n`` lowest scores, ascending;
+  empty for an SAE).
 """
 
 from __future__ import annotations
@@ -141,7 +143,7 @@ def feature_stats(ids, feats, values, n_galaxies: int, n_latents: int, levels, t
     f_sorted = feats[order]
     starts = np.searchsorted(f_sorted, np.arange(n_latents), side="left")
     ends = np.searchsorted(f_sorted, np.arange(n_latents), side="right")
-    top_ids, top_vals = [], []
+    top_ids, top_vals, bottom_ids, bottom_vals = [], [], [], []
     ids = np.asarray(ids, dtype=object)
     for f in range(n_latents):
         sel = order[starts[f]:min(ends[f], starts[f] + top_n)]
@@ -149,6 +151,10 @@ def feature_stats(ids, feats, values, n_galaxies: int, n_latents: int, levels, t
             sel = sel[values[sel] != 0]
         top_ids.append(list(ids[sel]))
         top_vals.append(values[sel].astype(np.float32).tolist())
+        # a signed dictionary's other end (PCA: the lowest scores), lowest first
+        low = order[max(starts[f], ends[f] - top_n):ends[f]][::-1] if signed else order[:0]
+        bottom_ids.append(list(ids[low]))
+        bottom_vals.append(values[low].astype(np.float32).tolist())
     level = np.searchsorted(np.asarray(levels), np.arange(n_latents), side="right") + 1
     n = max(n_galaxies, 1)
     return pa.table({
@@ -162,6 +168,8 @@ def feature_stats(ids, feats, values, n_galaxies: int, n_latents: int, levels, t
         "max": pa.array(maxes, pa.float64()),
         "top_ids": pa.array(top_ids, pa.list_(pa.string())),
         "top_values": pa.array(top_vals, pa.list_(pa.float32())),
+        "bottom_ids": pa.array(bottom_ids, pa.list_(pa.string())),
+        "bottom_values": pa.array(bottom_vals, pa.list_(pa.float32())),
     })
 
 

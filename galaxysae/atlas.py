@@ -22,6 +22,7 @@ import json
 import logging
 import math
 import posixpath
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -241,6 +242,7 @@ class Entry:
     histograms: dict
     plots: list[str]
     chance: dict = field(default_factory=dict)  # this dictionary's entry of compare/summary.json
+    low_grids: set = field(default_factory=set)  # PCA: components whose lowest scores have a grid
 
 
 def load_entry(results: str, name: str, cfg: Config, chance: dict | None = None) -> Entry | None:
@@ -262,8 +264,9 @@ def load_entry(results: str, name: str, cfg: Config, chance: dict | None = None)
                 r[k] = c.get(k)
             # from the column and the sign, so results of older compare runs read right too
             r["best_answer"] = compare.signed_answer(r["best_column"], r["spearman"]) or None
-    grids = {int(posixpath.basename(u)[8:13]) for u in storage.listdir(storage.join(folder, "grids"), ".jpg")
-             if posixpath.basename(u).startswith("feature_")}
+    names = [posixpath.basename(u) for u in storage.listdir(storage.join(folder, "grids"), ".jpg")]
+    grids = {int(m.group(1)) for n in names if (m := re.fullmatch(r"feature_(\d{5})\.jpg", n))}
+    low_grids = {int(m.group(1)) for n in names if (m := re.fullmatch(r"feature_(\d{5})_low\.jpg", n))}
     hist: dict[int, np.ndarray] = {}
     act_url = storage.join(acts, "activations.parquet")
     if storage.exists(act_url):
@@ -275,7 +278,7 @@ def load_entry(results: str, name: str, cfg: Config, chance: dict | None = None)
         cuts = np.searchsorted(f, np.arange(doc["n_latents"] + 1))
         hist = {i: v[cuts[i]:cuts[i + 1]] for i in range(doc["n_latents"]) if cuts[i + 1] > cuts[i]}
     plots = storage.listdir(storage.join(folder, "plots"), ".png")
-    return Entry(name, doc, stats, grids, hist, plots, chance or {})
+    return Entry(name, doc, stats, grids, hist, plots, chance or {}, low_grids)
 
 
 def compare_summary(results: str) -> dict:
@@ -406,6 +409,14 @@ def feature_page(e: Entry, r: dict, cfg: Config, prev_f, next_f) -> str:
         grid = (f'<div class="missing">No grid rendered for {esc(label)} yet.<br>'
                 f'<code>galaxysae render --features {f} ...</code> renders it.</div>')
     signed = doc["kind"] == "pca"
+    if f in e.low_grids:
+        low = list(zip(r.get("bottom_ids") or [], r.get("bottom_values") or []))[:cfg.top_rows]
+        rows = "".join(f"<tr><td class='num'>{i + 1}</td><td><code>{esc(gid)}</code></td>"
+                       f"<td class='num'>{v:.4g}</td></tr>" for i, (gid, v) in enumerate(low))
+        grid += (f'<h2>The other end: lowest scores</h2>'
+                 f'<img class="grid-img" src="../grids/feature_{f:05d}_low.jpg" alt="the {len(low)} '
+                 f'galaxies with the lowest scores on {esc(label)}">'
+                 f"<table class='plain'><tr><th>#</th><th>id_str</th><th>score</th></tr>{rows}</table>")
     vals = e.histograms.get(f, np.array([]))
     hist = svg_histogram(vals, cfg.bins, "score" if signed else "activation (non-zero only)")
     stats = [("Frequency", f"{pct(r['frequency'])} of galaxies" + (" (score > 0)" if signed else "")),
@@ -576,9 +587,10 @@ def run(cfg: Config) -> str:
     for e in entries:
         folder = storage.join(cfg.results, e.name)
         site = storage.join(out, e.name)
-        for f in sorted(e.grids):
-            storage.copy_if_newer(storage.join(folder, "grids", f"feature_{f:05d}.jpg"),
-                                  storage.join(site, "grids", f"feature_{f:05d}.jpg"))
+        grid_files = [f"feature_{f:05d}.jpg" for f in sorted(e.grids)]
+        grid_files += [f"feature_{f:05d}_low.jpg" for f in sorted(e.low_grids)]
+        for g in grid_files:
+            storage.copy_if_newer(storage.join(folder, "grids", g), storage.join(site, "grids", g))
         for p in e.plots:
             storage.write_bytes(storage.join(site, "plots", posixpath.basename(p)), storage.read_bytes(p))
         storage.write_bytes(storage.join(site, "index.html"), table_page(e, cfg).encode())

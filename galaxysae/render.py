@@ -216,8 +216,27 @@ def draw_grid(title: str, items: list[tuple[str, float]], thumbs: dict[str, byte
 GRID_QUALITY = 85
 
 
-def grid_url(folder_url: str, feature: int) -> str:
-    return storage.join(folder_url, "grids", f"feature_{feature:05d}.jpg")
+def grid_url(folder_url: str, feature: int, low: bool = False) -> str:
+    """A feature's grid; ``low``: a signed dictionary's other end (PCA: the lowest scores)."""
+    return storage.join(folder_url, "grids", f"feature_{feature:05d}{'_low' if low else ''}.jpg")
+
+
+def grid_jobs(d, folder: str, chosen: list[int], stats: list[dict], top_n: int) -> list[dict]:
+    """The grids of the ``chosen`` features: their top galaxies, and for a signed dictionary
+    (PCA, whose components run both ways) a second grid of the lowest scores, so a component is
+    seen whole, as an SAE feature is."""
+    jobs = []
+    for f in chosen:
+        row = stats[f]
+        jobs.append({"feature": f, "url": grid_url(folder, f), "title": _title(d, f, row),
+                     "items": list(zip(row["top_ids"][:top_n], row["top_values"][:top_n]))})
+        low = list(zip((row.get("bottom_ids") or [])[:top_n], (row.get("bottom_values") or [])[:top_n]))
+        if d.signed and low:
+            jobs.append({"feature": f, "url": grid_url(folder, f, low=True),
+                         "title": f"{d.name} · principal component {f + 1} (feature {f}) · its other "
+                                  f"end: the lowest scores, min {low[0][1]:.3g}",
+                         "items": low})
+    return jobs
 
 
 # ----------------------------------------------------------------------------- Ray tasks
@@ -298,10 +317,8 @@ def run(cfg: Config) -> dict:
         stats = acts.features.to_pylist()
         chosen = select_features(acts.features, d.kind, cfg)
         start_grids(folder, name, acts.url, chosen, cfg)
-        todo = [f for f in chosen if cfg.overwrite or not storage.exists(grid_url(folder, f))]
-        jobs = [{"feature": f, "url": grid_url(folder, f), "title": _title(d, f, stats[f]),
-                 "items": list(zip(stats[f]["top_ids"][: cfg.top_n], stats[f]["top_values"][: cfg.top_n]))}
-                for f in todo]
+        grids = grid_jobs(d, folder, chosen, stats, cfg.top_n)
+        jobs = [j for j in grids if cfg.overwrite or not storage.exists(j["url"])]
         needed = {i for j in jobs for i, _ in j["items"]}
         thumbs: dict[str, bytes] = {}
         failures: dict[str, str] = {}
@@ -318,10 +335,10 @@ def run(cfg: Config) -> dict:
         chunks = [jobs[i:i + cfg.features_per_task] for i in range(0, len(jobs), cfg.features_per_task)]
         done = sum(ray.get([grids_remote.remote(c, thumbs_ref, failures_ref, cfg.top_n, cfg.columns, cfg.tile)
                             for c in chunks]), [])
-        summary[name] = {"rendered": len(done), "skipped": len(chosen) - len(todo), "features": chosen,
+        summary[name] = {"rendered": len(done), "skipped": len(grids) - len(jobs), "features": chosen,
                          "failed_images": len(failures)}
         log.info("%s: %d grids rendered, %d already done -> %s/grids", name, len(done),
-                 len(chosen) - len(todo), folder)
+                 len(grids) - len(jobs), folder)
     config.save(cfg, cfg.results, "render.toml")
     log.info("render finished in %.1f s", time.time() - t0)
     return summary

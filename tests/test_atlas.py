@@ -48,6 +48,11 @@ def test_site_layout_is_self_contained(site):
     assert (out / "assets" / "atlas.css").exists() and (out / "assets" / "table.js").exists()
     assert len(list((out / "pca" / "f").glob("*.html"))) == 16
     assert len(list((out / "matryoshka_sae" / "grids").glob("*.jpg"))) == 3
+    # a principal component is shown at both ends: its lowest scores have a grid and a table too
+    assert len(list((out / "pca" / "grids").glob("*_low.jpg"))) == 3
+    pc1 = (out / "pca" / "f" / "0.html").read_text()
+    assert 'src="../grids/feature_00000_low.jpg"' in pc1 and "The other end: lowest scores" in pc1
+    assert not any("_low.jpg" in p.read_text() for p in (out / "matryoshka_sae" / "f").glob("*.html"))
     for page in [out / "index.html", out / "pca" / "index.html", out / "pca" / "f" / "0.html"]:
         text = page.read_text()
         # nothing outside the site: no http(s) links, scripts, styles or images

@@ -62,9 +62,9 @@ def test_grids_on_s3_have_the_expected_size_and_count_and_a_rerun_skips_them(cha
     assert set(summary) == {"matryoshka_sae", "pca"}
     fs, _ = storage.fsspec_fs(s3_prefix)
     stamps = {}
-    for name in ("matryoshka_sae", "pca"):
+    for name, n_grids in (("matryoshka_sae", 5), ("pca", 10)):  # PCA: both ends of a component
         grids = storage.listdir(storage.join(s3_prefix, name, "grids"), ".jpg")
-        assert len(grids) == 5 and summary[name]["rendered"] == 5
+        assert len(grids) == n_grids and summary[name]["rendered"] == n_grids
         for g in grids:
             with Image.open(io.BytesIO(storage.read_bytes(g))) as img:
                 assert img.size == render.grid_size(12, 4, 48)
@@ -79,12 +79,12 @@ def test_grids_on_s3_have_the_expected_size_and_count_and_a_rerun_skips_them(cha
     assert doc["levels"] == [8, 16, 32, 64] and doc["kind"] == "sae"
 
     again = render.run(cfg)
-    assert {n: (s["rendered"], s["skipped"]) for n, s in again.items()} == {"matryoshka_sae": (0, 5), "pca": (0, 5)}
+    assert {n: (s["rendered"], s["skipped"]) for n, s in again.items()} == {"matryoshka_sae": (0, 5), "pca": (0, 10)}
     assert stamps == {g: fs.info(storage.fsspec_fs(g)[1])["LastModified"] for g in stamps}
     # another top_n: every grid is drawn again (none kept from the other inputs)
     cfg.top_n = 6
     third = render.run(cfg)
-    assert {n: (s["rendered"], s["skipped"]) for n, s in third.items()} == {"matryoshka_sae": (5, 0), "pca": (5, 0)}
+    assert {n: (s["rendered"], s["skipped"]) for n, s in third.items()} == {"matryoshka_sae": (5, 0), "pca": (10, 0)}
     for g in stamps:
         with Image.open(io.BytesIO(storage.read_bytes(g))) as img:
             assert img.size == render.grid_size(6, 4, 48)
@@ -106,7 +106,7 @@ def test_a_dictionary_rewritten_in_place_gets_new_activations_and_grids(chain, t
         "dictionaries": [str(pca_copy)], "embeddings": str(chain.embeddings),
         "dataset": str(chain.dataset), "results": str(tmp_path / "results"), "n_features": 2,
         "top_n": 4, "columns": 2, "tile": 32})
-    assert render.run(cfg)["pca"]["rendered"] == 2
+    assert render.run(cfg)["pca"]["rendered"] == 4  # 2 components, both ends
     acts = tmp_path / "results" / "pca" / "activations" / "test"
     before = activations.load_features(str(acts)).column("top_ids").to_pylist()
     site = tmp_path / "atlas"
@@ -116,7 +116,7 @@ def test_a_dictionary_rewritten_in_place_gets_new_activations_and_grids(chain, t
     t = load_file(pca_copy / dictionary.PCA_WEIGHTS)
     t["components"] = -t["components"]  # each component's other end: other top galaxies
     save_file(t, pca_copy / dictionary.PCA_WEIGHTS)
-    assert render.run(cfg)["pca"]["rendered"] == 2
+    assert render.run(cfg)["pca"]["rendered"] == 4
     after = activations.load_features(str(acts)).column("top_ids").to_pylist()
     assert after[0] != before[0]
     assert (tmp_path / "results" / "pca" / "grids" / "feature_00000.jpg").read_bytes() != old_grid
@@ -154,6 +154,11 @@ def test_top_galaxies_are_the_highest_activations_and_a_bad_image_is_recorded(ch
     assert stats["top_ids"][0] == top
     assert stats["top_values"] == sorted(stats["top_values"], reverse=True)
     assert stats["top_values"][0] == pytest.approx(float(d.encode(x)[:, 0].max()), rel=1e-5)
+    # the component's other end: its lowest scores, lowest first, in a grid of their own
+    assert stats["bottom_values"] == sorted(stats["bottom_values"]) and len(stats["bottom_ids"]) == 30
+    assert stats["bottom_values"][0] == pytest.approx(float(d.encode(x)[:, 0].min()), rel=1e-5)
+    assert stats["bottom_ids"][0] == ids[int(np.argmin(d.encode(x)[:, 0]))]
+    assert (tmp_path / "results" / "pca" / "grids" / "feature_00000_low.jpg").is_file()
     # the grid is still written; the slot of the bad image is marked, not blank
     png = tmp_path / "results" / "pca" / "grids" / "feature_00000.jpg"
     with Image.open(png) as img:

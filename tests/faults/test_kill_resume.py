@@ -177,7 +177,7 @@ def test_render_killed_at_three_seeded_points_gives_the_same_files(ray_cluster, 
     ref_s, _ = _run(_render_cmd(ds, emb, d, tmp_path / "ref"))
     ref = _files(tmp_path / "ref")
     grids = [k for k in ref if "/grids/feature_" in k]
-    assert len(grids) == 6
+    assert len(grids) == 12  # 6 components, both ends
     for seed in SEEDS:
         out = tmp_path / f"killed-{seed}"
         frac = random.Random(seed).uniform(0.3, 0.8)
