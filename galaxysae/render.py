@@ -233,9 +233,7 @@ def grid_jobs(d, folder: str, chosen: list[int], stats: list[dict], top_n: int) 
         low = list(zip((row.get("bottom_ids") or [])[:top_n], (row.get("bottom_values") or [])[:top_n]))
         if d.signed and low:
             jobs.append({"feature": f, "url": grid_url(folder, f, low=True),
-                         "title": f"{d.name} · principal component {f + 1} (feature {f}) · its other "
-                                  f"end: the lowest scores, min {low[0][1]:.3g}",
-                         "items": low})
+                         "title": _title(d, f, row, low=low[0][1]), "items": low})
     return jobs
 
 
@@ -282,9 +280,11 @@ def select_features(stats, kind: str, cfg: Config) -> list[int]:
     return [int(f) for f in order[: cfg.n_features] if freq[f] > 0]
 
 
-def _title(d, f: int, row: dict) -> str:
+def _title(d, f: int, row: dict, low: float | None = None) -> str:
+    """A grid's header; ``low``: the lowest score, for a component's other-end grid."""
     if d.kind == "pca":
-        return f"{d.name} · principal component {f + 1} (feature {f}) · max score {row['max']:.3g}"
+        end = f"its other end: the lowest scores, min {low:.3g}" if low is not None else f"max score {row['max']:.3g}"
+        return f"{d.name} · principal component {f + 1} (feature {f}) · {end}"
     lvl = f" · level {row['level']}" if len(d.levels) > 1 else ""
     return f"{d.name} · feature {f}{lvl} · active in {row['frequency']:.1%} · max {row['max']:.3g}"
 
