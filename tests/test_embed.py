@@ -6,6 +6,7 @@ import io
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import time
@@ -427,7 +428,7 @@ def test_a_finished_shard_conflicts_only_on_what_changes_its_embeddings():
         "encoder weights: local-dir:/a (local) -> local-dir:/b (local)"]
 
 
-def test_a_claim_held_on_another_host_is_watched_not_fatal(tmp_path):
+def test_a_claim_held_on_another_host_is_watched_not_fatal(tmp_path, caplog):
     """A rerun on a new pod or container cannot check the old holder's pid: it waits while the
     heartbeat stands still and takes over once it is stale; a live holder's moving heartbeat
     stops it."""
@@ -445,9 +446,12 @@ def test_a_claim_held_on_another_host_is_watched_not_fatal(tmp_path):
     dead = tmp_path / "dead"
     dead.mkdir()
     held(dead, 0.4)
-    t0 = time.monotonic()
-    claim = Claim(str(dead), stale_s=2.0).acquire()
-    assert 1.5 < time.monotonic() - t0 < 10  # waited for the stale heartbeat, then took over
+    with caplog.at_level(logging.WARNING, logger="galaxysae"):
+        claim = Claim(str(dead), stale_s=2.0).acquire()
+    said = [r.getMessage() for r in caplog.records]
+    assert any("claimed by run elsewhere on host another-pod" in m and "waiting up to" in m for m in said)
+    # taken over only once its heartbeat was stale, not at first sight
+    assert any(re.search(r"taking over .*heartbeat \d+ s old \(stale after 2 s\)", m) for m in said), said
     assert json.loads((dead / "_claim.json").read_text())["run_id"] == claim.record["run_id"]
     claim.release()
 
@@ -464,10 +468,8 @@ def test_a_claim_held_on_another_host_is_watched_not_fatal(tmp_path):
     thread = threading.Thread(target=beat)
     thread.start()
     try:
-        t0 = time.monotonic()
         with pytest.raises(ClaimError, match="host another-pod"):
             Claim(str(live), stale_s=30.0).acquire()
-        assert time.monotonic() - t0 < 5
     finally:
         stop.set()
         thread.join()
