@@ -33,7 +33,7 @@ from galaxysae import storage
 log = logging.getLogger(__name__)
 
 __all__ = ["embedding_files", "embedding_ids", "read_embeddings", "Encode", "compute", "load_features",
-           "load_activations", "dense_matrix", "ActivationSet"]
+           "load_activations", "code_matrix", "ActivationSet"]
 
 
 def embedding_files(embeddings: str, split: str) -> list[str]:
@@ -249,16 +249,19 @@ def load_activations(out: str, columns: list[str] | None = None):
     return pq.read_table(path, filesystem=fs, columns=columns)
 
 
-def dense_matrix(out: str, ids: list[str], n_latents: int) -> np.ndarray:
-    """codes[len(ids), n_latents] (float32) for the given galaxies; absent entries are true zeros
-    of a sparse code (an SAE writes only its non-zeros), so pass only ids that were encoded."""
+def code_matrix(out: str, ids: list[str], n_latents: int):
+    """codes[len(ids), n_latents] as a scipy CSR matrix (float32) for the given galaxies; absent
+    entries are true zeros of a sparse code (an SAE writes only its non-zeros), so pass only ids
+    that were encoded. Sparse: a dense [galaxies, 16k latents] copy would not fit a driver."""
+    from scipy import sparse
+
     table = load_activations(out)
     pos = {s: i for i, s in enumerate(ids)}
     act_ids = table.column("id_str").to_pylist()
     rows = np.fromiter((pos.get(s, -1) for s in act_ids), dtype=np.int64, count=len(act_ids))
     keep = rows >= 0
-    m = np.zeros((len(ids), n_latents), dtype=np.float32)
     feats = table.column("feature").to_numpy()
-    vals = table.column("value").to_numpy()
-    m[rows[keep], feats[keep]] = vals[keep]
+    vals = table.column("value").to_numpy().astype(np.float32)
+    m = sparse.csr_matrix((vals[keep], (rows[keep], feats[keep])), shape=(len(ids), n_latents))
+    m.eliminate_zeros()  # a stored 0 must rank with the implicit ones
     return m

@@ -47,20 +47,27 @@ GLOSSARY = [
     ("Dead fraction", "share of SAE latents that activate on no galaxy at all, neither of the test "
                       "split nor of the training split (a sample of up to 65,536 training galaxies)."),
     ("Frequency", "share of test galaxies on which a feature is active (PCA: score above zero)."),
-    ("Best Galaxy Zoo answer", "the vote fraction with the largest |Spearman ρ| with the feature, "
-                               "over galaxies whose volunteers were asked that question (by at least "
-                               "min_votes volunteers: fractions from fewer votes are noise)."),
+    ("Best Galaxy Zoo answer", "the vote fraction the feature tracks most significantly (largest z, "
+                               "below), over galaxies whose volunteers were asked that question (by at "
+                               "least min_votes volunteers: fractions from fewer votes are noise)."),
     ("fewer votes for: …", "the best answer with a negative ρ: the feature is strongest on the "
                            "galaxies with the LOWEST vote fraction for that answer."),
     ("Spearman ρ", "rank correlation between the feature and that vote fraction (sign kept): "
-                   "|ρ| near 1 means the feature tracks the volunteers' answer. Tables sort on |ρ|."),
-    ("Chance level, share above chance", "the best |ρ| over ~60 vote fractions is well above 0 even "
+                   "|ρ| near 1 means the feature tracks the volunteers' answer. Tables sort on |ρ|. "
+                   "A feature active on few galaxies has a small |ρ| even when its galaxies are exactly "
+                   "the most extreme ones (its zeros tie): read its top galaxies' votes too."),
+    ("z", "atanh|ρ| · √(n − 3), n the galaxies asked: the same |ρ| means much more over 3,000 galaxies "
+          "than over 40, where chance alone gives |ρ| ≈ 0.3. Answers asked of different numbers of "
+          "galaxies compare on z, so a feature's best answer is its most significant one."),
+    ("Chance level, share above chance", "the best z over ~60 vote fractions is well above 0 even "
      "for a feature unrelated to the votes. Chance level: the 95th percentile of the same statistic "
-     "with the votes shuffled over the galaxies; share above chance: the share of active features "
-     "whose best |ρ| exceeds it (about 5% if the features knew nothing of the votes)."),
+     "with the votes shuffled over the galaxies (shown in |ρ| at a row's n); share above chance: the "
+     "share of active features whose best z exceeds it (about 5% if the features knew nothing of "
+     "the votes, so with thousands of features some pass by chance)."),
     ("Novelty", "1 − R² of a linear fit of the feature on all vote fractions (R² adjusted for the "
-                "number of fractions): near 1, the votes do not explain the feature (new, or noise); "
-                "near 0, it restates them."),
+                "number of independent fractions): near 1, the votes do not explain the feature (new, "
+                "or noise); near 0, it restates them. A sparse feature scores high here even when it "
+                "detects one answer's most extreme galaxies: a line fits a detector badly."),
     ("Level", "Matryoshka nesting level: level 1 is the smallest, coarsest prefix of the dictionary."),
 ]
 
@@ -255,12 +262,19 @@ def load_entry(results: str, name: str, cfg: Config, chance: dict | None = None)
     acts = storage.join(folder, "activations", doc.get("split", "test"))
     stats = _read_parquet(storage.join(acts, "features.parquet")).to_pylist()
     cmp_url = storage.join(folder, "compare.parquet")
+    rendered_url = storage.join(folder, "grids", "_rendered.json")
+    if storage.exists(rendered_url):
+        inputs = json.loads(storage.read_bytes(rendered_url)).get("inputs", {}).get("activations", {})
+        _check_same_data(folder, doc, "its grids were rendered", inputs, "render")
     if storage.exists(cmp_url):
-        cmp = {r["feature"]: r for r in _read_parquet(cmp_url).to_pylist()}
+        table = _read_parquet(cmp_url)
+        meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
+        _check_same_data(folder, doc, "compare.parquet was computed", meta, "compare")
+        cmp = {r["feature"]: r for r in table.to_pylist()}
         for r in stats:
             c = cmp.get(r["feature"], {})
             for k in ("best_column", "best_answer", "spearman", "abs_spearman", "novelty", "n_valid",
-                      "top_columns", "top_votes", "best_column_mean"):
+                      "z", "chance_abs_rho", "above_null", "top_columns", "top_votes", "best_column_mean"):
                 r[k] = c.get(k)
             # from the column and the sign, so results of older compare runs read right too
             r["best_answer"] = compare.signed_answer(r["best_column"], r["spearman"]) or None
@@ -281,8 +295,21 @@ def load_entry(results: str, name: str, cfg: Config, chance: dict | None = None)
     return Entry(name, doc, stats, grids, hist, plots, chance or {}, low_grids)
 
 
+def _check_same_data(folder: str, doc: dict, what: str, inputs: dict, job: str) -> None:
+    """dictionary.json holds the split and embeddings of the last render or compare run; grids or
+    a compare table from another split (or other embeddings) would put one set of galaxies'
+    numbers beside another's pictures: refused, naming both."""
+    for key in ("split", "embeddings"):
+        theirs, ours = inputs.get(key), doc.get(key)
+        if theirs and ours and theirs != ours:
+            raise ValueError(
+                f"{folder}: {what} from {key} {theirs!r}, but the last render/compare run into it "
+                f"used {ours!r} (dictionary.json): run render and compare on the same {key} "
+                f"(or run {job} again with --{key} {ours})")
+
+
 def compare_summary(results: str) -> dict:
-    """compare's summary.json ({name: {null_best_abs_rho_p95, share_above_null, ...}}), or {}."""
+    """compare's summary.json ({name: {null_best_z_p95, share_above_null, ...}}), or {}."""
     url = storage.join(results, "compare", "summary.json")
     return json.loads(storage.read_bytes(url)) if storage.exists(url) else {}
 
@@ -290,7 +317,7 @@ def compare_summary(results: str) -> dict:
 def _metric_rows(doc: dict) -> str:
     m = doc.get("metrics") or {}
     rows = [("Latents" if doc["kind"] != "pca" else "Components", fmt(doc["n_latents"])),
-            ("Test galaxies", fmt(doc.get("n_galaxies")))]
+            (f"Galaxies ({doc.get('split', 'test')} split)", fmt(doc.get("n_galaxies")))]
     if doc.get("kind") == "sae":
         cfg = doc.get("cfg") or {}
         rows.append(("k (training)", f"{cfg.get('k', '–')} ({cfg.get('activation', '')})"))
@@ -338,7 +365,7 @@ def table_page(e: Entry, cfg: Config) -> str:
 Click a column to sort, type an answer (e.g. <i>spiral</i>, <i>edge-on</i>, <i>merger</i>) to filter,
 open a feature for its galaxies. Spearman ρ is with the best-matching vote fraction (negative: the
 feature is strongest where the fewest volunteers gave that answer, shown as <i>fewer votes for</i>);
-novelty = 1 − R² of a linear fit on all vote fractions.{_chance_line(e)}</p>
+novelty = 1 − adjusted R² of a linear fit on all vote fractions.{_chance_line(e)}</p>
 <div class="controls">
 <label>Search <input type="search" id="search" placeholder="answer or feature id"></label>
 <label>min |ρ| <input type="number" id="min-rho" min="0" max="1" step="0.05" value="0"></label>
@@ -355,11 +382,18 @@ novelty = 1 − R² of a linear fit on all vote fractions.{_chance_line(e)}</p>
     return page(f"{cfg.title}: {e.name}", [("atlas", "../index.html"), (e.name, None)], body, 1)
 
 
+def _chance_rho_example(e: Entry, z95: float) -> str:
+    """The chance level in |rho| over all the split's galaxies (the most asked questions)."""
+    rho = compare.chance_rho(z95, e.doc.get("n_galaxies") or 0)
+    return f"|ρ| {fmt(rho, 2)} over all {fmt(e.doc.get('n_galaxies'))} galaxies" if rho is not None else ""
+
+
 def _chance_line(e: Entry) -> str:
-    p95, share = e.chance.get("null_best_abs_rho_p95"), e.chance.get("share_above_null")
-    if p95 is None:
+    z95, share = e.chance.get("null_best_z_p95"), e.chance.get("share_above_null")
+    if z95 is None:
         return ""
-    return (f" Chance level: |ρ| {fmt(p95, 2)} (95th percentile with the votes shuffled); "
+    return (f" Chance level: z {fmt(z95, 2)} (95th percentile with the votes shuffled; "
+            f"{_chance_rho_example(e, z95)}, more for questions asked of fewer); "
             f"{pct(share)} of the active features are above it.")
 
 
@@ -367,12 +401,12 @@ def _alignment_rows(e: Entry) -> str:
     """Card rows: shares of the active features (not counts: dictionaries differ in size), above
     chance first. The |rho| share is counted here when compare/summary.json lacks this
     dictionary (a later compare run into the same results folder rewrote it without)."""
-    p95, share = e.chance.get("null_best_abs_rho_p95"), e.chance.get("share_above_null")
+    z95, share = e.chance.get("null_best_z_p95"), e.chance.get("share_above_null")
     aligned = e.chance.get("share_abs_rho_ge_0_5")
     active = [r for r in e.features if r["frequency"] > 0]
     if aligned is None and active and any(r.get("abs_spearman") is not None for r in active):
         aligned = sum(1 for r in active if (r.get("abs_spearman") or 0) >= 0.5) / len(active)
-    rows = [(f"Share of features above chance (|ρ| > {fmt(p95, 2)})" if p95 is not None
+    rows = [(f"Share of features above chance (z > {fmt(z95, 2)})" if z95 is not None
              else "Share of features above chance", pct(share) if share is not None else "–"),
             ("Share with |ρ| ≥ 0.5", pct(aligned) if aligned is not None else "–")]
     return "".join(f"<dt>{esc(k)}</dt><dd>{esc(v)}</dd>" for k, v in rows)
@@ -426,12 +460,12 @@ def feature_page(e: Entry, r: dict, cfg: Config, prev_f, next_f) -> str:
     if r.get("best_answer"):
         rho = _num(r.get("spearman"))
         stats += [("Best Galaxy Zoo answer", r["best_answer"] + (f" (ρ {rho:+.2f})" if rho is not None else "")),
-                  ("Spearman ρ", f"{fmt(r.get('spearman'), 2)} (over {fmt(r.get('n_valid'))} galaxies asked)")]
-        p95 = e.chance.get("null_best_abs_rho_p95")
-        if p95 is not None:
-            above = (r.get("abs_spearman") or 0) > p95
-            stats.append(("Chance level (|ρ|, votes shuffled)",
-                          f"{fmt(p95, 2)}: this feature is {'above' if above else 'not above'} it"))
+                  ("Spearman ρ", f"{fmt(r.get('spearman'), 2)} (over {fmt(r.get('n_valid'))} galaxies "
+                                 f"asked; z {fmt(r.get('z'), 2)})")]
+        if r.get("chance_abs_rho") is not None and r.get("above_null") is not None:
+            stats.append(("Chance level (votes shuffled)",
+                          f"|ρ| {fmt(r['chance_abs_rho'], 2)} over {fmt(r.get('n_valid'))} galaxies: this "
+                          f"feature is {'above' if r['above_null'] else 'not above'} it"))
         stats.append(("Novelty (1 − adjusted R²)", fmt(r.get("novelty"), 2)))
     votes = _top_votes(r, cfg.top_rows)
     if votes:
@@ -490,19 +524,26 @@ def answers_page(entries: list[Entry], answers: dict, cfg: Config) -> str:
                 cells.append("<td>–</td>")
                 continue
             label = f"{feature_label(e.doc, r['feature'])} (ρ {r['spearman']:+.2f})"
-            cells.append(f'<td class="{"" if r["above_null"] else "weak"}"><a href="{esc(e.name)}/f/'
+            chance = (f' title="chance level: |ρ| {fmt(r["chance_abs_rho"], 2)} over these galaxies"'
+                      if r.get("chance_abs_rho") is not None else "")
+            cells.append(f'<td class="{"" if r["above_null"] else "weak"}"{chance}><a href="{esc(e.name)}/f/'
                          f'{r["feature"]}.html">{esc(label)}</a></td>')
+        level = next((r.get("chance_abs_rho") for e in shown if (r := by_col[e.name].get(col))), None)
         body_rows.append(f"<tr><td>{esc(first['question'])}</td><td>{esc(first['answer'].split(' → ')[-1])}"
-                         f"</td><td class='num'>{first['n_valid']:,}</td>{''.join(cells)}</tr>")
+                         f"</td><td class='num'>{first['n_valid']:,}</td><td class='num'>{fmt(level, 2)}</td>"
+                         f"{''.join(cells)}</tr>")
     counts = "; ".join(
-        f"{esc(e.name)}: {sum(r['above_null'] for r in answers[e.name])} of {len(answers[e.name])} "
-        f"(chance level |ρ| {fmt(e.chance.get('answer_null_p95'), 2)})" for e in shown)
+        f"{esc(e.name)}: {sum(r['above_null'] for r in answers[e.name])} of {len(answers[e.name])}"
+        for e in shown)
     body = f"""<p class="lead">For every Galaxy Zoo answer, the feature of each dictionary whose activation
 tracks its vote fraction best (largest |Spearman ρ|, over the galaxies asked that question by enough
 volunteers; a negative ρ: the feature is strongest where the fewest volunteers gave that answer).
-Dimmed: no better than chance, the 95th percentile of the same best |ρ| with the votes shuffled over
-the galaxies. Answers with a feature above chance: {counts}.</p>
-<table class="plain answers"><thead><tr><th>Question</th><th>Answer</th><th class="num">galaxies asked</th>{heads}</tr></thead>
+Dimmed: no better than chance, the 95th percentile of the same best with the votes shuffled over
+the galaxies; in |ρ| it depends on how many galaxies were asked (column "chance |ρ|": the first
+dictionary's level; a question asked of few galaxies needs a much larger |ρ|). Answers with a
+feature above chance: {counts}.</p>
+<table class="plain answers"><thead><tr><th>Question</th><th>Answer</th><th class="num">galaxies asked</th>
+<th class="num">chance |ρ|</th>{heads}</tr></thead>
 <tbody>{''.join(body_rows)}</tbody></table>"""
     return page(f"{cfg.title}: features by Galaxy Zoo answer", [("atlas", "index.html"), ("by answer", None)], body, 0)
 
@@ -532,9 +573,11 @@ def index_page(entries: list[Entry], results: str, compare_plots: list[str], cfg
                   "Matryoshka prefix, PCA with its first k components (L0 = k), and each TopK SAE (one "
                   "point). At equal L0 both describe a galaxy with as many numbers. Lower is better.</div></div>"
                   ) if curve else ""
-    captions = {"distributions.png": "Left: how strongly each feature tracks a Galaxy Zoo answer; dashed: the "
-                                     "same with the votes shuffled over the galaxies (chance). Middle: how much "
-                                     "of each feature the votes cannot explain. Right: both, per feature."}
+    captions = {"distributions.png": "Left: how strongly each feature tracks its best Galaxy Zoo answer; dashed: "
+                                     "the same with the votes shuffled over the galaxies (chance). Middle: how much "
+                                     "of each feature the votes cannot explain (sparse features score high here "
+                                     "and low on |ρ| even as sharp detectors: see the glossary). Right: both, "
+                                     "per feature."}
     figs = "".join(f'<div class="figure"><img src="compare/{esc(p)}" alt="{esc(p)}"><div class="caption">'
                    f'{esc(captions.get(p, "Per Matryoshka level: level 1 is the coarsest prefix; dashed: PCA median; dotted: chance level."))}'
                    f"</div></div>" for p in compare_plots)

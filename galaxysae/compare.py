@@ -4,8 +4,8 @@ Data flow::
 
     dictionary + {embeddings}/{split} --activations (cached, shared with render)--> codes[N, M]
     dataset shards (id_str, *_fraction, *_total-votes) --mask low-vote questions, join on id_str--> labels[N, C]
-    --> per feature: max |Spearman| over label columns (and which), novelty = 1 - R^2
-    --> chance baseline: the same best |Spearman| with the labels shuffled over the galaxies
+    --> per feature: the most significant label column (Fisher z of its Spearman), novelty = 1 - R^2
+    --> chance baseline: the same best z with the labels shuffled over the galaxies
     --> per answer: the feature of each dictionary that tracks it best, and its own chance level
     --> {results}/{name}/compare.parquet + .csv, {results}/compare/ (summary.json/.csv,
         answers.json/.csv, plots)
@@ -14,10 +14,22 @@ Vote counts. A fraction from 2 votes is 0, 0.5 or 1: noise, not a measurement. A
 of a question count only where at least ``min_votes`` volunteers answered it (its
 ``{q}_total-votes``); below that, and wherever the total is 0, the question counts as not asked.
 
-Chance. With ~60 answer columns, the best |Spearman| of a feature is well above 0 even for a
-feature unrelated to the votes. Per dictionary, the same statistic is computed with the label rows
-shuffled (a fixed seed); its 95th percentile is the chance level, and ``share_above_null`` the share
-of active features whose best |Spearman| exceeds it.
+Significance. Questions are asked of very different numbers of galaxies (every galaxy is asked
+"smooth or featured?", a few dozen "artifact type?"), and by chance alone |Spearman| spreads as
+1/sqrt(n). A feature's best answer is therefore its most significant column, by the Fisher z
+``atanh|rho| * sqrt(n_valid - 3)``, not its largest |rho| (which would mostly be noise from the
+rarely asked questions); rho and n_valid of that column are reported.
+
+Chance. With ~60 answer columns, the best z of a feature is well above 0 even for a feature
+unrelated to the votes. Per dictionary, the same statistic is computed with the label rows
+shuffled (a fixed seed); its 95th percentile is the chance level (in z, so one level holds for
+columns of every size; ``chance_abs_rho`` is what it means in |rho| at a row's n_valid), and
+``share_above_null`` the share of active features whose best z exceeds it.
+
+Sparse features. An SAE feature active on 1% of the galaxies has a small |rho| even when it
+picks exactly the most extreme galaxies of an answer (the zeros tie), and a linear fit explains
+little of it (high novelty); its z is still large on a big split. The votes of its top galaxies
+(``top_votes`` against ``best_column_mean``) are the direct reading.
 
 Missing fractions. A Galaxy Zoo question is only asked when an earlier answer leads to it (e.g.
 "spiral arms?" only for face-on disks), so its fractions are NaN for the other galaxies. They are
@@ -28,8 +40,9 @@ never filled in (nor are those with fewer than ``min_votes`` votes):
 - Novelty: the regression gets, per question, an "asked" indicator and each fraction multiplied by
   it. That is a separate intercept for "not asked" plus the fraction's slope among the galaxies
   that were asked: the missing values do not enter the fit. Columns constant over the split are
-  dropped. Novelty uses the adjusted R^2 (in-sample R^2 corrected for the number of predictors,
-  which matters on small splits); the plain in-sample R^2 of the original figure is kept as ``r2``.
+  dropped. Novelty uses the adjusted R^2 (in-sample R^2 corrected for the number of independent
+  predictors, the design's rank: a question's fractions sum to its "asked" indicator), which
+  matters on small splits; the plain in-sample R^2 of the original figure is kept as ``r2``.
 """
 
 from __future__ import annotations
@@ -146,9 +159,19 @@ def read_labels(dataset: str, split: str, min_votes: int = 1,
                                        for c in wanted]))
     if not ids:
         raise FileNotFoundError(f"dataset {dataset}: no shards for split {split!r}")
+    check_unique(ids, f"dataset {dataset} split {split!r}")
     table = np.concatenate(blocks)
     totals = {q: table[:, len(fractions) + i] for i, q in enumerate(schema.QUESTIONS)}
     return ids, mask_low_votes(table[:, :len(fractions)], fractions, totals, min_votes), fractions
+
+
+def check_unique(ids: list[str], what: str) -> None:
+    """A repeated id_str would join one galaxy's votes or codes to another row: refused."""
+    if len(set(ids)) != len(ids):
+        from collections import Counter
+
+        dup = [i for i, c in Counter(ids).items() if c > 1]
+        raise ValueError(f"{what}: {len(dup)} id_str values occur more than once ({dup[:5]})")
 
 
 def _ranks(a: np.ndarray) -> np.ndarray:
@@ -200,12 +223,15 @@ def _sparse_rank_products(codes, rl: np.ndarray) -> np.ndarray:
         return np.asarray(s.T @ rl) / norm[:, None]
 
 
-def sparse_if_sparse(codes: np.ndarray):
-    """``codes`` as a scipy CSR matrix when fewer than SPARSE_BELOW of them are non-zero (made
-    once for many ``spearman`` calls), else as they are."""
+def sparse_if_sparse(codes):
+    """``codes`` (an array or scipy sparse) as a scipy CSR matrix when fewer than SPARSE_BELOW
+    of them are non-zero (made once for many ``spearman`` calls), else as a dense array."""
     from scipy import sparse
 
-    if sparse.issparse(codes) or np.count_nonzero(codes) >= SPARSE_BELOW * codes.size:
+    size = codes.shape[0] * codes.shape[1]
+    if sparse.issparse(codes):
+        return codes.tocsr() if codes.nnz < SPARSE_BELOW * size else codes.toarray()
+    if np.count_nonzero(codes) >= SPARSE_BELOW * size:
         return codes
     return sparse.csr_matrix(codes)
 
@@ -265,48 +291,79 @@ def design_matrix(labels: np.ndarray, columns: list[str]) -> tuple[np.ndarray, l
     return x[:, keep], [nm for nm, k in zip(names, keep) if k]
 
 
-def novelty(codes: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """codes[N, M], design x[N, P] -> (novelty[M], r2[M]); NaN for a constant feature.
+def novelty(codes, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """codes[N, M] (an array or scipy sparse), design x[N, P] -> (novelty[M], r2[M]); NaN for a
+    constant feature.
 
     ``r2`` is the plain in-sample R^2 of the least-squares fit; novelty is 1 - adjusted R^2
     (clipped to [0, 1]): with ~60 predictors and a few hundred galaxies, plain R^2 credits the
-    votes with variance they only fit by chance.
+    votes with variance they only fit by chance. The adjustment counts the design's rank, not
+    its columns (a question's fractions sum to its "asked" indicator). The fit is a projection
+    on an orthonormal basis U of [1, x] (from its SVD): ||U^T y||^2 per feature is one product
+    with the codes, which stay sparse (no dense [N, M] copy).
     """
-    n, p = x.shape
+    from scipy import sparse
+
+    n = x.shape[0]
     a = np.column_stack([np.ones(n), x])
-    coef, *_ = np.linalg.lstsq(a, codes.astype(np.float64), rcond=None)
-    resid = codes - a @ coef
-    ss_tot = ((codes - codes.mean(0)) ** 2).sum(0)
+    u, s, _ = np.linalg.svd(a, full_matrices=False)
+    u = u[:, s > s[0] * max(a.shape) * np.finfo(float).eps]
+    rank = u.shape[1]
+    if sparse.issparse(codes):
+        c = codes.tocsc().astype(np.float64)
+        proj = np.asarray((c.T @ u))  # [M, rank]
+        sum_sq = np.asarray(c.multiply(c).sum(0)).ravel()
+        mean = np.asarray(c.sum(0)).ravel() / n
+    else:
+        c = np.asarray(codes, np.float64)
+        proj = c.T @ u
+        sum_sq = (c ** 2).sum(0)
+        mean = c.mean(0)
+    ss_tot = sum_sq - n * mean ** 2  # the intercept is in the basis: the fit keeps the mean
+    ss_res = np.maximum(sum_sq - (proj ** 2).sum(1), 0.0)
+    constant = ss_tot <= 1e-12 * np.maximum(sum_sq, 1e-300)
     with np.errstate(invalid="ignore", divide="ignore"):
-        r2 = np.where(ss_tot > 0, 1.0 - (resid ** 2).sum(0) / ss_tot, np.nan)
-    adj = 1.0 - (1.0 - r2) * (n - 1) / max(n - p - 1, 1)
-    return np.where(ss_tot > 0, 1.0 - np.clip(adj, 0.0, 1.0), np.nan), r2
+        r2 = np.where(constant, np.nan, 1.0 - ss_res / ss_tot)
+    adj = 1.0 - (1.0 - r2) * (n - 1) / max(n - rank, 1)  # rank - 1 predictors beside the intercept
+    return np.where(constant, np.nan, 1.0 - np.clip(adj, 0.0, 1.0)), r2
 
 
-def _scores(rho: np.ndarray) -> np.ndarray:
-    """|rho| to rank columns by, -1 where NaN. The two answers of a yes/no question have exactly
+def significance(rho: np.ndarray, n_valid: np.ndarray) -> np.ndarray:
+    """rho[..., C], n_valid[C] -> Fisher z = atanh|rho| * sqrt(n_valid - 3) (NaN where rho is).
+
+    By chance alone |rho| spreads as 1/sqrt(n): 0.3 over 40 galaxies is noise, 0.1 over 3,000 is
+    not. z puts columns asked of different numbers of galaxies on one scale; its chance level is
+    measured by shuffling (:func:`shuffled`), not read from a normal table."""
+    n = np.asarray(n_valid, np.float64)
+    with np.errstate(invalid="ignore"):
+        return np.arctanh(np.minimum(np.abs(rho), 1 - 1e-12)) * np.sqrt(np.maximum(n - 3, 1))
+
+
+def chance_rho(z: float | None, n_valid) -> float | None:
+    """The |rho| a chance level ``z`` (see :func:`significance`) amounts to over n_valid galaxies."""
+    if z is None or not np.isfinite(z):
+        return None
+    return float(np.tanh(z / np.sqrt(max(float(n_valid) - 3, 1))))
+
+
+def _scores(z: np.ndarray, rho: np.ndarray) -> np.ndarray:
+    """z to rank columns by, -1 where NaN. The two answers of a yes/no question have exactly
     opposite rho; the tiny bonus makes the positive one win that tie, so the best answer reads
     "Spiral arms? → no" rather than "fewer votes for: Spiral arms? → yes"."""
-    return np.where(np.isnan(rho), -1.0, np.abs(rho) + 1e-9 * (rho > 0))
+    return np.where(np.isnan(z), -1.0, z * (1 + 1e-9 * (rho > 0)))
 
 
-def _abs_or_minus_one(rho: np.ndarray, active: np.ndarray | None = None) -> np.ndarray:
-    """rho[M, C] -> |rho|, -1 where NaN or the feature is not ``active`` [M]: what a max skips."""
-    skip = np.isnan(rho) if active is None else np.isnan(rho) | ~np.asarray(active, bool)[:, None]
-    return np.where(skip, -1.0, np.abs(rho))
+def _or_minus_one(z: np.ndarray, active: np.ndarray | None = None) -> np.ndarray:
+    """z[M, C] (>= 0) -> z, -1 where NaN or the feature is not ``active`` [M]: what a max skips."""
+    skip = np.isnan(z) if active is None else np.isnan(z) | ~np.asarray(active, bool)[:, None]
+    return np.where(skip, -1.0, z)
 
 
-def best_abs(rho: np.ndarray) -> np.ndarray:
-    """rho[M, C] -> each feature's best |rho| [M] (NaN where no column could be correlated)."""
-    best = _abs_or_minus_one(rho).max(1, initial=-1.0)
-    return np.where(best >= 0, best, np.nan)
-
-
-def closest(rho_f: np.ndarray, columns: list[str], n: int = 3) -> list[int]:
-    """Indices of the ``n`` strongest columns of one feature's rho[C], one per question: the
-    answers of a question share their galaxies, so a second answer of it repeats the first."""
+def closest(rho_f: np.ndarray, z_f: np.ndarray, columns: list[str], n: int = 3) -> list[int]:
+    """Indices of the ``n`` most significant columns of one feature (rho[C], z[C]), one per
+    question: the answers of a question share their galaxies, so a second one repeats the first."""
     seen, out = set(), []
-    for j in np.argsort(-_scores(rho_f), kind="stable"):
+    for j in np.argsort(-_scores(z_f, rho_f), kind="stable"):
         if np.isnan(rho_f[j]) or QUESTION_OF.get(columns[j], columns[j]) in seen:
             continue
         seen.add(QUESTION_OF.get(columns[j], columns[j]))
@@ -316,17 +373,18 @@ def closest(rho_f: np.ndarray, columns: list[str], n: int = 3) -> list[int]:
     return out
 
 
-def align(codes: np.ndarray, labels: np.ndarray, columns: list[str], min_valid: int,
+def align(codes, labels: np.ndarray, columns: list[str], min_valid: int,
           corr: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
-    """Per feature: best |Spearman| column (signed rho, its n_valid), top-3 columns, novelty.
-    ``corr``: ``spearman(codes, labels, min_valid)`` if the caller has it already."""
+    """Per feature: the most significant column (its z, signed rho and n_valid), top-3 columns,
+    novelty. ``corr``: ``spearman(codes, labels, min_valid)`` if the caller has it already."""
     rho, n_valid = corr if corr is not None else spearman(codes, labels, min_valid)
-    has = np.isfinite(best_abs(rho))
-    best = np.where(has, np.argmax(_scores(rho), axis=1), -1)
+    z = significance(rho, n_valid)
+    has = np.isfinite(z).any(1)
+    best = np.where(has, np.argmax(_scores(z, rho), axis=1), -1)
     x, _ = design_matrix(labels, columns)
     nov, r2 = novelty(codes, x)
     top3 = [json.dumps([[columns[j], readable(columns[j]), round(float(rho[f, j]), 4)]
-                        for j in closest(rho[f], columns)]) if has[f] else "[]"
+                        for j in closest(rho[f], z[f], columns)]) if has[f] else "[]"
             for f in range(codes.shape[1])]
     return {
         "best_column": [columns[b] if b >= 0 else None for b in best],
@@ -334,6 +392,7 @@ def align(codes: np.ndarray, labels: np.ndarray, columns: list[str], min_valid: 
         "spearman": [float(rho[f, b]) if b >= 0 else np.nan for f, b in enumerate(best)],
         "abs_spearman": [abs(float(rho[f, b])) if b >= 0 else np.nan for f, b in enumerate(best)],
         "n_valid": [int(n_valid[b]) if b >= 0 else 0 for b in best],
+        "z": [float(z[f, b]) if b >= 0 else np.nan for f, b in enumerate(best)],
         "novelty": nov.tolist(),
         "r2": r2.tolist(),
         "top_columns": top3,
@@ -374,11 +433,12 @@ ANSWER_NULL_VALUES = 200
 class Chance:
     """The statistics of the atlas with the votes shuffled over the galaxies (finite values)."""
 
-    feature_best: np.ndarray  # each feature's best |rho| over the answer columns
-    answer_best: np.ndarray  # each answer column's best |rho| over the active features
+    feature_best: np.ndarray  # each feature's best z over the answer columns
+    feature_best_rho: np.ndarray  # |rho| of that column (the distributions plot's chance curve)
+    answer_best: np.ndarray  # each answer column's best z over the active features
 
 
-def shuffled(codes: np.ndarray, labels: np.ndarray, min_valid: int, n_samples: int, seed: int,
+def shuffled(codes, labels: np.ndarray, min_valid: int, n_samples: int, seed: int,
              active: np.ndarray | None = None) -> Chance:
     """codes[N, M], labels[N, C] -> :class:`Chance` over max(ceil(n_samples / M),
     ceil(ANSWER_NULL_VALUES / C)) shuffles (at least one); ``active``: features [M] that count
@@ -391,22 +451,29 @@ def shuffled(codes: np.ndarray, labels: np.ndarray, min_valid: int, n_samples: i
     active = np.ones(m, bool) if active is None else np.asarray(active, bool)
     rng = np.random.default_rng(seed)
     codes = sparse_if_sparse(codes)
-    features, answers = [], []
+    features, features_rho, answers = [], [], []
     for _ in range(max(1, math.ceil(n_samples / max(m, 1)), math.ceil(ANSWER_NULL_VALUES / max(c, 1)))):
-        rho = spearman(codes, labels[rng.permutation(len(labels))], min_valid)[0]
-        b = best_abs(rho)
-        features.append(b[np.isfinite(b)])
-        a = _abs_or_minus_one(rho, active).max(0, initial=-1.0)
+        rho, n_valid = spearman(codes, labels[rng.permutation(len(labels))], min_valid)
+        z = significance(rho, n_valid)
+        s = _scores(z, rho)
+        best = s.argmax(1)
+        has = s.max(1, initial=-1.0) >= 0
+        rows = np.arange(m)[has]
+        features.append(z[rows, best[has]])
+        features_rho.append(np.abs(rho[rows, best[has]]))
+        a = _or_minus_one(z, active).max(0, initial=-1.0)
         answers.append(a[a >= 0])
-    return Chance(np.concatenate(features), np.concatenate(answers))
+    return Chance(np.concatenate(features), np.concatenate(features_rho), np.concatenate(answers))
 
 
 def answer_table(rho: np.ndarray, n_valid: np.ndarray, columns: list[str], active: np.ndarray,
-                 chance_p95: float | None) -> list[dict]:
-    """Per answer column: the active feature with the largest |rho| (signed rho, n_valid) and
-    whether it beats ``chance_p95``, the 95th percentile of the same maximum with the votes
-    shuffled. What an astronomer asks first: which feature finds bars, mergers, edge-on disks?"""
-    a = _abs_or_minus_one(rho, active)
+                 chance_z95: float | None) -> list[dict]:
+    """Per answer column: the active feature with the largest |rho| (signed rho, n_valid, z) and
+    whether its z beats ``chance_z95``, the 95th percentile of the same maximum with the votes
+    shuffled (``chance_abs_rho``: that level in |rho| at this column's n_valid). What an
+    astronomer asks first: which feature finds bars, mergers, edge-on disks?"""
+    z = significance(rho, n_valid)
+    a = _or_minus_one(z, active)
     rows = []
     for j, col in enumerate(columns):
         f = int(np.argmax(a[:, j]))
@@ -415,18 +482,20 @@ def answer_table(rho: np.ndarray, n_valid: np.ndarray, columns: list[str], activ
         q = QUESTION_OF.get(col, "")
         rows.append({"column": col, "question": QUESTION_TEXT.get(q, q), "answer": readable(col),
                      "feature": f, "spearman": float(rho[f, j]), "n_valid": int(n_valid[j]),
-                     "above_null": bool(chance_p95 is not None and a[f, j] > chance_p95)})
+                     "z": float(a[f, j]), "chance_abs_rho": chance_rho(chance_z95, n_valid[j]),
+                     "above_null": bool(chance_z95 is not None and a[f, j] > chance_z95)})
     return rows
 
 
-def chance_summary(abs_best, active, null: np.ndarray) -> dict:
-    """The chance level (95th percentile of the shuffled best |rho|) and the share of active
-    features above it, with the share at |rho| >= 0.5 beside it (shares, not counts: dictionaries
-    differ in size)."""
-    r = np.asarray(abs_best, float)[np.asarray(active, bool)]
+def chance_summary(abs_best, z_best, active, null: np.ndarray) -> dict:
+    """The chance level (95th percentile of the shuffled best z) and the share of active features
+    above it, with the share at |rho| >= 0.5 beside it (shares, not counts: dictionaries differ
+    in size)."""
+    act = np.asarray(active, bool)
+    r, z = np.asarray(abs_best, float)[act], np.asarray(z_best, float)[act]
     p95 = float(np.percentile(null, 95)) if len(null) else None
-    above = (r > p95) if p95 is not None else np.zeros(len(r), bool)  # NaN > p95 is False
-    return {"active": int(len(r)), "null_best_abs_rho_p95": p95, "null_values": int(len(null)),
+    above = (z > p95) if p95 is not None else np.zeros(len(z), bool)  # NaN > p95 is False
+    return {"active": int(len(r)), "null_best_z_p95": p95, "null_values": int(len(null)),
             "share_above_null": float(above.mean()) if len(r) and p95 is not None else None,
             "share_abs_rho_ge_0_5": float((r >= 0.5).mean()) if len(r) else None,
             "median_abs_spearman": float(np.nanmedian(r)) if np.isfinite(r).any() else None}
@@ -499,7 +568,8 @@ def plots(tables: dict, out: str, nulls: dict | None = None) -> list[str]:
                 a.legend(fontsize=8)
             null = (nulls or {}).get(name)
             if key == "abs_spearman" and null is not None and len(null):
-                a.axhline(np.percentile(null, 95), color="#888", ls=":", label="chance (95th pct., shuffled)")
+                a.axhline(np.percentile(null, 95), color="#888", ls=":",
+                          label="chance (95th pct. of the best |ρ|, shuffled)")
                 a.legend(fontsize=8)
             a.set(xlabel="Matryoshka level (1 = coarsest, first group)", ylabel=label, title=f"{name}: {label} by level")
             a.grid(alpha=0.3)
@@ -509,21 +579,22 @@ def plots(tables: dict, out: str, nulls: dict | None = None) -> list[str]:
     return written
 
 
-def level_summary(t: dict, levels: list[int], null_p95: float | None = None) -> list[dict]:
+def level_summary(t: dict, levels: list[int], null_z95: float | None = None) -> list[dict]:
     """Per nested prefix (features of levels 1..L): medians, the share of aligned features and
-    the share above the dictionary's chance level."""
+    the share above the dictionary's chance level (in z, see :func:`significance`)."""
     out = []
     lv = np.asarray(t["level"])
     alive = np.asarray(t["frequency"]) > 0
     rho = np.asarray(t["abs_spearman"], float)
+    zs = np.asarray(t["z"], float)
     nov = np.asarray(t["novelty"], float)
     for i, size in enumerate(levels, start=1):
         sel = (lv <= i) & alive
-        r, nv = rho[sel], nov[sel]
+        r, z, nv = rho[sel], zs[sel], nov[sel]
         out.append({"level": i, "n_latents": int(size), "alive": int(sel.sum()),
                     "median_abs_spearman": float(np.nanmedian(r)) if np.isfinite(r).any() else None,
                     "aligned_fraction": float(np.nanmean(r >= 0.5)) if len(r) else None,
-                    "share_above_null": float((r > null_p95).mean()) if len(r) and null_p95 is not None else None,
+                    "share_above_null": float((z > null_z95).mean()) if len(r) and null_z95 is not None else None,
                     "median_novelty": float(np.nanmedian(nv)) if np.isfinite(nv).any() else None})
     return out
 
@@ -540,8 +611,8 @@ def summary_csv(summary: dict) -> bytes:
     import pandas as pd
 
     keys = ["kind", "family", "n_latents", "l0", "n_galaxies", "active", "median_abs_spearman",
-            "null_best_abs_rho_p95", "share_above_null", "share_abs_rho_ge_0_5", "null_values",
-            "answers", "answer_null_p95", "answers_above_null"]
+            "null_best_z_p95", "share_above_null", "share_abs_rho_ge_0_5", "null_values",
+            "answers", "answer_null_z_p95", "answers_above_null"]
     rows = [{"dictionary": name, **{k: s.get(k) for k in keys}}
             for name, s in summary.items() if not name.startswith("_")]
     buf = io.BytesIO()
@@ -553,7 +624,8 @@ def answers_csv(answers: dict) -> bytes:
     """One row per dictionary and answer: its best feature (see :func:`answer_table`)."""
     import pandas as pd
 
-    keys = ["question", "answer", "column", "feature", "spearman", "n_valid", "above_null"]
+    keys = ["question", "answer", "column", "feature", "spearman", "n_valid", "z", "chance_abs_rho",
+            "above_null"]
     rows = [{"dictionary": name, **{k: r[k] for k in keys}} for name, rs in answers.items() for r in rs]
     buf = io.BytesIO()
     pd.DataFrame(rows, columns=["dictionary", *keys]).to_csv(buf, index=False)
@@ -582,39 +654,42 @@ def run(cfg: Config) -> dict:
         acts = activations_for(d, folder, cfg)
         write_summary(d, folder, cfg.split, acts.n_galaxies, cfg.embeddings)
         enc_ids = activations.embedding_ids(cfg.embeddings, cfg.split)
+        check_unique(enc_ids, f"{cfg.embeddings}/{cfg.split}")
         missing = [i for i in enc_ids if i not in label_pos]
         if missing:
             raise ValueError(f"{cfg.embeddings}/{cfg.split}: {len(missing)} embedded ids are not in dataset "
                              f"{cfg.dataset} ({missing[:5]}): embeddings and labels come from different data")
-        codes = activations.dense_matrix(acts.url, enc_ids, d.n_latents)
+        codes = sparse_if_sparse(activations.code_matrix(acts.url, enc_ids, d.n_latents))
         lab = labels[[label_pos[i] for i in enc_ids]]
         corr = spearman(codes, lab, cfg.min_valid)
         res = align(codes, lab, columns, cfg.min_valid, corr)
         feats = acts.features
         active = np.asarray(feats.column("frequency").to_pylist(), float) > 0
         null = shuffled(codes, lab, cfg.min_valid, cfg.null_samples, cfg.seed, active)
-        nulls[name] = null.feature_best
-        chance = chance_summary(res["abs_spearman"], active, nulls[name])
-        p95 = chance["null_best_abs_rho_p95"]
+        nulls[name] = null.feature_best_rho
+        chance = chance_summary(res["abs_spearman"], res["z"], active, null.feature_best)
+        p95 = chance["null_best_z_p95"]
         answer_p95 = float(np.percentile(null.answer_best, 95)) if len(null.answer_best) else None
         answers[name] = answer_table(*corr, columns, active, answer_p95)
-        chance.update(answer_null_p95=answer_p95, answers=len(answers[name]),
+        chance.update(answer_null_z_p95=answer_p95, answers=len(answers[name]),
                       answers_above_null=sum(r["above_null"] for r in answers[name]))
         t = {"dictionary": [name] * d.n_latents, "family": d.family,
              "feature": feats.column("feature").to_pylist(), "level": feats.column("level").to_pylist(),
              "frequency": feats.column("frequency").to_pylist(), **res,
              **top_votes(feats.column("top_ids").to_pylist(), res["best_column"], lab, enc_ids, columns),
-             "above_null": [bool(p95 is not None and v > p95) for v in res["abs_spearman"]]}
+             "chance_abs_rho": [chance_rho(p95, n) if n else None for n in res["n_valid"]],
+             "above_null": [bool(p95 is not None and v > p95) for v in res["z"]]}
         table = pa.table({k: v for k, v in t.items() if k != "family"})
+        table = table.replace_schema_metadata({"split": cfg.split, "embeddings": cfg.embeddings})
         storage.write_parquet(table, storage.join(folder, "compare.parquet"))
         storage.write_bytes(storage.join(folder, "compare.csv"), table_csv(table))
         tables[name] = t
         summary[name] = {"kind": d.kind, "family": d.family, "n_latents": d.n_latents,
                          "l0": (d.metrics or {}).get("l0"), "n_galaxies": len(enc_ids), **chance,
                          "levels": level_summary(t, d.levels, p95)}
-        best = int(np.nanargmax(np.nan_to_num(res["abs_spearman"], nan=-1)))
+        best = int(np.argmax(np.nan_to_num(res["z"], nan=-1)))
         log.info("%s: %d galaxies; best aligned feature %d: %s (Spearman %.2f), median novelty %.2f; "
-                 "chance |Spearman| (p95, shuffled) %.2f, %.0f%% of active features above it",
+                 "chance level (p95 of the best z, shuffled) %.2f, %.0f%% of active features above it",
                  name, len(enc_ids), best, res["best_answer"][best], res["spearman"][best],
                  float(np.nanmedian(res["novelty"])), p95 if p95 is not None else float("nan"),
                  100 * (chance["share_above_null"] or 0.0))
@@ -625,9 +700,11 @@ def run(cfg: Config) -> dict:
         "Spearman per column over the galaxies asked that question (>= min_valid); novelty from a "
         "regression on per-question 'asked' indicators and asked*fraction terms: nothing imputed")
     summary["_chance"] = (
-        f"null_best_abs_rho_p95: 95th percentile of each feature's best |Spearman| with the label rows "
-        f"shuffled over the galaxies (seed {cfg.seed}, >= {cfg.null_samples} values); share_above_null: "
-        "share of active features whose best |Spearman| exceeds it")
+        "z = atanh|Spearman| * sqrt(n_valid - 3), comparable across answers asked of different numbers "
+        "of galaxies; each feature's best answer is its largest z. null_best_z_p95: 95th percentile of "
+        f"each feature's best z with the label rows shuffled over the galaxies (seed {cfg.seed}, >= "
+        f"{cfg.null_samples} values); share_above_null: share of active features whose best z exceeds "
+        "it; answer_null_z_p95: the same for each answer's best feature")
     storage.write_bytes(storage.join(out, "summary.json"), json.dumps(summary, indent=1).encode())
     storage.write_bytes(storage.join(out, "summary.csv"), summary_csv(summary))
     storage.write_bytes(storage.join(out, "answers.json"), json.dumps(answers, indent=1).encode())

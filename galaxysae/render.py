@@ -61,8 +61,8 @@ class Config(DictionaryInputs):
     """Grids of each feature's most exciting galaxies, for SAE features and principal components."""
 
     features: list[int] = field(default_factory=list, metadata={"help": "feature ids to render (overrides 'select')"})
-    select: Literal["frequent", "all", "first"] = field(default="frequent", metadata={"help": "which features: most frequent, all, or the first n_features"})
-    n_features: int = field(default=64, metadata={"help": "how many features 'frequent'/'first' pick"})
+    select: Literal["frequent", "aligned", "all", "first"] = field(default="frequent", metadata={"help": "which features: most frequent; aligned: each Galaxy Zoo answer's best feature (from compare's answers.json: run compare first), then the most frequent; all; or the first n_features (PCA: frequent = first)"})
+    n_features: int = field(default=64, metadata={"help": "how many features 'frequent'/'aligned'/'first' pick"})
     top_n: int = field(default=30, metadata={"help": "galaxies per grid"})
     columns: int = field(default=6, metadata={"help": "galaxies per grid row"})
     tile: int = field(default=128, metadata={"help": "thumbnail size in pixels"})
@@ -80,11 +80,20 @@ class Config(DictionaryInputs):
 
 
 def folder_names(dicts, names: list[str] | None = None) -> list[str]:
-    """Results folder per dictionary: the family name, made unique with the artifact's name."""
+    """Results folder per dictionary: the family name, made unique with the artifact's name.
+    Two dictionaries that would share a folder (``sweepA/trials/t0`` and ``sweepB/trials/t0``)
+    are refused: the second would overwrite the first's results."""
     if names:
-        return list(names)
-    fams = [d.family for d in dicts]
-    return [f if fams.count(f) == 1 else f"{f}-{d.name}" for f, d in zip(fams, dicts)]
+        out = list(names)
+    else:
+        fams = [d.family for d in dicts]
+        out = [f if fams.count(f) == 1 else f"{f}-{d.name}" for f, d in zip(fams, dicts)]
+    clash = sorted({n for n in out if out.count(n) > 1})
+    if clash:
+        which = [d.url for d, n in zip(dicts, out) if n in clash]
+        raise ValueError(f"dictionaries {which} would share the results folder(s) {clash}: "
+                         "give each its own with key 'names'")
+    return out
 
 
 def provenance(embeddings: str, split: str) -> dict:
@@ -263,7 +272,23 @@ def _grids_task(jobs: list[dict], thumbs: dict, failures: dict, top_n: int, colu
     return done
 
 
-def select_features(stats, kind: str, cfg: Config) -> list[int]:
+def aligned_features(results: str, name: str) -> list[int]:
+    """Each Galaxy Zoo answer's best feature of dictionary ``name`` from compare's answers.json,
+    those above chance first: the features the atlas's "by answer" page links to. Before compare
+    has run there are none (a warning says so; the most frequent features fill the grids)."""
+    url = storage.join(results, "compare", "answers.json")
+    if not storage.exists(url):
+        log.warning("select = 'aligned': %s does not exist yet, so %s gets the most frequent features; "
+                    "run `galaxysae compare`, then render again to add the grids its answers link to",
+                    url, name)
+        return []
+    rows = json.loads(storage.read_bytes(url)).get(name, [])
+    rows = sorted(rows, key=lambda r: not r.get("above_null"))  # stable: answer order otherwise
+    return list(dict.fromkeys(int(r["feature"]) for r in rows))
+
+
+def select_features(stats, kind: str, cfg: Config, aligned: list[int] | None = None) -> list[int]:
+    """The features to draw; ``aligned``: see :func:`aligned_features` (select = 'aligned')."""
     n = stats.num_rows
     if cfg.features:
         bad = [f for f in cfg.features if not 0 <= f < n]
@@ -274,10 +299,13 @@ def select_features(stats, kind: str, cfg: Config) -> list[int]:
         return list(range(n))
     if cfg.select == "first" or kind == "pca":
         # principal components are already ordered by explained variance
-        return list(range(min(cfg.n_features, n)))
-    freq = stats.column("frequency").to_numpy()
-    order = np.argsort(-freq, kind="stable")
-    return [int(f) for f in order[: cfg.n_features] if freq[f] > 0]
+        order = list(range(n))
+    else:
+        freq = stats.column("frequency").to_numpy()
+        order = [int(f) for f in np.argsort(-freq, kind="stable") if freq[f] > 0]
+    if cfg.select == "aligned":
+        order = [f for f in aligned or [] if 0 <= f < n] + order
+    return list(dict.fromkeys(order))[: cfg.n_features]
 
 
 def _title(d, f: int, row: dict, low: float | None = None) -> str:
@@ -315,7 +343,8 @@ def run(cfg: Config) -> dict:
         acts = activations_for(d, folder, cfg)
         write_summary(d, folder, cfg.split, acts.n_galaxies, cfg.embeddings)
         stats = acts.features.to_pylist()
-        chosen = select_features(acts.features, d.kind, cfg)
+        aligned = aligned_features(cfg.results, name) if cfg.select == "aligned" and not cfg.features else None
+        chosen = select_features(acts.features, d.kind, cfg, aligned)
         start_grids(folder, name, acts.url, chosen, cfg)
         grids = grid_jobs(d, folder, chosen, stats, cfg.top_n)
         jobs = [j for j in grids if cfg.overwrite or not storage.exists(j["url"])]

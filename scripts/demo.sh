@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The demo: every stage of the atlas on a small generated data set, on this machine's CPU.
-#   synth -> hub -> embed -> train (TopK, Matryoshka) -> pca -> render -> compare -> atlas
+#   synth -> hub -> embed -> train (TopK, Matryoshka) -> pca -> compare -> render -> atlas
 # Usage: scripts/demo.sh [DIR]   (default: demo/). Safe to rerun: finished work is skipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -31,12 +31,12 @@ stage "pca: the PCA baseline in $DIR/pca"
 "${GS[@]}" pca --config configs/demo/pca.toml --embeddings "$DIR/embeddings" --output "$DIR/pca"
 
 DICTS="$DIR/sae/topk,$DIR/sae/matryoshka,$DIR/pca"
-stage "render: grids of each feature's top galaxies in $DIR/results"
-"${GS[@]}" render --config configs/demo/render.toml --dictionaries "$DICTS" --embeddings "$DIR/embeddings" \
-  --dataset "$DIR/gz_euclid" --results "$DIR/results"
-
 stage "compare: Galaxy Zoo label alignment in $DIR/results/compare"
 "${GS[@]}" compare --config configs/demo/compare.toml --dictionaries "$DICTS" --embeddings "$DIR/embeddings" \
+  --dataset "$DIR/gz_euclid" --results "$DIR/results"
+
+stage "render: grids of each answer's best feature and the most frequent ones in $DIR/results"
+"${GS[@]}" render --config configs/demo/render.toml --dictionaries "$DICTS" --embeddings "$DIR/embeddings" \
   --dataset "$DIR/gz_euclid" --results "$DIR/results"
 
 stage "atlas: the static HTML site in $DIR/atlas"

@@ -156,11 +156,14 @@ def _write_dictionary(results: Path, name: str, doc: dict, codes: np.ndarray, la
     corr = compare.spearman(codes, lab, 20)
     res = compare.align(codes, lab, cols, min_valid=20, corr=corr)
     null = compare.shuffled(codes, lab, 20, 1000, seed=0, active=freq > 0)
-    chance = compare.chance_summary(res["abs_spearman"], freq > 0, null.feature_best)
-    chance["answer_null_p95"] = float(np.percentile(null.answer_best, 95))
-    chance["answer_rows"] = compare.answer_table(*corr, cols, freq > 0, chance["answer_null_p95"])
+    chance = compare.chance_summary(res["abs_spearman"], res["z"], freq > 0, null.feature_best)
+    z95 = chance["null_best_z_p95"]
+    chance["answer_null_z_p95"] = float(np.percentile(null.answer_best, 95))
+    chance["answer_rows"] = compare.answer_table(*corr, cols, freq > 0, chance["answer_null_z_p95"])
     votes = compare.top_votes(top_ids, res["best_column"], lab, [f"g{i}" for i in range(n)], cols)
-    pq.write_table(pa.table({"feature": np.arange(m), "frequency": freq, **res, **votes}), folder / "compare.parquet")
+    pq.write_table(pa.table({"feature": np.arange(m), "frequency": freq, **res, **votes,
+                             "chance_abs_rho": [compare.chance_rho(z95, k) for k in res["n_valid"]],
+                             "above_null": [bool(z > z95) for z in res["z"]]}), folder / "compare.parquet")
     (folder / "dictionary.json").write_text(json.dumps({"name": name, "n_latents": m, "split": "test",
                                                         "n_galaxies": n, **doc}))
     return chance
@@ -249,15 +252,16 @@ def test_cards_give_shares_above_chance_and_honest_labels(small_site):
     out, summary = small_site
     index = (out / "index.html").read_text()
     for name in ("pca", "sae"):
-        p95, share = summary[name]["null_best_abs_rho_p95"], summary[name]["share_above_null"]
-        assert f"Share of features above chance (|ρ| &gt; {atlas.fmt(p95, 2)})</dt><dd>{atlas.pct(share)}</dd>" in index
+        z95, share = summary[name]["null_best_z_p95"], summary[name]["share_above_null"]
+        assert f"Share of features above chance (z &gt; {atlas.fmt(z95, 2)})</dt><dd>{atlas.pct(share)}</dd>" in index
     assert summary["pca"]["share_above_null"] >= 0.25  # PC 1 of 4 is above chance
     assert "Share with |ρ| ≥ 0.5</dt><dd>25.0%</dd>" in index  # a share of the 4 components, not a count
     assert "with a GZ answer" not in index
     assert "<dt>k (training)</dt><dd>2 (topk)</dd>" in index and "active per galaxy)" not in index
     assert "never activate on the test split" not in index and "training split" in index
     feature = (out / "pca" / "f" / "0.html").read_text()
-    assert "Chance level (|ρ|, votes shuffled)" in feature and "this feature is above it" in feature
+    assert "Chance level (votes shuffled)</dt><dd>|ρ| 0." in feature and "this feature is above it" in feature
+    assert "over 300 galaxies asked; z " in feature
 
 
 def test_answers_page_names_each_answers_best_feature_and_dims_chance(small_site):
@@ -265,14 +269,17 @@ def test_answers_page_names_each_answers_best_feature_and_dims_chance(small_site
     index = (out / "index.html").read_text()
     assert '<a href="answers.html">Find a morphology →</a>' in index
     page = (out / "answers.html").read_text()
-    rows = re.findall(r"<tr><td>([^<]*)</td><td>([^<]*)</td><td class='num'>[^<]*</td>(.*?)</tr>", page)
+    rows = re.findall(r"<tr><td>([^<]*)</td><td>([^<]*)</td><td class='num'>[^<]*</td><td class='num'>([^<]*)</td>"
+                      r"(.*?)</tr>", page)
     assert len(rows) == len(schema.fraction_columns())  # every answer, once
-    bulge = next(cells for q, a, cells in rows if q == "Bulge size" and a == "dominant")
-    pca_cell, sae_cell = re.findall(r'<td class="([^"]*)"><a href="(\w+)/f/(\d+).html">([^<]*)</a>', bulge)[::-1]
+    level, bulge = next((lv, cells) for q, a, lv, cells in rows if q == "Bulge size" and a == "dominant")
+    assert 0.1 < float(level) < 0.3  # chance |rho| over 300 galaxies
+    pca_cell, sae_cell = re.findall(r'<td class="([^"]*)"(?: title="[^"]*")?><a href="(\w+)/f/(\d+).html">([^<]*)</a>',
+                                    bulge)[::-1]
     # PC 1 is the bulge vote upside down: found, signed, above chance; SAE noise is dimmed
     assert pca_cell[1:] == ("pca", "0", "PC 1 (ρ -1.00)") and pca_cell[0] == ""
     assert sae_cell[1] == "sae" and sae_cell[0] == "weak"
-    assert summary["pca"]["answer_null_p95"] < 1.0
+    assert summary["pca"]["answer_null_z_p95"] < 10
     dimmed = page.count('class="weak"')
     assert dimmed >= len(rows)  # the noise features of both dictionaries: most cells are dimmed
     assert (out / "pca" / "f" / "0.html").is_file() and (out / "sae" / f"f/{sae_cell[2]}.html").is_file()
@@ -296,3 +303,29 @@ def test_table_opens_on_pc_1_and_sorts_spearman_on_its_magnitude(small_site):
 def test_missing_results_are_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="no dictionary results found"):
         atlas.run(config.from_dict(atlas.Config, {"results": str(tmp_path / "nothing"), "output": str(tmp_path / "o")}))
+
+
+def test_grids_or_a_compare_table_of_another_split_are_refused(small_site, tmp_path):
+    """render and compare each rewrite dictionary.json with their split: grids drawn from the test
+    split under train statistics (or the reverse) would put one set of galaxies' numbers beside
+    another's pictures, so the atlas names the mismatch instead of building that page."""
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    results = tmp_path / "results"
+    shutil.copytree(small_site[0].parent / "results", results)
+    cfg = config.from_dict(atlas.Config, {"results": str(results), "output": str(tmp_path / "site")})
+    (results / "sae" / "grids").mkdir()
+    rendered = results / "sae" / "grids" / "_rendered.json"
+    rendered.write_text(json.dumps({"inputs": {"activations": {"split": "test"}}, "features": []}))
+    atlas.run(cfg)  # the same split: fine
+    rendered.write_text(json.dumps({"inputs": {"activations": {"split": "train"}}, "features": []}))
+    with pytest.raises(ValueError, match=r"sae: its grids were rendered from split 'train', but the last "
+                                         r"render/compare run into it used 'test'"):
+        atlas.run(cfg)
+    rendered.unlink()
+    t = pq.read_table(results / "pca" / "compare.parquet")
+    pq.write_table(t.replace_schema_metadata({"split": "train"}), results / "pca" / "compare.parquet")
+    with pytest.raises(ValueError, match=r"pca: compare.parquet was computed from split 'train'.*--split test"):
+        atlas.run(cfg)

@@ -61,6 +61,33 @@ def test_novelty_is_low_for_a_linear_function_of_the_votes_and_high_for_noise():
     assert nov[0] < 0.01 and r2[0] > 0.99
     assert nov[1] > 0.9
     assert np.isnan(nov[2])  # a dead feature has no novelty
+    # sparse codes (an SAE's) give the same without a dense copy
+    from scipy import sparse
+
+    nov_s, r2_s = compare.novelty(sparse.csr_matrix(codes), x)
+    assert np.allclose(nov_s[:2], nov[:2], atol=1e-9) and np.isnan(nov_s[2])
+
+
+def test_novelty_is_adjusted_for_the_independent_fractions_only():
+    """A question's fractions sum to its "asked" indicator: the design has fewer independent
+    columns than columns, and the adjustment counts those (lstsq's rank), not the columns."""
+    rng = np.random.default_rng(2)
+    n = 200
+    lab, cols = _labels(n, rng)
+    for q, answers in schema.QUESTIONS.items():  # fractions of a question sum to 1, as in gz_euclid
+        idx = [cols.index(schema.fraction_column(q, a)) for a in answers]
+        lab[:, idx] = lab[:, idx] / lab[:, idx].sum(1, keepdims=True)
+    x, _ = compare.design_matrix(lab, cols)
+    a = np.column_stack([np.ones(n), x])
+    rank = np.linalg.matrix_rank(a)
+    assert rank < a.shape[1]
+    y = lab[:, cols.index("smooth-or-featured-euclid_smooth_fraction")] + 0.3 * rng.normal(size=n)
+    coef, *_ = np.linalg.lstsq(a, y, rcond=None)
+    r2 = 1 - ((y - a @ coef) ** 2).sum() / ((y - y.mean()) ** 2).sum()
+    nov, r2_ours = compare.novelty(y[:, None], x)
+    assert r2_ours[0] == pytest.approx(r2)
+    assert 0.3 < r2 < 0.9
+    assert nov[0] == pytest.approx((1 - r2) * (n - 1) / (n - rank))
 
 
 def test_readable_answer_names():
@@ -117,7 +144,7 @@ def test_questions_answered_by_too_few_volunteers_count_as_not_asked(tmp_path):
 
 
 def test_chance_level_separates_an_aligned_feature_from_random_ones():
-    """Best |rho| over ~60 columns is far from 0 for pure noise; the shuffled-label baseline says
+    """Best z over ~60 columns is far from 0 for pure noise; the shuffled-label baseline says
     how far, and only the feature that tracks a vote fraction clears its 95th percentile."""
     rng = np.random.default_rng(5)
     lab, cols = _labels(300, rng)
@@ -127,17 +154,53 @@ def test_chance_level_separates_an_aligned_feature_from_random_ones():
     assert len(null) == 25 * 41  # ceil(1000 / 41) shuffles of 41 features
     assert np.array_equal(null, compare.shuffled(codes, lab, min_valid=20, n_samples=1000, seed=0).feature_best)
     res = compare.align(codes, lab, cols, min_valid=20)
-    s = compare.chance_summary(res["abs_spearman"], np.ones(41, bool), null)
-    p95 = s["null_best_abs_rho_p95"]
-    assert 0.1 < p95 < 0.5  # chance alone gives a "best answer" with |rho| well above 0
-    assert res["abs_spearman"][0] > 0.9 > p95
-    random_above = np.mean(np.asarray(res["abs_spearman"][1:]) > p95)
+    s = compare.chance_summary(res["abs_spearman"], res["z"], np.ones(41, bool), null)
+    p95 = s["null_best_z_p95"]
+    assert 2 < p95 < 5  # chance alone gives a "best answer" well above z = 0 (|rho| ~ 0.2 here)
+    assert res["abs_spearman"][0] > 0.9 and res["z"][0] > 3 * p95
+    random_above = np.mean(np.asarray(res["z"][1:]) > p95)
     assert random_above <= 0.15  # ~5% by construction
     assert s["share_above_null"] == pytest.approx((1 + random_above * 40) / 41)
     assert s["share_abs_rho_ge_0_5"] == pytest.approx(1 / 41)
     # an inactive feature is left out of the share
-    s2 = compare.chance_summary([*res["abs_spearman"], np.nan], np.r_[np.ones(41, bool), False], null)
+    s2 = compare.chance_summary([*res["abs_spearman"], np.nan], [*res["z"], np.nan],
+                                np.r_[np.ones(41, bool), False], null)
     assert s2["share_above_null"] == s["share_above_null"] and s2["active"] == 41
+    # the level in |rho| grows as fewer galaxies are asked
+    assert compare.chance_rho(p95, 40) > 2 * compare.chance_rho(p95, 300) > 0
+
+
+def test_a_feature_s_best_answer_is_its_most_significant_not_a_rarely_asked_one():
+    """A weak but real link over 3,000 galaxies beats the chance |rho| of answers asked of a few
+    dozen (a raw-|rho| pick would name the artifact question, and its chance level would call the
+    real link noise); the answer's chance level is in z, so it holds for every column size."""
+    rng = np.random.default_rng(11)
+    n = 3000
+    cols = schema.fraction_columns()
+    lab = rng.uniform(0, 1, size=(n, len(cols)))
+    rare = rng.random(n) < 42 / n  # the artifact question, asked of ~42 galaxies
+    for a in schema.QUESTIONS["artifact-euclid"]:
+        lab[~rare, cols.index(schema.fraction_column("artifact-euclid", a))] = np.nan
+    smooth = cols.index("smooth-or-featured-euclid_smooth_fraction")
+    weak = lab[:, smooth] + 7.0 * rng.random(n)  # rho ~ 0.15 over 3,000 galaxies: z ~ 8
+    # a sparse detector: active on the 2% smoothest galaxies only (|rho| ~ 0.25, z ~ 14)
+    detector = np.where(lab[:, smooth] > np.quantile(lab[:, smooth], 0.98), lab[:, smooth], 0.0)
+    noise = np.where(rng.random((n, 60)) < 0.02, rng.random((n, 60)), 0.0)
+    codes = np.column_stack([weak, detector, noise])
+    rho, n_valid = compare.spearman(codes, lab, min_valid=20)
+    art = [cols.index(schema.fraction_column("artifact-euclid", a)) for a in schema.QUESTIONS["artifact-euclid"]]
+    assert np.nanmax(np.abs(rho[0, art])) > abs(rho[0, smooth])  # raw |rho| would pick an artifact answer
+    res = compare.align(codes, lab, cols, min_valid=20, corr=(rho, n_valid))
+    assert res["best_column"][:2] == [cols[smooth]] * 2 and res["n_valid"][:2] == [n, n]
+    null = compare.shuffled(codes, lab, 20, 1000, seed=0)
+    s = compare.chance_summary(res["abs_spearman"], res["z"], np.ones(62, bool), null.feature_best)
+    assert min(res["z"][:2]) > s["null_best_z_p95"]  # both are above chance ...
+    assert np.mean(np.asarray(res["z"][2:]) > s["null_best_z_p95"]) <= 0.15  # ... noise mostly not
+    table = compare.answer_table(rho, n_valid, cols, np.ones(62, bool), float(np.percentile(null.answer_best, 95)))
+    row = {r["column"]: r for r in table}
+    assert row[cols[smooth]]["feature"] == 1 and row[cols[smooth]]["above_null"]
+    assert row[cols[art[0]]]["chance_abs_rho"] > 3 * row[cols[smooth]]["chance_abs_rho"]
+    assert not any(row[cols[j]]["above_null"] for j in art if cols[j] in row)  # noise over 42 galaxies
 
 
 def test_a_negative_best_match_reads_as_fewer_votes_and_each_question_is_listed_once():
@@ -198,9 +261,10 @@ def test_compare_finds_the_bulge_feature_on_generated_galaxies(chain, tmp_path):
     assert [i for i, _ in votes] == activation_top_ids(results, "pca")[best["feature"]] and tops, best
     assert (np.mean(tops) > best["best_column_mean"]) == (best["spearman"] > 0), best
     # the chance level: a PCA component that tracks the bulge is above it
-    p95 = summary["pca"]["null_best_abs_rho_p95"]
-    assert 0 < p95 < best["abs_spearman"] and best["above_null"]
-    assert summary["pca"]["share_above_null"] == pytest.approx(np.mean([r["abs_spearman"] > p95 for r in t]))
+    p95 = summary["pca"]["null_best_z_p95"]
+    assert 0 < p95 < best["z"] and best["above_null"]
+    assert 0 < best["chance_abs_rho"] < best["abs_spearman"]
+    assert summary["pca"]["share_above_null"] == pytest.approx(np.mean([r["z"] > p95 for r in t]))
 
     # Matryoshka: one table row per latent, with its level, and a summary per nested prefix
     m = pq.read_table(storage.join(results, "matryoshka_sae", "compare.parquet")).to_pandas()
@@ -209,13 +273,14 @@ def test_compare_finds_the_bulge_feature_on_generated_galaxies(chain, tmp_path):
     levels = summary["matryoshka_sae"]["levels"]
     assert [lv["n_latents"] for lv in levels] == [8, 16, 32, 64]
     assert [lv["alive"] for lv in levels] == sorted(lv["alive"] for lv in levels)
-    assert summary["matryoshka_sae"]["null_best_abs_rho_p95"] is not None
+    assert summary["matryoshka_sae"]["null_best_z_p95"] is not None
     assert all(lv["share_above_null"] is not None for lv in levels)
     # by answer: PCA's best feature for the driven answer is the bulge component, above chance
     answers = json.loads(storage.read_bytes(storage.join(results, "compare", "answers.json")))
     row = next(r for r in answers["pca"] if r["column"] == driven)
     assert abs(row["spearman"]) >= 0.5 and row["above_null"], row
-    assert summary["pca"]["answers_above_null"] >= 1 and summary["pca"]["answer_null_p95"] < abs(row["spearman"])
+    assert summary["pca"]["answers_above_null"] >= 1 and summary["pca"]["answer_null_z_p95"] < row["z"]
+    assert pq.read_schema(storage.join(results, "pca", "compare.parquet")).metadata[b"split"] == b"test"
     for name in ("distributions.png", "levels_matryoshka_sae.png", "summary.json", "summary.csv", "compare_all.csv",
                  "answers.json", "answers.csv"):
         assert storage.exists(storage.join(results, "compare", name)), name
@@ -233,6 +298,17 @@ def test_compare_keeps_no_votes_for_a_feature_without_an_answer():
     v = compare.top_votes([["a", "c"], ["b"]], ["x", None], lab, ["a", "b", "c"], ["x", "y"])
     assert [json.loads(t) for t in v["top_votes"]] == [[["a", 0.2], ["c", None]], []]  # c: not asked
     assert v["best_column_mean"][0] == pytest.approx(0.5) and np.isnan(v["best_column_mean"][1])
+
+
+def test_repeated_ids_in_the_votes_are_refused(tmp_path):
+    """Two shards of one split holding the same galaxy would join its votes to the wrong row."""
+    import shutil
+
+    dataset = _write_labels(tmp_path / "ds", {}, {"smooth-or-featured-euclid": np.full(30, 40)})
+    data = tmp_path / "ds" / "data"
+    shutil.copy(data / "test-00000-of-00001.parquet", data / "test-00001-of-00001.parquet")
+    with pytest.raises(ValueError, match=r"split 'test': 30 id_str values occur more than once \(\['g0'"):
+        compare.read_labels(dataset, "test")
 
 
 def test_embeddings_from_other_data_are_refused(tmp_path):

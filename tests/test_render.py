@@ -189,3 +189,41 @@ def test_config_errors_name_the_key():
         config.from_dict(render.Config, {"dictionaries": ["x"], "embeddings": "e", "dataset": "d", "select": "best"})
     with pytest.raises(config.ConfigError, match="'names' has 1 entries for 2"):
         config.from_dict(render.Config, {"dictionaries": ["x", "y"], "names": ["a"], "embeddings": "e", "dataset": "d"})
+
+
+def test_aligned_selection_draws_the_features_the_answers_page_links_to(tmp_path):
+    """select = 'aligned': each answer's best feature (above chance first), then the most frequent,
+    up to n_features; before compare has run, the most frequent (and a warning)."""
+    import json
+
+    import pyarrow as pa
+
+    stats = pa.table({"feature": list(range(6)), "frequency": [0.5, 0.0, 0.9, 0.1, 0.3, 0.2]})
+    (tmp_path / "compare").mkdir()
+    (tmp_path / "compare" / "answers.json").write_text(json.dumps({"sae": [
+        {"feature": 1, "above_null": False}, {"feature": 3, "above_null": True},
+        {"feature": 3, "above_null": True}, {"feature": 9, "above_null": True}]}))
+    cfg = config.from_dict(render.Config, {"dictionaries": ["x"], "embeddings": "e", "dataset": "d",
+                                           "select": "aligned", "n_features": 4})
+    aligned = render.aligned_features(str(tmp_path), "sae")
+    assert aligned == [3, 9, 1]
+    assert render.select_features(stats, "sae", cfg, aligned) == [3, 1, 2, 0]  # 9 is no feature here
+    assert render.select_features(stats, "pca", cfg, aligned) == [3, 1, 0, 2]
+    assert render.aligned_features(str(tmp_path), "other") == []
+    frequent = config.from_dict(render.Config, {"dictionaries": ["x"], "embeddings": "e", "dataset": "d",
+                                                "n_features": 4})
+    assert render.select_features(stats, "sae", frequent) == [2, 0, 4, 5]
+    assert render.aligned_features(str(tmp_path / "none"), "sae") == []  # compare has not run: a warning
+    assert render.select_features(stats, "sae", cfg, []) == [2, 0, 4, 5]
+
+
+def test_two_dictionaries_that_would_share_a_results_folder_are_refused():
+    from types import SimpleNamespace as D
+
+    a = D(family="sae", name="t0", url="sweepA/trials/t0")
+    b = D(family="sae", name="t0", url="sweepB/trials/t0")
+    with pytest.raises(ValueError, match=r"\['sweepA/trials/t0', 'sweepB/trials/t0'\] would share .*'names'"):
+        render.folder_names([a, b])
+    assert render.folder_names([a, D(family="sae", name="t1", url="x/t1")]) == ["sae-t0", "sae-t1"]
+    with pytest.raises(ValueError, match="share"):
+        render.folder_names([a, b], ["same", "same"])
