@@ -31,7 +31,8 @@ if [[ "${1:-}" == "--smoke" ]]; then
 else
   decoders=()
   if [[ -n "${DECODERS:-}" ]]; then decoders=(--decoders "$DECODERS"); fi
-  bench bench/gpu_embed.py --images "${IMAGES:-8192}" "${decoders[@]}"
+  # ${a[@]+...}: an empty array under set -u is "unbound" in bash < 4.4 (RHEL/CentOS 7)
+  bench bench/gpu_embed.py --images "${IMAGES:-8192}" ${decoders[@]+"${decoders[@]}"}
   bench bench/gpu_train.py --n-train "${TRAIN_ROWS:-131072}"
 fi
 if ((${#failed[@]})); then

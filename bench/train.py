@@ -324,6 +324,8 @@ def parts(kind: str, x_train: np.ndarray, device: str = "cpu", reps: int = 5,
     z = (x - ours.mean) / ours.std
     m = cfg.model
     kk = max(m.k, m.multik) if kind == "topk" else m.k * cfg.batch_size
+    # the original's own top-k calls: k, the multi-k 4k and the aux-k of the TopK loop
+    orig_ks = (m.k, m.multik, m.aux_k) if kind == "topk" else (kk,)
     opt_r = torch.optim.AdamW(orig.parameters(), lr=cfg.optim.lr)
     sched_r = LambdaLR(opt_r, lambda _: 1.0)
     ours.train()
@@ -338,7 +340,7 @@ def parts(kind: str, x_train: np.ndarray, device: str = "cpu", reps: int = 5,
     def topk_orig():
         with torch.no_grad():
             if kind == "topk":
-                return pre.topk(kk, dim=-1)
+                return [pre.topk(k_, dim=-1) for k_ in orig_ks]
             return pre.clamp_min(0).flatten().topk(kk)
 
     def topk_ours():
@@ -379,12 +381,12 @@ def parts(kind: str, x_train: np.ndarray, device: str = "cpu", reps: int = 5,
     fo, fr = _timed(fwd_ours, device, reps), _timed(fwd_orig, device, reps)
     bo, br = bwd_ms(fwd_ours, ours), bwd_ms(fwd_orig, orig)
     oo, orr = _timed(optim_ours, device, reps), _timed(optim_orig, device, reps)
-    n_topk_orig = 3 if kind == "topk" else 1  # the original runs top-k for k, 4k and aux-k
     rows = [
         ("encoder GEMM", t_gemm, t_gemm),
-        ("top-k", t_topk, t_topk_orig * n_topk_orig),
-        ("decoders + losses (rest of fwd)", fo - t_gemm - t_topk,
-         fr - t_gemm - t_topk_orig * n_topk_orig),
+        ("top-k", t_topk, t_topk_orig),
+        # parts timed apart do not add up exactly: a remainder below 0 is noise, shown as 0
+        ("decoders + losses (rest of fwd)", max(fo - t_gemm - t_topk, 0.0),
+         max(fr - t_gemm - t_topk_orig, 0.0)),
         ("backward (sparse vs dense)", bo, br),
         ("optimizer (fix, clip, AdamW, renorm)", oo, orr),
         ("step (sum)", fo + bo + oo, fr + br + orr),
@@ -395,8 +397,8 @@ def parts(kind: str, x_train: np.ndarray, device: str = "cpu", reps: int = 5,
 def report_parts(rows: list[dict]) -> None:
     print(f"{'model':<11} {'part':<38} {'ours ms':>9} {'orig ms':>9} {'orig/ours':>9}")
     for r in rows:
-        print(f"{r['kind']:<11} {r['part']:<38} {r['ours_ms']:>9.1f} {r['original_ms']:>9.1f} "
-              f"{r['original_ms'] / max(r['ours_ms'], 1e-6):>9.2f}")
+        ratio = f"{r['original_ms'] / r['ours_ms']:>9.2f}" if r["ours_ms"] >= 0.05 else f"{'n/a':>9}"
+        print(f"{r['kind']:<11} {r['part']:<38} {r['ours_ms']:>9.1f} {r['original_ms']:>9.1f} {ratio}")
 
 
 def load_embeddings(args) -> tuple[np.ndarray, np.ndarray, str]:
@@ -428,7 +430,7 @@ def report(rows: list[dict], source: str, prefix: str = "") -> list[str]:
             ok = speed >= goal and s["fvu"] <= o["fvu"] * FVU_SLACK
             lines.append(f"target {prefix}{kind}_speedup{suffix}_at_equal_fvu: {speed:.2f}x (FVU "
                          f"{s['fvu']:.4f} vs {o['fvu']:.4f}) (goal >= {goal:g}x at FVU <= "
-                         f"original) {'PASS' if ok else 'FAIL'}")
+                         f"{FVU_SLACK:g} x original) {'PASS' if ok else 'FAIL'}")
     return lines
 
 
