@@ -514,8 +514,8 @@ def _png(fig) -> bytes:
 
 
 def plots(tables: dict, out: str, nulls: dict | None = None) -> list[str]:
-    """Distributions of max |Spearman| (dashed: the same with shuffled labels, i.e. chance) and
-    novelty: dictionaries side by side, and per level."""
+    """Distributions of the best answer's |Spearman| (dashed: the same with shuffled labels, i.e.
+    chance) and novelty: dictionaries side by side, and per level."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -541,11 +541,11 @@ def plots(tables: dict, out: str, nulls: dict | None = None) -> list[str]:
                        label=f"{name}, labels shuffled (chance)")
         ok = ~np.isnan(rho) & ~np.isnan(nov)
         ax[2].scatter(rho[ok], nov[ok], s=8, alpha=0.5, color=c, label=name)
-    ax[0].set(xlabel="max |Spearman ρ| with any Galaxy Zoo vote fraction", ylabel="density",
+    ax[0].set(xlabel="|Spearman ρ| with the best Galaxy Zoo answer (largest z)", ylabel="density",
               title="Alignment with Galaxy Zoo answers")
     ax[1].set(xlabel="novelty = 1 − adjusted R² (linear fit on all vote fractions)", ylabel="density",
               title="What the votes do not explain")
-    ax[2].set(xlabel="max |Spearman ρ|", ylabel="novelty", title="Per feature", xlim=(0, 1), ylim=(0, 1.02))
+    ax[2].set(xlabel="|Spearman ρ|, best answer", ylabel="novelty", title="Per feature", xlim=(0, 1), ylim=(0, 1.02))
     for a in ax:
         a.legend(fontsize=8)
         a.grid(alpha=0.3)
@@ -555,7 +555,7 @@ def plots(tables: dict, out: str, nulls: dict | None = None) -> list[str]:
     for name, t in nested.items():
         levels = sorted(set(t["level"]))
         fig, ax = plt.subplots(1, 2, figsize=(12, 4), constrained_layout=True)
-        for a, key, label in ((ax[0], "abs_spearman", "max |Spearman ρ|"), (ax[1], "novelty", "novelty = 1 − adjusted R²")):
+        for a, key, label in ((ax[0], "abs_spearman", "|Spearman ρ|, best answer"), (ax[1], "novelty", "novelty = 1 − adjusted R²")):
             data = []
             for lv in levels:
                 v = np.asarray([x for x, l_, fr in zip(t[key], t["level"], t["frequency"]) if l_ == lv and fr > 0], float)
