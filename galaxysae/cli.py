@@ -36,7 +36,7 @@ def _usage() -> str:
 
 def load_job(name: str):
     if name not in JOBS:
-        raise SystemExit(f"galaxysae: unknown job {name!r}\n\n{_usage()}")
+        raise SystemExit(f"galaxysae: unknown job {config.redact(name)!r}\n\n{_usage()}")
     return importlib.import_module(JOBS[name][0])
 
 

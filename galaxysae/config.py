@@ -27,7 +27,19 @@ _URL_USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][\w+.-]*://)[^/@\s]+@")
 
 
 class ConfigError(ValueError):
-    """A config key is unknown, missing or of the wrong type. The message names key and source."""
+    """A config key is unknown, missing or of the wrong type. The message names key and source.
+
+    The message is redacted as it is made: it quotes the value at fault, and a URL's
+    ``user:password@`` would otherwise reach the terminal, a Ray job's log or a traceback.
+    """
+
+    def __init__(self, message: str = "") -> None:
+        super().__init__(redact(str(message)))
+
+
+def _shown(value: Any, key: str = "") -> str:
+    """A value as an error message quotes it: repr'd, secrets redacted (see :func:`redact`)."""
+    return repr(redact(value, key))
 
 
 # ----------------------------------------------------------------------------- type coercion
@@ -72,7 +84,7 @@ def _from_text(text: str, tp: Any, key: str, source: str) -> Any:
             return True
         if low in ("0", "false", "no", "off"):
             return False
-        raise ConfigError(f"{source}: key '{key}' expects true/false, got {text!r}")
+        raise ConfigError(f"{source}: key '{key}' expects true/false, got {_shown(text, key)}")
     if _origin(tp) in (list, tuple):
         (item_tp, *_) = typing.get_args(tp) or (str,)
         stripped = text.strip()
@@ -80,7 +92,8 @@ def _from_text(text: str, tp: Any, key: str, source: str) -> Any:
             try:
                 value = json.loads(stripped)
             except json.JSONDecodeError as exc:
-                raise ConfigError(f"{source}: key '{key}' expects a list, got {text!r} ({exc})") from None
+                raise ConfigError(f"{source}: key '{key}' expects a list, got {_shown(text, key)} "
+                                  f"({exc})") from None
             return _check(value, tp, key, source)
         items = [t.strip() for t in stripped.split(",") if t.strip()]
         return [_from_text(t, item_tp, key, source) for t in items]
@@ -93,13 +106,13 @@ def _from_text(text: str, tp: Any, key: str, source: str) -> Any:
     return _check(text, tp, key, source)
 
 
-def _check(value: Any, tp: Any, key: str, source: str) -> Any:
-    """Check (and losslessly convert) a TOML/JSON value against ``tp``."""
+def _check(value: Any, tp: Any, key: str, source: str, cli: frozenset = frozenset()) -> Any:
+    """Check (and losslessly convert) a TOML/JSON value against ``tp`` (``cli``: see from_dict)."""
     opt, inner = _is_optional(tp)
     if opt:
-        return None if value is None else _check(value, inner, key, source)
+        return None if value is None else _check(value, inner, key, source, cli)
     bad = ConfigError(
-        f"{source}: key '{key}' expects {_type_name(tp)}, got {type(value).__name__} {value!r}"
+        f"{source}: key '{key}' expects {_type_name(tp)}, got {type(value).__name__} {_shown(value, key)}"
     )
     if tp is Any:
         return value
@@ -138,7 +151,7 @@ def _check(value: Any, tp: Any, key: str, source: str) -> Any:
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise bad
-        return from_dict(tp, value, source, prefix=key + ".")
+        return from_dict(tp, value, source, prefix=key + ".", cli=cli)
     raise ConfigError(f"{source}: key '{key}' has an unsupported type {tp!r}")  # pragma: no cover
 
 
@@ -150,15 +163,20 @@ def _fields(cls: type) -> dict[str, tuple[dataclasses.Field, Any]]:
     return {f.name: (f, hints[f.name]) for f in dataclasses.fields(cls) if f.init}
 
 
-def from_dict(cls: type, data: dict, source: str = "config", prefix: str = "") -> Any:
-    """Build ``cls`` from a nested dict, strictly: every key must be a field of the right type."""
+def from_dict(cls: type, data: dict, source: str = "config", prefix: str = "",
+              cli: frozenset = frozenset()) -> Any:
+    """Build ``cls`` from a nested dict, strictly: every key must be a field of the right type.
+
+    ``cli`` holds the dotted keys whose values came from the command line (the rest from
+    ``source``): a ``validate()`` error about one of them names the command line, not the file.
+    """
     fields = _fields(cls)
     kwargs = {}
     for key, value in data.items():
         if key not in fields:
             known = ", ".join(prefix + k for k in fields)
             raise ConfigError(f"{source}: unknown key '{prefix}{key}' (known keys: {known})")
-        kwargs[key] = _check(value, fields[key][1], prefix + key, source)
+        kwargs[key] = _check(value, fields[key][1], prefix + key, source, cli)
     try:
         obj = cls(**kwargs)
     except TypeError as exc:  # a required field is missing
@@ -168,8 +186,31 @@ def from_dict(cls: type, data: dict, source: str = "config", prefix: str = "") -
         try:
             validate()
         except (ValueError, TypeError) as exc:
-            raise ConfigError(f"{source}: {exc}") from None
+            raise ConfigError(f"{_blame(str(exc), list(fields), prefix, source, cli)}: {exc}") from None
     return obj
+
+
+def _named_keys(message: str, names: list[str], prefix: str) -> list[str]:
+    """The fields a validate() message is about: those it quotes as ``key 'X'`` (the convention),
+    else those it names as a word ("image_size must be >= 16")."""
+    quoted = {q.removeprefix(prefix) for q in re.findall(r"key '([\w.-]+)'", message)}
+    named = [n for n in names if n in quoted]
+    return named or [n for n in names
+                     if re.search(rf"(?<![\w.-]){re.escape(n)}(?![\w-])", message)]
+
+
+def _blame(message: str, names: list[str], prefix: str, source: str, cli: frozenset) -> str:
+    """Where the value a validate() error is about came from: ``--KEY on the command line`` for
+    keys set there (a user who typed ``--n_train 0`` is not sent to look in the TOML file),
+    both when the error names keys from either place, else ``source``."""
+    named = _named_keys(message, names, prefix)
+    flags = [f"--{prefix}{n}" for n in named if prefix + n in cli]
+    if not flags:
+        return source
+    where = ", ".join(flags) + " on the command line"
+    if len(flags) < len(named) and source != "command line":
+        where = f"{source} and {where}"
+    return where
 
 
 def to_dict(cfg: Any) -> dict:
@@ -242,7 +283,7 @@ def parse_args(cls: type, argv: list[str], prog: str = "galaxysae", preprocess=N
     while i < len(argv):
         arg = argv[i]
         if not arg.startswith("--"):
-            raise ConfigError(f"command line: unexpected argument {arg!r} (expected --key value)")
+            raise ConfigError(f"command line: unexpected argument {_shown(arg)} (expected --key value)")
         key, eq, inline = arg[2:].partition("=")
         if key == "config":
             value = inline if eq else (argv[i + 1] if i + 1 < len(argv) else None)
@@ -277,7 +318,7 @@ def parse_args(cls: type, argv: list[str], prog: str = "galaxysae", preprocess=N
         overrides.append((key, _from_text(text, tp, key, "command line")))
     for key, value in overrides:
         _set_dotted(data, key, value)
-    return from_dict(cls, data, source)
+    return from_dict(cls, data, source, cli=frozenset(key for key, _ in overrides))
 
 
 # ----------------------------------------------------------------------------- writing
@@ -296,13 +337,20 @@ def redact(value: Any, key: str = "") -> Any:
     return value
 
 
+def _toml_string(v: str) -> str:
+    """A TOML basic string. JSON's escapes are TOML's, but not all of JSON: ``ensure_ascii``
+    would write a character beyond the BMP (an emoji) as a surrogate pair, which TOML rejects,
+    so non-ASCII stays as it is (the file is UTF-8); TOML also wants DEL escaped, JSON does not."""
+    return json.dumps(v, ensure_ascii=False).replace("\x7f", "\\u007f")
+
+
 def _toml_value(v: Any) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, (int, float)):
         return repr(v)
     if isinstance(v, str):
-        return json.dumps(v)
+        return _toml_string(v)
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
     raise TypeError(f"cannot write {type(v).__name__} to TOML")
@@ -360,7 +408,7 @@ def absolute_paths(cfg: Any, inputs: tuple[str, ...] = (), outputs: tuple[str, .
         path = storage.local_path(value)
         if key in outputs and not os.path.isabs(path) and _RAY_WORKING_DIR_COPY in cwd + "/":
             raise ConfigError(
-                f"'{key}' = {value!r} is a relative path, and this job runs in Ray's temporary copy "
+                f"'{key}' = {_shown(value, key)} is a relative path, and this job runs in Ray's temporary copy "
                 f"of the uploaded working dir ({cwd}), which Ray deletes: give an s3:// URL or an "
                 "absolute path on storage that every node of the cluster sees")
         return os.path.abspath(path)
@@ -373,5 +421,7 @@ def absolute_paths(cfg: Any, inputs: tuple[str, ...] = (), outputs: tuple[str, .
 
 
 def exit_on_error(exc: ConfigError) -> typing.NoReturn:
-    print(f"galaxysae: config error: {exc}", file=sys.stderr)
+    """Print the error and exit 2. Redacted once more here: the last place before the terminal
+    (and a job's log) where a credential in a URL quoted by some message can be caught."""
+    print(f"galaxysae: config error: {redact(str(exc))}", file=sys.stderr)
     raise SystemExit(2)

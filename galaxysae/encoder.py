@@ -20,7 +20,8 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EncoderInfo", "describe", "load", "embed", "resolve_device", "resolve_precision", "EncodeBatch"]
+__all__ = ["EncoderInfo", "StageIncomplete", "check_stage_complete", "describe", "load", "embed",
+           "resolve_device", "resolve_precision", "EncodeBatch"]
 
 STAND_IN_KEY = "galaxysae_stand_in"
 STAGE_FILE = "galaxysae_stage.json"  # written by `galaxysae stage` beside a copied encoder
@@ -60,6 +61,20 @@ def _read_json(path: Path) -> dict:
         return {}
 
 
+class StageIncomplete(RuntimeError):
+    """A ``galaxysae stage`` copy was interrupted: its files are a mix of two revisions."""
+
+
+def check_stage_complete(manifest: dict, url: str) -> None:
+    """Refuse a staged copy whose manifest names a ``pending_revision``: the stage that wrote it
+    stopped part way, so the files are neither the old revision nor the new one, and recording
+    either as the provenance of embeddings made from them would be wrong."""
+    if manifest.get("pending_revision"):
+        raise StageIncomplete(
+            f"stage of {url} is incomplete (revision {manifest['pending_revision']} was being "
+            "copied when it stopped): rerun galaxysae stage")
+
+
 def describe(name: str, pretrained: bool = True) -> tuple[str, dict, str]:
     """(revision, config.json contents, stand-in text) for an encoder name, before loading."""
     if name.startswith("hf_hub:"):
@@ -71,6 +86,7 @@ def describe(name: str, pretrained: bool = True) -> tuple[str, dict, str]:
             raise FileNotFoundError(f"encoder {name}: folder {folder} does not exist")
         cfg = _read_json(folder / "config.json")
         staged = _read_json(folder / STAGE_FILE)
+        check_stage_complete(staged, str(folder))
         revision = staged.get("revision") or "local"
         if staged.get("source"):
             revision = f"{staged['source']}@{revision}"

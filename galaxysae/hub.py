@@ -28,6 +28,8 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from galaxysae.config import redact
+
 log = logging.getLogger(__name__)
 
 ENCODER_REPO = "mwalmsley/zoobot-encoder-euclid"
@@ -55,11 +57,11 @@ class Config:
             # No silent default to ~/.cache/huggingface: a stand-in does not belong in a real cache.
             raise ValueError("key 'hf_home' is required (a folder for the offline cache, then export HF_HOME=it)")
         if "://" in self.dataset:
-            raise ValueError(f"key 'dataset' must be a local folder, got {self.dataset!r}")
+            raise ValueError(f"key 'dataset' must be a local folder, got {redact(self.dataset)!r}")
         for key in ("encoder_repo", "dataset_repo"):
             value = getattr(self, key)
             if value.count("/") != 1 or not all(value.split("/")):
-                raise ValueError(f"key '{key}' must look like 'owner/name', got {value!r}")
+                raise ValueError(f"key '{key}' must look like 'owner/name', got {redact(value)!r}")
 
 
 def repo_folder(hf_home: str | os.PathLike, repo_id: str, repo_type: str) -> Path:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import json
 import logging
 import os
 import posixpath
@@ -30,15 +31,25 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from galaxysae import storage
+from galaxysae.encoder import STAGE_FILE, check_stage_complete
 
 log = logging.getLogger(__name__)
 
 __all__ = ["Shard", "SourceError", "resolve", "shards_at", "hf_repo", "hf_root", "hf_snapshot",
-           "hf_offline", "hub_error", "dataset_revision", "localize_encoder", "encoder_cache_dir"]
+           "hf_offline", "hub_error", "dataset_revision", "staged_revision", "localize_encoder",
+           "encoder_cache_dir"]
 
 
 class SourceError(ValueError):
-    """A dataset source cannot be resolved; the message names the source, config and split."""
+    """A dataset source cannot be resolved; the message names the source, config and split.
+
+    Redacted as it is made: it quotes the dataset URL, whose ``user:password@`` would otherwise
+    reach a traceback or a job's log."""
+
+    def __init__(self, message: str = "") -> None:
+        from galaxysae import config
+
+        super().__init__(config.redact(str(message)))
 
 
 @dataclass(frozen=True)
@@ -257,11 +268,41 @@ def resolve(dataset: str, config: str = "default", splits: list[str] | tuple = (
 
 
 def dataset_revision(shards: list[Shard]) -> str:
-    """The Hub commit the shards come from ('' for a local directory or an s3:// prefix)."""
+    """The Hub commit the shards come from: pinned in an hf:// URL, the offline cache's snapshot
+    folder, or the manifest of a ``galaxysae stage`` copy (local or s3://); '' for a directory or
+    prefix that is none of these. A stage that did not finish is refused here, before any work."""
     url = shards[0].url if shards else ""
     m = (re.match(r"hf://datasets/[^/]+/[^/@]+@([^/]+)/", url)
          or re.search(r"/snapshots/([0-9a-f]{40})/", url))  # the offline cache's layout
-    return m.group(1) if m else ""
+    if m:
+        return m.group(1)
+    return staged_revision(_dataset_root(shards[0])) if shards else ""
+
+
+def _dataset_root(shard: Shard) -> str:
+    """The dataset root a shard was found under: its URL less its relative path."""
+    return shard.url[: -len(shard.rel)].rstrip("/") if shard.url.endswith("/" + shard.rel) else ""
+
+
+def staged_revision(root: str) -> str:
+    """The revision ``galaxysae stage`` recorded at ``root`` ('' when it was not staged)."""
+    if not root:
+        return ""
+    url = storage.join(root, STAGE_FILE)
+    if not storage.exists(url):
+        return ""
+    manifest = _manifest(storage.read_bytes(url), url)
+    check_stage_complete(manifest, root)
+    return str(manifest.get("revision") or "")
+
+
+def _manifest(data: bytes, url: str) -> dict:
+    """A stage manifest's contents; one that does not parse is refused, not read as unstaged."""
+    try:
+        manifest = json.loads(data)
+    except ValueError as exc:
+        raise SourceError(f"{url}: not a readable stage manifest ({exc}): rerun galaxysae stage") from None
+    return manifest if isinstance(manifest, dict) else {}
 
 
 def shards_at(root: str, what: str, config: str, splits: list[str]) -> list[Shard]:
@@ -293,8 +334,10 @@ def localize_encoder(name: str, cache: str | None = None) -> str:
         return name
     # keyed on what the stage recorded (revision, each file's blob id) too: a node that fetched
     # an earlier stage to this prefix does not keep using those weights
-    stage_url = storage.join(url, "galaxysae_stage.json")
+    stage_url = storage.join(url, STAGE_FILE)
     stamp = storage.read_bytes(stage_url) if storage.exists(stage_url) else b""
+    if stamp:
+        check_stage_complete(_manifest(stamp, stage_url), url)  # before fetching a mix of revisions
     target = encoder_cache_dir(cache) / hashlib.sha256(url.encode() + b"\0" + stamp).hexdigest()[:16]
     if (target / "config.json").is_file():
         return f"local-dir:{target}"

@@ -8,10 +8,12 @@ Compute nodes without internet (common on HPC) then run ``embed`` from the stage
 
 The dataset keeps its Hub layout (README.md with its configs header, ``data/...`` shards); the
 encoder folder keeps timm's files. Each holds ``galaxysae_stage.json`` (source, revision, which
-embed records as the encoder's provenance, and each file's Hub blob id). Each file is written
-atomically (temp + rename on disk; S3 uploads appear only when complete) and a file already
-there from the same blob is skipped, so a rerun after a crash finishes the copy and a restage
-of a newer revision replaces every file that changed, even one of the same size.
+embed records as the dataset's and the encoder's provenance, and each file's Hub blob id). Each
+file is written atomically (temp + rename on disk; S3 uploads appear only when complete) and a
+file already there from the same blob is skipped, so a rerun after a crash finishes the copy and
+a restage of a newer revision replaces every file that changed, even one of the same size, and
+removes those the new revision does not have. Until a copy is complete its manifest names a
+``pending_revision`` instead of a ``revision``, and embed refuses it.
 """
 
 from __future__ import annotations
@@ -48,9 +50,10 @@ class Config:
         if not self.output:
             raise ValueError("key 'output' is required (a shared folder or s3:// prefix)")
         if self.dataset and not self.dataset.startswith("hf://datasets/"):
-            raise ValueError(f"key 'dataset' must be hf://datasets/OWNER/NAME, got {self.dataset!r}")
+            raise ValueError("key 'dataset' must be hf://datasets/OWNER/NAME, got "
+                             f"{config.redact(self.dataset)!r}")
         if self.encoder and not self.encoder.startswith("hf_hub:"):
-            raise ValueError(f"key 'encoder' must be hf_hub:OWNER/NAME, got {self.encoder!r}")
+            raise ValueError(f"key 'encoder' must be hf_hub:OWNER/NAME, got {config.redact(self.encoder)!r}")
 
 
 def _same_size(src: Path, dest: str) -> bool:
@@ -76,11 +79,17 @@ def read_manifest(dest_root: str) -> dict:
     return json.loads(storage.read_bytes(url)) if storage.exists(url) else {}
 
 
+def is_staged(src: Path, dest: str, staged: str) -> bool:
+    """Whether ``dest`` already holds ``src``: ``staged``, the blob id a previous stage recorded
+    for it, is this file's, and the size matches (a size alone would pass a new revision's
+    weights of the old ones' size)."""
+    return staged == blob_id(src) and _same_size(src, dest)
+
+
 def copy_file(src: Path, dest: str, overwrite: bool = False, staged: str = "") -> bool:
-    """Copy one local file to a local path or s3:// URL atomically; False when skipped: the
-    destination holds the same content (``staged``, the blob id a previous stage recorded for
-    it, is this file's, and the size matches)."""
-    if not overwrite and staged == blob_id(src) and _same_size(src, dest):
+    """Copy one local file to a local path or s3:// URL atomically; False when skipped because
+    the destination holds the same content (:func:`is_staged`)."""
+    if not overwrite and is_staged(src, dest, staged):
         return False
     if storage.is_remote(dest):
         fs, path = storage.fsspec_fs(dest)
@@ -97,30 +106,65 @@ def copy_file(src: Path, dest: str, overwrite: bool = False, staged: str = "") -
     return True
 
 
+def stale_files(before: dict, files: dict[str, str], snapshot: Path, rels: list[str],
+                dest_root: str) -> list[str]:
+    """Files a previous stage left that are not this snapshot's: on a revision change (or after
+    an interrupted stage, whose manifest names no revision), every listed file that is not in the
+    new copy and not, blob for blob, in the new snapshot. Kept, they would sit under the new
+    revision's name: a re-sharded dataset would be read as both sets of shards."""
+    if before.get("revision") == snapshot.name:
+        return []  # complete and of this revision: every listed file is this revision's
+    if before and "files" not in before:
+        raise ValueError(
+            f"{storage.join(dest_root, STAGE_FILE)} names revision {before.get('revision')!r} but "
+            f"lists no files (an earlier galaxysae wrote it), so a restage of {snapshot.name} cannot "
+            "tell which of its files are stale: stage to a new folder, or delete this one first")
+    keep = set(rels)
+    return sorted(rel for rel, blob in files.items() if rel not in keep
+                  and not ((snapshot / rel).is_file() and blob_id(snapshot / rel) == blob))
+
+
 def copy_tree(snapshot: Path, rels: list[str], dest_root: str, source: str, overwrite: bool) -> int:
     """Copy ``rels`` of a Hub snapshot under ``dest_root``, keeping ``galaxysae_stage.json`` (source,
     revision, each file's blob id) up to date after every file copied: what a restage compares (a
     new revision's weights can have the old ones' size; a crashed stage's rerun skips the files
-    it finished) and what a node's local copy of an S3-staged encoder is keyed on. -> files copied."""
+    it finished) and what a node's local copy of an S3-staged encoder is keyed on. -> files copied.
+
+    The manifest names a ``revision`` only once every file of it is in place. While files change
+    it names ``pending_revision`` instead, which readers refuse: files are copied in sorted order,
+    so a restage killed while uploading model.safetensors has the new config.json over the old
+    weights, and an embed run must not record the new revision for them."""
     before = read_manifest(dest_root)
     files = dict(before.get("files", {}))
     if "files" not in before and before.get("revision") == snapshot.name:
         # staged by an earlier version from this very revision: the same size is the same file
         files = {rel: blob_id(snapshot / rel) for rel in rels if _same_size(snapshot / rel, storage.join(dest_root, rel))}
 
-    def record() -> None:
-        info = {"source": source, "revision": snapshot.name, "files": dict(sorted(files.items()))}
+    def record(done: bool) -> None:
+        info = {"source": source, "revision" if done else "pending_revision": snapshot.name,
+                "files": dict(sorted(files.items()))}
         storage.write_bytes(storage.join(dest_root, STAGE_FILE), json.dumps(info, indent=2).encode())
 
-    copied = 0
-    for rel in rels:
-        if copy_file(snapshot / rel, storage.join(dest_root, rel), overwrite, files.get(rel, "")):
-            copied += 1
-            files[rel] = blob_id(snapshot / rel)
-            record()
+    stale = stale_files(before, files, snapshot, rels, dest_root)
+    todo = [rel for rel in rels if overwrite
+            or not is_staged(snapshot / rel, storage.join(dest_root, rel), files.get(rel, ""))]
+    if stale or todo:
+        record(done=False)  # before the first change: a crash from here on leaves it pending
+    if stale:
+        log.warning("%s: removing %d file(s) of the revision staged before (%s), not in %s",
+                    dest_root, len(stale), before.get("revision") or "an interrupted stage",
+                    snapshot.name)
+    for rel in stale:
+        storage.remove(storage.join(dest_root, rel))
+        del files[rel]
+        record(done=False)
+    for rel in todo:
+        copy_file(snapshot / rel, storage.join(dest_root, rel), overwrite=True)
+        files[rel] = blob_id(snapshot / rel)
+        record(done=False)
     files.update({rel: blob_id(snapshot / rel) for rel in rels})
-    record()
-    return copied
+    record(done=True)
+    return len(todo)
 
 
 def stage_dataset(cfg: Config) -> str:
@@ -157,6 +201,9 @@ def stage_encoder(cfg: Config) -> str:
 
 
 def run(cfg: Config) -> dict:
+    # run by `ray job submit`, a relative output would land in Ray's temporary copy of the
+    # working dir, which Ray deletes: refused there; resolved against the cwd elsewhere
+    cfg = config.absolute_paths(cfg, outputs=("output",))
     out: dict = {}
     if cfg.dataset:
         out["dataset"] = stage_dataset(cfg)

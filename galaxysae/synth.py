@@ -589,6 +589,9 @@ def _workers(cfg: Config, n_rows: int) -> int:
 
 def run(cfg: Config) -> dict:
     """Write the dataset under ``cfg.out``. Finished shards are kept; -> summary dict."""
+    # run by `ray job submit`, a relative --out would land in Ray's temporary copy of the
+    # working dir, which Ray deletes: refused there; resolved against the cwd elsewhere
+    cfg = config.absolute_paths(cfg, outputs=("out",))
     _check_existing(cfg)
     storage.makedirs(cfg.out)
     config.save(cfg, cfg.out)

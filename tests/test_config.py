@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,6 +94,85 @@ def test_saved_config_round_trips_and_redacts(tmp_path):
     data = tomllib.loads(text)
     back = config.from_dict(Job, data, target)
     assert dataclasses.replace(back, output=cfg.output) == cfg
+
+
+def test_saved_config_round_trips_characters_toml_escapes_differently_from_json(tmp_path):
+    """An emoji (beyond the BMP: JSON's ASCII escape is a surrogate pair, which TOML rejects), a
+    control character and DEL (which TOML wants escaped and JSON does not) load back as saved."""
+    output = "results/🌌 galaxies\x01\x7f\ttabbed \"quoted\" \\ é"
+    cfg = config.parse_args(Job, ["--output", output])
+    target = config.save(cfg, str(tmp_path))
+    back = config.from_dict(Job, tomllib.loads(Path(target).read_text(encoding="utf-8")), target)
+    assert back == cfg and back.output == output
+
+
+@dataclass
+class Secrets:
+    dataset: str = ""
+    hf_token: int = 0
+    resume: bool = False
+    parts: list[str] = field(default_factory=list)
+
+
+@pytest.mark.parametrize("job,argv,key,secret", [
+    ("stage", ["--dataset", "https://user:hf_SECRETTOKEN@huggingface.co/datasets/x"], "dataset",
+     "hf_SECRETTOKEN"),
+    ("hub", ["--hf_home", "HF", "--dataset", "s3://AKIAXXX:SECRETKEY@bucket/ds"], "dataset", "SECRETKEY"),
+    ("synth", ["--out", "OUT", "--n_train", "s3://AKIAXXX:SECRETKEY@bucket/n"], "n_train", "SECRETKEY"),
+])
+def test_a_credential_in_a_url_is_not_echoed_by_a_config_error(tmp_path, job, argv, key, secret):
+    """The error names the key at fault and shows the value, less its user:password@."""
+    argv = [a.replace("HF", str(tmp_path / "hf")).replace("OUT", str(tmp_path / "out")) for a in argv]
+    if job == "stage":
+        argv += ["--output", str(tmp_path / "staged")]
+    proc = subprocess.run([sys.executable, "-m", "galaxysae", job, *argv], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert f"key '{key}'" in proc.stderr and "://***@" in proc.stderr
+    assert secret not in proc.stderr + proc.stdout
+    assert not any(tmp_path.iterdir())  # refused before any work
+
+
+@pytest.mark.parametrize("argv,shown", [
+    (["--hf_token", "hf_hunter2"], "got str '***'"),  # a secret-looking key: all of its value
+    (["--resume", "s3://k:hunter2@b/x"], "got 's3://***@b/x'"),
+    (["--parts", "[s3://k:hunter2@b/x"], "got '[s3://***@b/x'"),
+    (["s3://k:hunter2@b/x"], "argument 's3://***@b/x'"),
+])
+def test_every_message_that_quotes_a_value_redacts_it(argv, shown):
+    with pytest.raises(ConfigError) as err:
+        config.parse_args(Secrets, argv)
+    assert shown in str(err.value) and "hunter2" not in str(err.value)
+    with pytest.raises(ConfigError) as err:  # from a TOML file
+        config.from_dict(Secrets, {"dataset": ["s3://k:hunter2@b/x"]}, "f.toml")
+    assert "['s3://***@b/x']" in str(err.value) and "hunter2" not in str(err.value)
+
+
+def test_exit_on_error_redacts_what_a_message_still_carries(capsys):
+    """The last line of defence: an error whose text was set past the redacting constructor."""
+    exc = ConfigError("placeholder")
+    exc.args = ("f.toml: key 'dataset' got 's3://AKIAXXX:SECRETKEY@bucket/ds'",)
+    with pytest.raises(SystemExit) as stop:
+        config.exit_on_error(exc)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "SECRETKEY" not in err and "key 'dataset'" in err
+
+
+def test_an_override_at_fault_is_blamed_on_the_command_line_not_the_file(tmp_path):
+    from galaxysae import synth
+
+    demo = str(REPO / "configs" / "demo" / "synth.toml")
+    with pytest.raises(ConfigError) as err:
+        config.parse_args(synth.Config, ["--config", demo, "--out", "x", "--n_train", "0"])
+    assert str(err.value).startswith("--n_train on the command line: key 'n_train' must be >= 1")
+    assert "synth.toml" not in str(err.value)
+    path = write(tmp_path, "k = 3\n")
+    with pytest.raises(ConfigError, match=r"^--k on the command line: k must be positive"):
+        config.parse_args(Job, ["--config", path, "--k=-2"])
+    # the file's own value at fault still names the file, with other keys overridden
+    path = write(tmp_path, "k = -1\n")
+    with pytest.raises(ConfigError, match=rf"^{path}: k must be positive"):
+        config.parse_args(Job, ["--config", path, "--limit", "3", "--optim.lr", "1"])
 
 
 @dataclass

@@ -91,6 +91,14 @@ def test_never_overwrites_a_real_cached_repo(synth_dataset, tmp_path):
     assert (real / "refs" / "main").read_text() == "a" * 40
 
 
+def test_a_credential_in_a_url_is_not_echoed():
+    for cfg in (hub.Config(hf_home="h", dataset="s3://AKIAXXX:SECRETKEY@bucket/ds"),
+                hub.Config(hf_home="h", dataset="d", dataset_repo="https://u:SECRETKEY@hf.co/x")):
+        with pytest.raises(ValueError) as err:
+            cfg.validate()
+        assert "SECRETKEY" not in str(err.value) and "://***@" in str(err.value)
+
+
 def test_bad_dataset_folder_is_named(tmp_path):
     with pytest.raises(ValueError, match=str(tmp_path / "nothing")):
         hub.build_offline_cache(tmp_path / "hf", tmp_path / "nothing")

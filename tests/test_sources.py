@@ -3,6 +3,7 @@ against a stand-in Hub in test_embed.py)."""
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -19,6 +20,22 @@ def test_hub_names_take_revisions_with_slashes():
     for bad in ("hf://datasets/gz_euclid", "hf://models/a/b", "hf://datasets/a/b@"):
         with pytest.raises(sources.SourceError, match="expected hf://datasets/OWNER/NAME"):
             sources.hf_repo(bad)
+
+
+def test_a_credential_in_a_dataset_url_is_not_echoed(tmp_path):
+    for bad in ("https://user:hf_SECRET@huggingface.co/datasets/x", "s3://AKIA:SECRET@bucket/gz"):
+        with pytest.raises(sources.SourceError) as err:
+            sources.hf_repo(bad)
+        assert "SECRET" not in str(err.value) and "://***@" in str(err.value)
+
+
+def test_a_staged_copy_gives_the_revision_it_was_staged_from(synth_dataset, tmp_path):
+    """A dataset copied by `galaxysae stage` has no commit in its path: its manifest holds it."""
+    copy = tmp_path / "gz_euclid"
+    shutil.copytree(synth_dataset, copy)
+    (copy / "galaxysae_stage.json").write_text(json.dumps(
+        {"source": "hf://datasets/mwalmsley/gz_euclid", "revision": "c" * 40, "files": {}}))
+    assert sources.dataset_revision(sources.resolve(str(copy))) == "c" * 40
 
 
 def test_a_copy_missing_a_shard_is_refused_naming_it(synth_dataset, tmp_path):

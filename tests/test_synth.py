@@ -251,6 +251,19 @@ def test_misspelt_key_fails_before_any_work(tmp_path):
     assert not (tmp_path / "never").exists()
 
 
+def test_a_relative_out_in_a_ray_job_working_dir_copy_is_refused(tmp_path, monkeypatch):
+    """Under `ray job submit` the job runs in Ray's temporary copy of the working dir, which Ray
+    deletes: a relative --out stops it at once (README), nothing is written there."""
+    from galaxysae.config import ConfigError
+
+    copy = tmp_path / "session_x" / "runtime_resources" / "working_dir_files" / "_ray_pkg_0123"
+    copy.mkdir(parents=True)
+    monkeypatch.chdir(copy)
+    with pytest.raises(ConfigError, match=r"'out' = 'demo/gz_euclid' is a relative path"):
+        synth.run(synth.Config(out="demo/gz_euclid", n_train=8, n_test=0, image_size=32, workers=1))
+    assert not any(copy.iterdir())
+
+
 def test_bad_values_are_rejected_by_name():
     from galaxysae.config import ConfigError, parse_args
 
