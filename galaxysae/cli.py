@@ -40,6 +40,13 @@ def load_job(name: str):
     return importlib.import_module(JOBS[name][0])
 
 
+class _Redacting(logging.Formatter):
+    """Log lines (tracebacks included) with credentials replaced (:func:`config.redact_text`)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return config.redact_text(super().format(record))
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -47,9 +54,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     name, rest = argv[0], argv[1:]
     module = load_job(name)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Redacting("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler])  # no-op where logging is set up
+    sys.excepthook = _redacting_excepthook  # the job ends with an error nobody caught
     try:
         cfg = config.parse_args(
             module.Config, rest, prog=f"galaxysae {name}",
@@ -59,6 +67,13 @@ def main(argv: list[str] | None = None) -> int:
     except config.ConfigError as exc:
         config.exit_on_error(exc)
     return result if isinstance(result, int) else 0
+
+
+def _redacting_excepthook(kind, exc, tb) -> None:
+    """An uncaught exception's traceback as Python prints it, less the credentials it may quote."""
+    import traceback
+
+    print(config.redact_text("".join(traceback.format_exception(kind, exc, tb))), file=sys.stderr, end="")
 
 
 if __name__ == "__main__":

@@ -337,6 +337,23 @@ def redact(value: Any, key: str = "") -> Any:
     return value
 
 
+# environment variables whose values are credentials: never printed, whatever message quotes them
+SECRET_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+              "RAY_AUTH_TOKEN")
+
+
+def redact_text(text: str) -> str:
+    """Free text (a log line, a traceback) with URL credentials and the values of the
+    credential variables of :data:`SECRET_ENV` replaced by ``***``: what a library's exception
+    may quote (an s3fs error naming a URL with user:password@, a request echoing a token)."""
+    text = _URL_USERINFO.sub(r"\g<scheme>***@", text)
+    for name in SECRET_ENV:
+        value = os.environ.get(name, "")
+        if len(value) >= 8:  # a short value would blank out common words
+            text = text.replace(value, "***")
+    return text
+
+
 def _toml_string(v: str) -> str:
     """A TOML basic string. JSON's escapes are TOML's, but not all of JSON: ``ensure_ascii``
     would write a character beyond the BMP (an emoji) as a surrogate pair, which TOML rejects,

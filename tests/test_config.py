@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import subprocess
 import sys
 import tomllib
@@ -229,3 +230,24 @@ def test_every_shipped_config_loads_into_its_job(path):
             data[key] = value
     cfg = config.from_dict(module.Config, data, str(path))
     assert config.to_dict(cfg)  # every key known, every value of its type, validate() passed
+
+
+def test_an_uncaught_error_and_log_lines_quote_no_credential(tmp_path):
+    """Past config errors: a job that fails deep inside a library prints Python's traceback, and
+    log lines quote URLs; both pass through the same redaction (URL user:password@ and the
+    values of the credential variables), as a batch log is read by more people than its owner."""
+    import logging
+
+    from galaxysae import cli
+
+    secret = "hf_" + "q7Zr" * 6
+    env = {**os.environ, "HF_TOKEN": secret, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-m", "galaxysae", "atlas", "--results",
+                           str(tmp_path / f"results-{secret}"), "--output", str(tmp_path / "site")],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "Traceback" in proc.stderr, proc.stderr
+    assert "results-***: no dictionary results found" in proc.stderr and secret not in proc.stderr + proc.stdout
+    record = logging.LogRecord("galaxysae.x", logging.INFO, __file__, 1, "reading %s",
+                               ("s3://AKIAEXAMPLE:wJalrXUtnFEMI@bucket/emb",), None)
+    line = cli._Redacting("%(levelname)s %(message)s").format(record)
+    assert line == "INFO reading s3://***@bucket/emb"
