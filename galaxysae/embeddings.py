@@ -7,7 +7,7 @@ Parquet (the embed output contract): ``{root}/{split}/*.parquet`` with columns `
 array [N, D]; its ids are the sibling file with ``embeddings`` replaced by ``ids`` in the name
 (``train_ids.npy``), else ``ids.npy`` beside it, or an explicit ``ids`` path. The test split is
 the file with ``train`` replaced by ``test`` in both names (``test_embeddings.npy`` +
-``test_ids.npy``) when it exists, else a seeded random hold-out.
+``test_ids.npy``) when it exists, else a random hold-out drawn from ``split_seed``.
 
 Every reader checks what it reads: a row with NaN/Inf, a wrong width, a missing or mismatched id
 column is an ``EmbeddingsError`` naming the file and the ids at fault. Nothing is dropped quietly.
@@ -227,8 +227,12 @@ def hold_out(split: Split, fraction: float, seed: int) -> tuple[Split, Split]:
 
 
 def load(path: str, train_split: str, test_split: str, ids: str = "", test_fraction: float = 0.1,
-         seed: int = 0, test_path: str = "", test_ids: str = "") -> tuple[Split, Split]:
-    """(train, test) Splits from the embed output root or a research ``.npy`` file."""
+         split_seed: int = 0, test_path: str = "", test_ids: str = "") -> tuple[Split, Split]:
+    """(train, test) Splits from the embed output root or a research ``.npy`` file.
+
+    ``split_seed`` draws the hold-out of a ``.npy`` file without a test file. It is not the
+    training seed: runs that train with other seeds on the same file must test on the same rows,
+    none of which they trained on."""
     if is_npy(path):
         train = load_npy(path, ids)
         test_path = test_path or test_path_for(path)
@@ -236,7 +240,7 @@ def load(path: str, train_split: str, test_split: str, ids: str = "", test_fract
             test = load_npy(test_path, test_ids, width=train.x.shape[1])
             return train, test
         log.info("%s: no test file beside it; holding out %.0f%% of rows", path, 100 * test_fraction)
-        return hold_out(train, test_fraction, seed)
+        return hold_out(train, test_fraction, split_seed)
     train = load_split(path, train_split)
     test = load_split(path, test_split, width=train.x.shape[1])
     return train, test

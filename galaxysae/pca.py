@@ -9,6 +9,9 @@ Data flow::
         explained_variance.png, scores/test.parquet
 
 The fit streams one embeddings file at a time, so memory is O(D^2) whatever the split size.
+A research ``.npy`` input is read as train reads it (:func:`galaxysae.embeddings.load`: its ids,
+its test file or the hold-out drawn from ``split_seed``), whole, so PCA and an SAE trained on the
+same file with the same keys fit and test on the same rows.
 ``cfg.json`` is written last: it marks a finished artifact, and a rerun skips one.
 """
 
@@ -21,7 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from galaxysae import config, storage
+from galaxysae import config, embeddings, storage
 from galaxysae.activations import read_embeddings
 from galaxysae.dictionary import PCA, PCA_WEIGHTS
 
@@ -32,7 +35,16 @@ log = logging.getLogger(__name__)
 class Config:
     """The PCA baseline: principal components of standardised embeddings, saved like an SAE."""
 
-    embeddings: str = field(default="", metadata={"help": "embed output (dir or s3:// prefix with {split}/*.parquet)"})
+    embeddings: str = field(default="", metadata={"help": (
+        "embed output (dir or s3:// prefix with {split}/*.parquet), or a research .npy [N, D] "
+        "read as train reads it (ids, test_embeddings or a held-out test_fraction)")})
+    ids: str = field(default="", metadata={"help": ".npy input: its ids file (default: beside it)"})
+    test_embeddings: str = field(default="", metadata={
+        "help": ".npy input: its test file (default: found as train finds it)"})
+    test_ids: str = field(default="", metadata={"help": ".npy input: ids of test_embeddings"})
+    test_fraction: float = field(default=0.1, metadata={"help": ".npy input without a test file"})
+    split_seed: int = field(default=0, metadata={
+        "help": ".npy input without a test file: seeds the hold-out, as train's split_seed"})
     output: str = field(default="", metadata={"help": "artifact directory (local or s3://)"})
     n_components: int = field(default=32, metadata={"help": "number of principal components kept"})
     train_split: str = field(default="train", metadata={"help": "split the components are fitted on"})
@@ -48,26 +60,42 @@ class Config:
             raise ValueError(f"key 'n_components' must be >= 1, got {self.n_components}")
 
 
-def fit(embeddings: str, split: str, n_components: int) -> tuple[PCA, int]:
-    """Stream ``{embeddings}/{split}`` and fit; -> (PCA, number of training galaxies)."""
+def inputs(cfg: Config):
+    """(train rows, test rows): functions of the expected width (None: any) that yield
+    ``(source, ids[B], x[B, D])``: per parquet file of the embed output, streamed; or, for a
+    research .npy, the train and test Splits of :func:`embeddings.load`, read once here."""
+    if not embeddings.is_npy(cfg.embeddings):
+        return (lambda d_in=None: read_embeddings(cfg.embeddings, cfg.train_split, d_in=d_in),
+                lambda d_in=None: read_embeddings(cfg.embeddings, cfg.test_split, d_in=d_in))
+    train, test = embeddings.load(cfg.embeddings, cfg.train_split, cfg.test_split, cfg.ids,
+                                  cfg.test_fraction, split_seed=cfg.split_seed,
+                                  test_path=cfg.test_embeddings, test_ids=cfg.test_ids)
+    return (lambda d_in=None: iter([(train.source, train.ids, train.x)]),
+            lambda d_in=None: iter([(test.source, test.ids, test.x)]))
+
+
+def fit(rows, where: str, n_components: int) -> tuple[PCA, int]:
+    """Fit on the ``rows`` (source, ids[B], x[B, D]) of ``where``, one batch at a time;
+    -> (PCA, number of training galaxies)."""
     n, s, xtx = 0, None, None
-    for _, _, x in read_embeddings(embeddings, split):
+    for _, _, x in rows:
         x64 = x.astype(np.float64)
         if s is None:
             s, xtx = np.zeros(x.shape[1]), np.zeros((x.shape[1], x.shape[1]))
         elif x.shape[1] != len(s):
-            raise ValueError(f"{embeddings}/{split}: files disagree on the embedding width")
+            raise ValueError(f"{where}: files disagree on the embedding width")
         n += len(x64)
         s += x64.sum(0)
         xtx += x64.T @ x64
     if n < 2:
-        raise ValueError(f"{embeddings}/{split}: PCA needs at least 2 galaxies, found {n}")
+        raise ValueError(f"{where}: PCA needs at least 2 galaxies, found {n}")
     d = len(s)
     mean = s / n
     cov = (xtx - n * np.outer(mean, mean)) / (n - 1)
     std = np.sqrt(np.clip(np.diag(cov), 0, None))
-    # a constant dimension carries no information: keep it out of the correlation (std := 1)
-    std = np.where(std > 1e-12, std, 1.0)
+    # a constant dimension carries no information: keep it out of the correlation (std := 1),
+    # by the SAE's rule, so both baselines standardise alike
+    std = _safe_std(mean, std)
     corr = cov / np.outer(std, std)
     evals, evecs = np.linalg.eigh(corr)
     order = np.argsort(evals)[::-1][: min(n_components, d)]
@@ -80,8 +108,18 @@ def fit(embeddings: str, split: str, n_components: int) -> tuple[PCA, int]:
     return PCA(comps, mean, std, evals), n
 
 
-def evaluate(pca: PCA, embeddings: str, split: str, scores_url: str | None):
-    """Scores of every galaxy in ``split`` and the FVU using the first k components, k = 1..M.
+def _safe_std(mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+    """:func:`galaxysae.sae.safe_std` on float64 arrays [D]."""
+    import torch
+
+    from galaxysae.sae import safe_std
+
+    return safe_std(torch.from_numpy(mean), torch.from_numpy(std)).numpy()
+
+
+def evaluate(pca: PCA, rows, where: str, scores_url: str | None):
+    """Scores of every galaxy in the ``rows`` (source, ids[B], x[B, D]) of ``where`` and the FVU
+    using the first k components, k = 1..M.
 
     FVU is measured in the standardised space the components live in (the same space the SAE
     reconstructs): sum ||z - z_hat_k||^2 / sum ||z - mean(z)||^2.
@@ -91,7 +129,7 @@ def evaluate(pca: PCA, embeddings: str, split: str, scores_url: str | None):
     m = pca.n_latents
     n, ss_total_raw, z_sum, score_sq = 0, 0.0, None, np.zeros(m)
     tables = []
-    for _, ids, x in read_embeddings(embeddings, split, d_in=pca.d_in):
+    for _, ids, x in rows:
         z = ((x - pca.mean) / pca.std).astype(np.float64)
         scores = z @ pca.components.T.astype(np.float64)
         n += len(z)
@@ -102,7 +140,7 @@ def evaluate(pca: PCA, embeddings: str, split: str, scores_url: str | None):
         tables.append(pa.table({"id_str": pa.array(list(ids), pa.string()),
                                 "scores": pa.FixedSizeListArray.from_arrays(flat, m)}))
     if n == 0:
-        raise ValueError(f"{embeddings}/{split}: no galaxies to evaluate")
+        raise ValueError(f"{where}: no galaxies to evaluate")
     ss_total = ss_total_raw - float((z_sum ** 2).sum()) / n
     residual = ss_total_raw - np.cumsum(score_sq)
     fvu = np.clip(residual / ss_total, 0, None)
@@ -136,18 +174,25 @@ def plot(pca: PCA, test_fvu, url: str) -> None:
     storage.write_bytes(url, buf.getvalue())
 
 
+def _where(cfg: Config, split: str) -> str:
+    """The input named in messages: {embeddings}/{split}, or the .npy file."""
+    return cfg.embeddings if embeddings.is_npy(cfg.embeddings) else f"{cfg.embeddings}/{split}"
+
+
 def run(cfg: Config) -> dict:
     from safetensors.numpy import save as st_save
 
     # Ray Data's read tasks run elsewhere; a relative output in a `ray job submit` copy is refused
-    cfg = config.absolute_paths(cfg, inputs=("embeddings",), outputs=("output",))
+    cfg = config.absolute_paths(cfg, inputs=("embeddings", "ids", "test_embeddings", "test_ids"),
+                                outputs=("output",))
     out = cfg.output.rstrip("/")
     cfg_url = storage.join(out, "cfg.json")
     if storage.exists(cfg_url) and not cfg.overwrite:
         log.info("PCA artifact %s exists: skipping (--overwrite to refit)", out)
         return json.loads(storage.read_bytes(storage.join(out, "metrics.json")))
     storage.check_writable(out)  # wrong credentials / unreachable store: fail before fitting
-    pca, n_train = fit(cfg.embeddings, cfg.train_split, cfg.n_components)
+    train_rows, test_rows = inputs(cfg)
+    pca, n_train = fit(train_rows(), _where(cfg, cfg.train_split), cfg.n_components)
     m = pca.n_latents
     ratio = pca.explained_variance / pca.d_in
     metrics: dict = {
@@ -159,7 +204,7 @@ def run(cfg: Config) -> dict:
     }
     test_fvu = None
     if cfg.test_split:
-        test_fvu, n_test, mse = evaluate(pca, cfg.embeddings, cfg.test_split,
+        test_fvu, n_test, mse = evaluate(pca, test_rows(pca.d_in), _where(cfg, cfg.test_split),
                                          storage.join(out, "scores", f"{cfg.test_split}.parquet"))
         metrics.update({
             "split": cfg.test_split, "n_test": n_test, "fvu": float(test_fvu[-1]), "mse": float(mse),

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["SAEConfig", "SparseAutoencoder", "Output", "fvu"]
+__all__ = ["SAEConfig", "SparseAutoencoder", "Output", "fvu", "safe_std"]
 
 FORMAT_VERSION = 1
 
@@ -117,6 +117,19 @@ class SAEConfig:
         if unknown:
             raise ValueError(f"cfg.json: unknown keys {unknown}")
         return cls(**{k: v for k, v in data.items() if k in names})
+
+
+# A dimension whose std is at most this fraction of its scale, max(1, |mean|), counts as constant.
+CONSTANT_STD = 1e-6
+
+
+def safe_std(mean: Tensor, std: Tensor) -> Tensor:
+    """Per-dimension std [D] to divide by: 1 where a dimension is constant (its std tiny next to
+    its scale, max(1, |mean|)). A constant dimension carries no information; divided by its
+    near-zero std, a jitter of 1e-3 that appears elsewhere (test rows, another encoder run)
+    would become a z of 1000. The SAE and the PCA baseline both standardise with this rule."""
+    tiny = std <= CONSTANT_STD * mean.abs().clamp_min(1.0)
+    return torch.where(tiny, torch.ones_like(std), std)
 
 
 class Output(NamedTuple):
@@ -299,8 +312,9 @@ class SparseAutoencoder(nn.Module):
         """Standardisation stats and input bias from a sample of raw embeddings x[N, D]."""
         x = x.to(self.mean.device, torch.float32)
         if standardize:
-            self.mean.copy_(x.mean(0))
-            self.std.copy_(x.std(0).clamp_min(1e-6))
+            mean = x.mean(0)
+            self.mean.copy_(mean)
+            self.std.copy_(safe_std(mean, x.std(0)))
         z = self.standardize(x)
         if b_pre == "median":
             self.b_pre.copy_(z.median(0).values)
@@ -449,7 +463,10 @@ class SparseAutoencoder(nn.Module):
             aux_vals = aux_vals.view(B, aux_k) * aux_alive
             residual = (z - x_hat).detach()
             aux_hat = self._bag_decode(aux_i, aux_vals, dense)
-            aux = (aux_hat - residual).pow(2).mean()
+            # the path also runs while latents are only near death (_aux_k_now): with none dead,
+            # aux_hat is 0 and the term would be the residual's MSE, logged as loss without a
+            # gradient; aux_alive.any() zeroes it on the device (no host read)
+            aux = (aux_hat - residual).pow(2).mean() * aux_alive.any()
             loss = loss + cfg.aux_coeff * aux
 
         l1 = zero
@@ -459,7 +476,7 @@ class SparseAutoencoder(nn.Module):
 
         l0 = (vals > 0).sum().to(torch.float32) / B
         if self.training:
-            self._update_state(cols, vals, vals if cfg.activation == "batchtopk" else None)
+            self._update_state(cols, vals, pre_ng if cfg.activation == "batchtopk" else None)
         return Output(loss, recon, level_mse, multik, aux, l1, l0, x_hat)
 
     def _aux_k_now(self) -> int:
@@ -492,31 +509,31 @@ class SparseAutoencoder(nn.Module):
                                    *_column_order(flat_cols, self.cfg.n_latents))
 
     @torch.no_grad()
-    def _update_state(self, cols, vals, batch_vals) -> None:
+    def _update_state(self, cols, vals, pre=None) -> None:
         """Dead-latent counters and the BatchTopK threshold from this step's batch: under data
         parallelism the batch of all workers together (a latent that fired on any of them is
-        alive), so every worker holds the same state, as one process on the whole batch would."""
+        alive; the threshold is the cutoff of the top k*B of all their rows), so every worker
+        holds the same state, as one process on the whole batch would. ``cols``/``vals``: the
+        chosen entries; ``pre`` [B, M]: the pre-activations (BatchTopK only)."""
         # vals >= 0: a latent fired when its values sum above zero (no boolean indexing: no sync)
         fired = _counts(cols, self.cfg.n_latents, vals.detach()) > 0
-        batch_min = None
-        if batch_vals is not None:
-            positive = torch.where(batch_vals > 0, batch_vals, torch.full_like(batch_vals, math.inf))
-            batch_min = positive.min()
-        if _data_parallel_world() > 1:  # one MIN all-reduce of [-fired..., batch_min]
+        world = _data_parallel_world()
+        if world > 1:  # one MIN all-reduce of -fired: fired on any worker
             import torch.distributed as dist
 
-            packed = torch.cat([-fired.to(self.threshold.dtype),
-                                (batch_min if batch_min is not None else self.threshold).reshape(1)])
+            packed = -fired.to(self.threshold.dtype)
             dist.all_reduce(packed, op=dist.ReduceOp.MIN)
-            fired = packed[:-1] < 0
-            batch_min = packed[-1] if batch_min is not None else None
+            fired = packed < 0
         self.steps_since_active.add_(1).masked_fill_(fired, 0)
-        if batch_min is not None:
-            batch_min = torch.where(torch.isfinite(batch_min), batch_min, self.threshold)
-            d = self.cfg.threshold_decay
-            first = self.threshold_updates == 0
-            self.threshold.copy_(torch.where(first, batch_min, d * self.threshold + (1 - d) * batch_min))
-            self.threshold_updates.add_(1)
+        if pre is None:
+            return
+        n = self.cfg.k * pre.shape[0]
+        cutoff = _positive_min(vals.detach()) if world == 1 else _global_cutoff(pre, n, world)
+        cutoff = torch.where(torch.isfinite(cutoff), cutoff, self.threshold)
+        d = self.cfg.threshold_decay
+        first = self.threshold_updates == 0
+        self.threshold.copy_(torch.where(first, cutoff, d * self.threshold + (1 - d) * cutoff))
+        self.threshold_updates.add_(1)
 
     @torch.no_grad()
     def remove_parallel_grads(self) -> None:
@@ -645,6 +662,40 @@ def _batch_topk(pre: Tensor, n: int) -> tuple[Tensor, Tensor]:
     thr = vals.kthvalue(idx.numel() - n + 1).values
     keep = vals >= thr if thr > 0 else vals > 0
     return idx[keep], vals[keep]
+
+
+def _positive_min(v: Tensor) -> Tensor:
+    """The smallest positive value of v (inf when none is): the cutoff of a BatchTopK selection,
+    which keeps no value <= 0."""
+    return torch.where(v > 0, v, torch.full_like(v, math.inf)).min()
+
+
+def _top_values(pre: Tensor, n: int) -> Tensor:
+    """The n largest values of pre (any shape) [n], unordered; on CPU from ``_batch_topk``'s
+    sampled selection (zeros where fewer than n are positive: they never count as a cutoff)."""
+    if not _host_paths(pre):
+        return pre.reshape(-1).topk(n, sorted=False).values
+    vals = _batch_topk(pre, n)[1]
+    if vals.numel() > n:  # exact ties at the n-th value
+        return vals.topk(n, sorted=False).values
+    return F.pad(vals, (0, n - vals.numel()))
+
+
+def _global_cutoff(pre: Tensor, n: int, world: int) -> Tensor:
+    """BatchTopK's cutoff over the batch of all ``world`` workers (each with ``pre`` [B, M] and
+    ``n`` = k*B; the workers step with equal batches): the smallest positive value among the
+    top n*world of all their pre-activations, what one process selecting on the whole batch
+    finds. A worker holds at most n*world of them, so each sends its top n*world values (one
+    all_gather, no host read). The minimum of the workers' own cutoffs would be lower: inference
+    would fire more than k latents a sample, far more when the workers' rows differ."""
+    import torch.distributed as dist
+
+    total = n * world
+    local = _top_values(pre, min(total, pre.numel())).contiguous()
+    gathered = [torch.empty_like(local) for _ in range(world)]
+    dist.all_gather(gathered, local)
+    every = torch.cat(gathered)
+    return _positive_min(every.topk(min(total, every.numel()), sorted=False).values)
 
 
 def _regular(idx: Tensor) -> tuple[Tensor, Tensor]:

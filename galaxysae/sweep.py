@@ -75,7 +75,8 @@ class Config:
     num_samples: int = field(default=1, metadata={"help": "random: trials; grid: repeats of the grid"})
     seed: int = field(default=0, metadata={"help": (
         "trial i trains with seed + i (repeats of a grid are replicates, not copies); it also "
-        "seeds random search")})
+        "seeds random search. The rows held out of a .npy input come from the base config's "
+        "split_seed: the same for every trial")})
     epochs: int = field(default=0, metadata={"help": "epochs per trial; 0 = the base config's"})
     max_concurrent_trials: int = field(default=0, metadata={
         "help": "trials running at once; 0: as many as the cluster's nodes hold now"})

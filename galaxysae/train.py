@@ -82,6 +82,10 @@ class Config:
     train_split: str = "train"
     test_split: str = "test"
     test_fraction: float = field(default=0.1, metadata={"help": ".npy input without a test file"})
+    split_seed: int = field(default=0, metadata={"help": (
+        "seeds which rows of a .npy input without a test file are held out (test_fraction); "
+        "apart from seed, so runs of other seeds (a sweep's trials, a later --eval-only of one) "
+        "hold out the same rows")})
     epochs: int = 200
     batch_size: int = field(default=1024, metadata={
         "help": "samples per optimiser step, over all Ray Train workers together"})
@@ -330,16 +334,21 @@ def save_checkpoint(cfg: Config, state: dict, epoch: int) -> str:
     return url
 
 
-# What decides the trained weights. Checkpoints or a finished SAE written with other values are
-# neither resumed nor kept; resources (workers, device, mode) may differ: a resumed job may run
-# on other hardware.
-SETTINGS = ("model", "optim", "epochs", "batch_size", "seed", "train_split")
+# What decides the trained weights: the model and its optimisation, and the rows it trains on
+# (the inputs, and for a .npy input without a test file, which rows are held out). Checkpoints
+# or a finished SAE written with other values are neither resumed nor kept; resources (workers,
+# device, mode) may differ: a resumed job may run on other hardware. input_dim is left out: it
+# only checks the width (check_width refuses a mismatch before any step).
+SETTINGS = ("model", "optim", "epochs", "batch_size", "max_steps", "seed", "embeddings", "ids",
+            "train_split", "test_embeddings", "test_fraction", "split_seed")
 
 
 def settings_changes(saved: dict, cfg: Config) -> list[str]:
     """``SETTINGS`` keys whose value in ``cfg`` differs from the ``saved`` config ("key: old ->
-    new"); a key either side lacks (a field added or removed since, a None) is not compared."""
-    now = config.to_dict(cfg)
+    new"); a key either side lacks (a field added or removed since, a None) is not compared.
+    ``cfg`` is compared as config.save writes it (paths absolute as run made them, secrets in
+    URLs redacted), so the same inputs compare equal."""
+    now = config.redact(config.to_dict(cfg))
     out: list[str] = []
 
     def walk(old: dict, new: dict, prefix: str) -> None:
@@ -442,6 +451,8 @@ def train_steps(cfg: Config, model, opt, sched, batches, state: dict, progress: 
     last: dict = dict(state.get("last") or {})
     t_start, n_seen = time.perf_counter(), 0
     for epoch in range(state["epoch"], cfg.epochs):
+        if _steps_done(cfg, state):  # resumed from a checkpoint written at max_steps
+            break
         model.train()
         acc, n_steps = None, 0
         for x in batches(epoch):
@@ -452,7 +463,7 @@ def train_steps(cfg: Config, model, opt, sched, batches, state: dict, progress: 
             state["step"] += 1
             n_seen += x.shape[0]
             progress.update(state["step"], epoch, out, raw, x.shape[0])
-            if cfg.max_steps and state["step"] >= cfg.max_steps:
+            if _steps_done(cfg, state):
                 break
         state["epoch"] = epoch + 1
         loss, mse, l0 = (acc / max(1, n_steps)).tolist() if acc is not None else (math.nan,) * 3
@@ -460,10 +471,14 @@ def train_steps(cfg: Config, model, opt, sched, batches, state: dict, progress: 
                 "dead": float(raw.dead_fraction())}
         state["last"] = dict(last)
         on_epoch_end(epoch + 1, last)
-        if cfg.max_steps and state["step"] >= cfg.max_steps:
-            break
     last["train_samples_per_s"] = n_seen / max(time.perf_counter() - t_start, 1e-9)
     return last
+
+
+def _steps_done(cfg: Config, state: dict) -> bool:
+    """Whether the run has taken its ``max_steps`` (checked before a step as well as after it,
+    so a run resumed from the checkpoint written at max_steps takes no step more)."""
+    return bool(cfg.max_steps) and state["step"] >= cfg.max_steps
 
 
 def _resume(cfg: Config, model, opt, sched, state: dict) -> None:
@@ -572,7 +587,8 @@ def ray_train_loop(loop_cfg: dict) -> None:
     state = {"epoch": 0, "step": 0}
     _resume(cfg, model, opt, sched, state)
     # no buffer broadcast before every forward: the SAE keeps its state identical on every rank
-    # itself (one all-reduce a step, SparseAutoencoder._update_state)
+    # itself (an all-reduce a step, and an all_gather for BatchTopK's threshold:
+    # SparseAutoencoder._update_state)
     ddp = ray.train.torch.prepare_model(model, move_to_device=False, parallel_strategy_kwargs={
         "broadcast_buffers": False}) if world > 1 else model
 
@@ -759,8 +775,8 @@ def load_data(cfg: Config):
     from galaxysae import embeddings
 
     return embeddings.load(cfg.embeddings, cfg.train_split, cfg.test_split, cfg.ids,
-                           cfg.test_fraction, cfg.seed, test_path=cfg.test_embeddings,
-                           test_ids=cfg.test_ids)
+                           cfg.test_fraction, split_seed=cfg.split_seed,
+                           test_path=cfg.test_embeddings, test_ids=cfg.test_ids)
 
 
 class SharedSplits:

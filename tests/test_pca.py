@@ -78,6 +78,52 @@ def test_pca_artifact_matches_a_direct_fit_and_loads_as_a_dictionary(emb, tmp_pa
     np.testing.assert_allclose(scores, d.encode(x_test), rtol=1e-4, atol=1e-4)
 
 
+def test_pca_standardises_a_constant_dimension_like_the_sae(tmp_path):
+    """One rule for both dictionaries: a dimension whose spread is tiny next to its scale,
+    max(1, |mean|) (here 5e-7 about 0, and float32 rounding about 1000), divides by 1, not by
+    that spread, in the PCA as in the SAE."""
+    import torch
+
+    from galaxysae.sae import SAEConfig, SparseAutoencoder
+
+    root = str(tmp_path / "emb")
+    x = _low_rank(300)
+    rng = np.random.default_rng(3)
+    x[:, 5] = 5e-7 * rng.standard_normal(300)
+    x[:, 6] = np.float32(1000.0) + np.spacing(np.float32(1000.0)) * (rng.random(300) > 0.5)
+    _write_split(root, "train", x)
+    out = str(tmp_path / "pca")
+    pca.run(_cfg(embeddings=root, output=out, n_components=3, test_split=""))
+    std = dictionary.load(out).model.std
+    model = SparseAutoencoder(SAEConfig(d_in=24, n_latents=8, k=2))
+    model.init_from_data(torch.from_numpy(x))
+    assert list(std[5:7]) == [1, 1] and model.std[5:7].tolist() == [1, 1]
+    np.testing.assert_allclose(std, model.std.numpy(), rtol=1e-4)
+
+
+def test_a_research_npy_input_fits_and_tests_on_the_rows_train_would(tmp_path):
+    """A .npy input (as train takes): PCA reads it with train's loader, so it fits on the same
+    train part and scores the same held-out rows (split_seed) as an SAE trained on the file."""
+    from galaxysae import train as train_job
+
+    x = _low_rank(200)
+    np.save(tmp_path / "train_embeddings.npy", x)
+    np.save(tmp_path / "train_ids.npy", np.array([f"id{i}" for i in range(200)]))
+    out = str(tmp_path / "pca")
+    metrics = pca.run(_cfg(embeddings=str(tmp_path / "train_embeddings.npy"), output=out,
+                           n_components=4, split_seed=3))
+    sae_cfg = config.from_dict(train_job.Config, {
+        "embeddings": str(tmp_path / "train_embeddings.npy"), "output": "o", "split_seed": 3})
+    train, test = train_job.load_data(sae_cfg)
+    assert (metrics["n_train"], metrics["n_test"]) == (180, 20)
+    scores = pq.read_table(os.path.join(out, "scores", "test.parquet"))
+    assert scores.column("id_str").to_pylist() == list(test.ids)
+    d = dictionary.load(out)
+    np.testing.assert_allclose(d.model.mean, train.x.astype(np.float64).mean(0), rtol=1e-5)
+    np.testing.assert_allclose(np.stack(scores.column("scores").to_numpy(zero_copy_only=False)),
+                               d.encode(test.x), rtol=1e-4, atol=1e-4)
+
+
 def test_rerun_skips_a_finished_artifact(emb, tmp_path):
     out = str(tmp_path / "pca")
     pca.run(_cfg(embeddings=emb, output=out, n_components=3))

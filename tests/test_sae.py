@@ -95,6 +95,21 @@ def test_fast_path_equals_dense_path(kw, variants, monkeypatch):
         assert float(fast.aux.detach()) > 0  # every latent counts as dead: the aux path really ran
 
 
+@pytest.mark.parametrize("dense", [False, True])
+def test_aux_loss_is_zero_while_no_latent_is_dead(dense):
+    """Latents near death run the aux path (sized at the last look), but none is dead yet: the
+    aux term is 0, not the residual's MSE added to the logged loss."""
+    model, x = make(aux_k=6, aux_coeff=0.5, dead_steps=8)
+    model.train()
+    model.steps_since_active.fill_(6)  # within dead_steps/4 of dead, none dead
+    out = model(x, dense=dense)
+    assert model._aux_k == 6  # the aux path ran
+    assert float(out.aux.detach()) == 0
+    assert float(out.loss.detach()) == pytest.approx(float(out.recon.detach()))
+    model.steps_since_active[:3] = 8  # three dead now: a real aux term again
+    assert float(model(x, dense=dense).aux.detach()) > 0
+
+
 # Ops that copy a value from the device to the host (a CUDA sync that stops Python queueing
 # kernels): item()/int()/bool() of a tensor, data-dependent output sizes, torch's CUDA bincount.
 HOST_READS = {"aten._local_scalar_dense", "aten.nonzero", "aten.masked_select", "aten.bincount",
@@ -207,6 +222,26 @@ def test_inputs_are_standardised_inside_and_bias_starts_at_the_median():
     assert torch.equal(fresh.W_enc.data, fresh.W_dec.data)
 
 
+def test_a_constant_dimension_is_standardised_by_one():
+    """A dimension constant in the training sample (exactly, or up to float32 rounding of a large
+    value) divides by 1, not by a floor of 1e-6: a jitter of 1e-3 at test time stays 1e-3 in z,
+    not 1000. A small but real spread is kept."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 5, generator=g)
+    x[:, 1] = 5.0  # exactly constant
+    ulp = float(np.spacing(np.float32(1000.0)))
+    x[:, 2] = 1000.0 + ulp * (torch.rand(256, generator=g) > 0.5)  # constant up to rounding
+    x[:, 3] = 1e-4 * torch.randn(256, generator=g)  # small, but information
+    model = SparseAutoencoder(SAEConfig(d_in=5, n_latents=16, k=2))
+    model.init_from_data(x)
+    assert model.std[1] == 1 and model.std[2] == 1
+    torch.testing.assert_close(model.std[[0, 3, 4]], x.std(0)[[0, 3, 4]])
+    test = x[:8].clone()
+    test[:, 1:3] += 1e-3
+    z = model.standardize(test)
+    assert z[:, 1:3].abs().max() < 0.01, z[:, 1:3]
+
+
 def _roundtrip(model, where, x):
     model.save(where)
     back = SparseAutoencoder.load(where)
@@ -277,6 +312,28 @@ def test_matryoshka_fvu_does_not_increase_with_level():
     assert fvus[-1] < 0.5 * fvus[0]
 
 
+class _HostReads:
+    """Records the HOST_READS ops run inside it (``seen``: their names)."""
+
+    def __enter__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        seen = self.seen = []
+
+        class Record(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if str(func) in HOST_READS or str(func).rsplit(".", 1)[0] in HOST_READS:
+                    seen.append(str(func))
+                return func(*args, **(kwargs or {}))
+
+        self.mode = Record()
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.mode.__exit__(*exc)
+
+
 def _data_parallel_step(rank: int, world: int, port: int, out: str) -> None:
     """One training forward of the same model on this rank's share of the batch (gloo, CPU)."""
     import torch.distributed as dist
@@ -289,6 +346,19 @@ def _data_parallel_step(rank: int, world: int, port: int, out: str) -> None:
             model(x[rank::world])
             torch.save({"steps": model.steps_since_active, "threshold": model.threshold},
                        f"{out}/{activation}-{rank}.pt")
+        # BatchTopK's threshold over rows that differ between the workers (ordered by norm, a
+        # block each), by the CPU's selection and then by the accelerators' (on the CPU: this
+        # is a process of its own)
+        for variant in ("cpu", "accelerator"):
+            if variant == "accelerator":
+                sae._host_paths = lambda t: False
+            model, x = make(activation="batchtopk", dead_steps=4)
+            model.train()
+            rows = x[x.norm(dim=1).argsort()]
+            with _HostReads() as reads:  # the accelerator variant reads nothing back
+                model(rows[rank * len(x) // world:(rank + 1) * len(x) // world])
+            torch.save({"threshold": model.threshold, "reads": reads.seen},
+                       f"{out}/ordered-{variant}-{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -311,8 +381,18 @@ def test_data_parallel_workers_count_a_latent_alive_if_it_fired_on_any_of_them(t
         alone.train()
         alone(x[0::world])
         assert (ranks[0]["steps"] == 0).sum() > (alone.steps_since_active == 0).sum()  # rank 1's too
-        if activation == "topk":  # per-sample top-k: the whole batch in one process, same firing
-            whole, _ = make(activation="topk", dead_steps=4)
-            whole.train()
-            whole(x)
+        whole, _ = make(activation=activation, dead_steps=4)  # the whole batch in one process
+        whole.train()
+        whole(x)
+        if activation == "topk":  # per-sample top-k: the same firing
             assert torch.equal(whole.steps_since_active, ranks[0]["steps"])
+        else:  # the cutoff of the top k*B of the whole batch, not below it (L0 above k)
+            torch.testing.assert_close(ranks[0]["threshold"], whole.threshold)
+    for variant in ("cpu", "accelerator"):
+        ranks = [torch.load(tmp_path / f"ordered-{variant}-{r}.pt") for r in range(world)]
+        assert torch.equal(ranks[0]["threshold"], ranks[1]["threshold"])
+        torch.testing.assert_close(ranks[0]["threshold"], whole.threshold)
+        if variant == "accelerator":
+            assert ranks[0]["reads"] == ranks[1]["reads"] == [], ranks[0]["reads"]
+        else:  # the recording saw the CPU variant's host reads: it works inside a collective step
+            assert ranks[0]["reads"]

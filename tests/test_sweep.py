@@ -50,6 +50,35 @@ def test_a_matryoshka_base_cannot_be_resized_by_n_latents(tmp_path):
     sweep_job.check_space(cfg, base)
 
 
+def test_trials_and_a_later_eval_only_of_one_test_on_the_sweeps_held_out_rows(tmp_path):
+    """A .npy input without a test file: the sweep holds out rows once for all its trials, each
+    trial trains with seed + i, and `train --config trials/X/config.toml --eval-only` draws the
+    same hold-out again (split_seed, not the trial's seed)."""
+    import numpy as np
+
+    from galaxysae import train as train_job
+
+    x, _ = embeddings.planted(200, 8, 16, 2)
+    np.save(tmp_path / "embeddings.npy", x)
+    np.save(tmp_path / "ids.npy", np.array([f"id{i}" for i in range(200)]))
+    cfg = config.from_dict(sweep_job.Config, {
+        "train_config": str(REPO / "configs/demo/train_topk.toml"), "seed": 5,
+        "embeddings": str(tmp_path / "embeddings.npy"), "output": str(tmp_path / "sweep"),
+        "space": {"k": [2]}})
+    base = sweep_job.base_train_config(cfg)
+    _, sweep_test = train_job.load_data(config.from_dict(train_job.Config, base))  # as sweep.run
+    out = str(tmp_path / "sweep" / "trials" / "abcde_00003")
+    data = sweep_job.trial_config(base, {"k": 2}, out)
+    data["seed"] = sweep_job.trial_seed(data["seed"], "abcde_00003", out)
+    assert data["seed"] == 8
+    config.save(config.from_dict(train_job.Config, data), out)  # what the trial's run records
+    later = config.parse_args(train_job.Config, ["--config", f"{out}/config.toml", "--eval-only"],
+                              preprocess=train_job.preprocess_toml)
+    assert later.eval_only and later.seed == 8
+    _, again = train_job.load_data(later)
+    assert list(again.ids) == list(sweep_test.ids)
+
+
 def test_space_searches_every_key_given():
     """Each [space] key with values becomes its own grid axis (Tune crosses them), or a choice."""
     cfg = config.from_dict(sweep_job.Config, {

@@ -85,6 +85,71 @@ def test_local_mode_writes_a_complete_artifact_and_rerun_skips(tmp_path, caplog,
     assert (resumed["epoch"], resumed["mse"]) == (6, pytest.approx(metrics["train"]["mse"]))
 
 
+def test_other_inputs_or_step_limit_neither_keep_nor_resume_an_output(tmp_path, capsys, monkeypatch):
+    """What the weights were trained on is part of the settings: a smoke run (max_steps) is not
+    the full run, other embeddings are not these, whether the run finished or left checkpoints;
+    the same inputs (here given relative) still resume."""
+    emb, other = str(tmp_path / "emb"), str(tmp_path / "other")
+    make_embeddings(emb)
+    make_embeddings(other, seed=1)
+    out = tmp_path / "sae"
+    common = ("--output", str(out), "--mode", "local", *SMALL, "--epochs", "2")
+    assert run_cli("--embeddings", emb, *common, "--max_steps", "3") == 0  # a smoke run
+    capsys.readouterr()
+    with pytest.raises(SystemExit, match="2"):
+        run_cli("--embeddings", emb, *common)  # the full run: not "nothing to do"
+    assert "a trained SAE with other settings (max_steps: 3 -> 0)" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="2"):
+        run_cli("--embeddings", other, *common, "--max_steps", "3")
+    assert f"a trained SAE with other settings (embeddings: {emb!r} -> {other!r})" in capsys.readouterr().err
+    for name in ("metrics.json", "sae.safetensors"):  # a crash after the checkpoint
+        (out / name).unlink()
+    with pytest.raises(SystemExit, match="2"):
+        run_cli("--embeddings", other, *common, "--max_steps", "3", "--split_seed", "4")
+    err = capsys.readouterr().err
+    assert (f"checkpoints of a training with other settings (embeddings: {emb!r} -> {other!r}; "
+            "split_seed: 0 -> 4)") in err
+    assert "split_seed = 0\n" in (out / "config.toml").read_text()
+    monkeypatch.chdir(tmp_path)
+    assert run_cli("--embeddings", "emb", *common, "--max_steps", "3") == 0
+    assert json.loads((out / "metrics.json").read_text())["train"]["steps"] == 3
+
+
+def test_a_run_resumed_at_max_steps_takes_no_step_more(tmp_path):
+    """The checkpoint written when max_steps is reached (mid-epoch), then a crash before the
+    artifact: the rerun resumes there and stops, with the same weights and step count."""
+    x, _ = planted(448, 16, 24, 3, seed=4)
+    cfg = config.from_dict(train_job.Config, dict(
+        embeddings="planted", output=str(tmp_path / "sae"), epochs=3, batch_size=64, max_steps=5,
+        log_every=100, model=dict(n_latents=32, k=3, multik=0, aux_k=0)))
+    init = train_job.init_stats(cfg, x)
+    first, last = train_job.run_local(cfg, x, init)  # 7 steps an epoch: stops inside epoch 1
+    assert last["steps"] == 5 and train_job.latest_checkpoint(cfg.output)
+    again, resumed = train_job.run_local(cfg, x, init)
+    assert resumed["steps"] == 5
+    for name, value in first.state_dict().items():
+        assert torch.equal(value, again.state_dict()[name]), name
+
+
+def test_the_held_out_rows_do_not_depend_on_the_training_seed(tmp_path):
+    """A .npy input without a test file: the hold-out is drawn from split_seed, so runs of other
+    seeds test on the same rows (none of which they trained on)."""
+    x, _ = planted(200, 8, 16, 2)
+    np.save(tmp_path / "embeddings.npy", x)
+    np.save(tmp_path / "ids.npy", np.array([f"id{i}" for i in range(200)]))
+
+    def split(**kw) -> tuple[set, set]:
+        cfg = config.from_dict(train_job.Config, dict(
+            embeddings=str(tmp_path / "embeddings.npy"), output="o", **kw))
+        train, test = train_job.load_data(cfg)
+        return set(train.ids), set(test.ids)
+
+    train0, test0 = split(seed=0)
+    assert len(test0) == 20 and not train0 & test0
+    assert split(seed=7) == (train0, test0)
+    assert split(seed=7, split_seed=1)[1] != test0
+
+
 def test_matryoshka_metrics_per_level(tmp_path):
     make_embeddings(str(tmp_path / "emb"))
     out = tmp_path / "mat"
