@@ -159,7 +159,7 @@ def hyper(kind: str, d: int, shrink: int = 1) -> dict:
         activation="batchtopk", n_latents=2048 // s,
         matryoshka_groups=[g // s for g in (64, 64, 128, 256, 512, 1024)],
         k=64 // s, l1_coeff=1e-3, aux_k=1024 // s, aux_coeff=0.03, dead_steps=256, multik=0),
-        optim=dict(lr=1e-4, weight_decay=0.0, schedule="constant", grad_clip=0.0))
+        optim=dict(lr=1e-4, weight_decay=0.01, schedule="constant", grad_clip=0.0))
 
 
 def build(kind: str, x_train: np.ndarray, epochs: int, device: str, shrink: int = 1):

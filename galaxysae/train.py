@@ -223,8 +223,9 @@ def preprocess_toml(data: dict, path: str) -> dict:
     if "weight_decay" in training:
         o["weight_decay"] = training["weight_decay"]
     if groups:
-        # The original Matryoshka loop: AdamW at a constant rate, default weight decay off.
-        o.setdefault("weight_decay", 0.0)
+        # The original Matryoshka loop: torch.optim.AdamW given only its lr, at a constant rate;
+        # so AdamW's default weight decay, 0.01 (not our TopK default, 1e-6)
+        o.setdefault("weight_decay", 0.01)
         o["schedule"] = "constant"
     for key in ("epochs", "batch_size", "seed"):
         if key in training:

@@ -181,6 +181,7 @@ def test_original_matryoshka_toml_is_accepted_as_is():
     assert m.activation == "batchtopk" and m.k == 64 and m.l1_coeff == 1e-3
     assert m.aux_coeff == 0.03 and m.aux_k == 16 * 64 and m.dead_steps == 256 and m.multik == 0
     assert cfg.optim.lr == 1e-4 and cfg.batch_size == 256 and cfg.epochs == 200
+    assert cfg.optim.weight_decay == 0.01 and cfg.optim.schedule == "constant"  # AdamW(lr=1e-4)
     assert cfg.input_dim == 640 and cfg.device == "cuda"
     assert cfg.test_embeddings == "results/embeddings/test_embeddings.npy"
     topk = config.parse_args(train_job.Config, [
