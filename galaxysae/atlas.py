@@ -301,7 +301,7 @@ def _check_same_data(folder: str, doc: dict, what: str, inputs: dict, job: str) 
     numbers beside another's pictures: refused, naming both."""
     for key in ("split", "embeddings"):
         theirs, ours = inputs.get(key), doc.get(key)
-        if theirs and ours and theirs != ours:
+        if theirs and ours and theirs.rstrip("/") != ours.rstrip("/"):
             raise ValueError(
                 f"{folder}: {what} from {key} {theirs!r}, but the last render/compare run into it "
                 f"used {ours!r} (dictionary.json): run render and compare on the same {key} "
@@ -390,6 +390,11 @@ def _chance_rho_example(e: Entry, z95: float) -> str:
 
 def _chance_line(e: Entry) -> str:
     z95, share = e.chance.get("null_best_z_p95"), e.chance.get("share_above_null")
+    old = e.chance.get("null_best_abs_rho_p95")
+    if z95 is None and old is not None:  # compare/summary.json of an older compare
+        return (f" Chance level: |ρ| {fmt(old, 2)} (95th percentile with the votes shuffled, from an "
+                f"older compare: rerun compare for levels that allow for how many galaxies each "
+                f"question was asked of); {pct(share)} of the active features are above it.")
     if z95 is None:
         return ""
     return (f" Chance level: z {fmt(z95, 2)} (95th percentile with the votes shuffled; "
@@ -406,7 +411,9 @@ def _alignment_rows(e: Entry) -> str:
     active = [r for r in e.features if r["frequency"] > 0]
     if aligned is None and active and any(r.get("abs_spearman") is not None for r in active):
         aligned = sum(1 for r in active if (r.get("abs_spearman") or 0) >= 0.5) / len(active)
+    old = e.chance.get("null_best_abs_rho_p95")  # an older compare's level, in |rho|
     rows = [(f"Share of features above chance (z > {fmt(z95, 2)})" if z95 is not None
+             else f"Share of features above chance (|ρ| > {fmt(old, 2)})" if old is not None
              else "Share of features above chance", pct(share) if share is not None else "–"),
             ("Share with |ρ| ≥ 0.5", pct(aligned) if aligned is not None else "–")]
     return "".join(f"<dt>{esc(k)}</dt><dd>{esc(v)}</dd>" for k, v in rows)
@@ -579,7 +586,7 @@ def index_page(entries: list[Entry], results: str, compare_plots: list[str], cfg
                                      "and low on |ρ| even as sharp detectors: see the glossary). Right: both, "
                                      "per feature."}
     figs = "".join(f'<div class="figure"><img src="compare/{esc(p)}" alt="{esc(p)}"><div class="caption">'
-                   f'{esc(captions.get(p, "Per Matryoshka level: level 1 is the coarsest prefix; dashed: PCA median; dotted: chance level."))}'
+                   f'{esc(captions.get(p, "Per Matryoshka level: level 1 is the coarsest prefix; dashed: PCA median; dotted: chance level in |ρ| for an answer asked of every galaxy."))}'
                    f"</div></div>" for p in compare_plots)
     figs_html = f"<h2>Alignment with Galaxy Zoo votes</h2>{figs}" if figs else ""
     gloss = "".join(f"<dt>{esc(k)}</dt><dd>{esc(v)}</dd>" for k, v in GLOSSARY)

@@ -291,6 +291,9 @@ def design_matrix(labels: np.ndarray, columns: list[str]) -> tuple[np.ndarray, l
     return x[:, keep], [nm for nm, k in zip(names, keep) if k]
 
 
+RANK_TOLERANCE = 1e-6  # singular values below this share of the largest: dependent directions
+
+
 def novelty(codes, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """codes[N, M] (an array or scipy sparse), design x[N, P] -> (novelty[M], r2[M]); NaN for a
     constant feature.
@@ -307,7 +310,9 @@ def novelty(codes, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     n = x.shape[0]
     a = np.column_stack([np.ones(n), x])
     u, s, _ = np.linalg.svd(a, full_matrices=False)
-    u = u[:, s > s[0] * max(a.shape) * np.finfo(float).eps]
+    # vote fractions are float32: a question's fractions sum to its "asked" column only to ~1e-7,
+    # so a float64 tolerance would count that dependent direction (and fit its rounding noise)
+    u = u[:, s > s[0] * RANK_TOLERANCE]
     rank = u.shape[1]
     if sparse.issparse(codes):
         c = codes.tocsc().astype(np.float64)
@@ -513,9 +518,11 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
-def plots(tables: dict, out: str, nulls: dict | None = None) -> list[str]:
+def plots(tables: dict, out: str, nulls: dict | None = None, chance: dict | None = None) -> list[str]:
     """Distributions of the best answer's |Spearman| (dashed: the same with shuffled labels, i.e.
-    chance) and novelty: dictionaries side by side, and per level."""
+    chance) and novelty: dictionaries side by side, and per level. ``nulls``: per dictionary the
+    shuffled best |rho| values; ``chance``: its chance level in |rho| over all its galaxies (the
+    z level of :func:`chance_rho`: a question asked of fewer galaxies needs more)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -566,10 +573,9 @@ def plots(tables: dict, out: str, nulls: dict | None = None) -> list[str]:
                 v = np.asarray(tables[pca[0]][key], float)
                 a.axhline(np.nanmedian(v), color=colours["pca"], ls="--", label=f"{pca[0]} median")
                 a.legend(fontsize=8)
-            null = (nulls or {}).get(name)
-            if key == "abs_spearman" and null is not None and len(null):
-                a.axhline(np.percentile(null, 95), color="#888", ls=":",
-                          label="chance (95th pct. of the best |ρ|, shuffled)")
+            level = (chance or {}).get(name)
+            if key == "abs_spearman" and level is not None:
+                a.axhline(level, color="#888", ls=":", label="chance level (|ρ| over all galaxies)")
                 a.legend(fontsize=8)
             a.set(xlabel="Matryoshka level (1 = coarsest, first group)", ylabel=label, title=f"{name}: {label} by level")
             a.grid(alpha=0.3)
@@ -694,7 +700,8 @@ def run(cfg: Config) -> dict:
                  float(np.nanmedian(res["novelty"])), p95 if p95 is not None else float("nan"),
                  100 * (chance["share_above_null"] or 0.0))
     out = storage.join(cfg.results, "compare")
-    summary["_plots"] = plots(tables, out, nulls)
+    summary["_plots"] = plots(tables, out, nulls, {name: chance_rho(s["null_best_z_p95"], s["n_galaxies"])
+                                                   for name, s in summary.items()})
     summary["_missing_fractions"] = (
         f"a question counts as asked of a galaxy when >= min_votes ({cfg.min_votes}) volunteers answered it; "
         "Spearman per column over the galaxies asked that question (>= min_valid); novelty from a "

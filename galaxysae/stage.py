@@ -114,6 +114,10 @@ def stale_files(before: dict, files: dict[str, str], snapshot: Path, rels: list[
     revision's name: a re-sharded dataset would be read as both sets of shards."""
     if before.get("revision") == snapshot.name:
         return []  # complete and of this revision: every listed file is this revision's
+    if before.get("pending_revision") == snapshot.name:
+        # a stage of this revision stopped part way: what it found stale and had not removed yet
+        # (not every listed file missing here: another config's files of this revision stay)
+        return sorted(rel for rel in before.get("stale", []) if rel in files)
     if before and "files" not in before:
         raise ValueError(
             f"{storage.join(dest_root, STAGE_FILE)} names revision {before.get('revision')!r} but "
@@ -143,6 +147,8 @@ def copy_tree(snapshot: Path, rels: list[str], dest_root: str, source: str, over
     def record(done: bool) -> None:
         info = {"source": source, "revision" if done else "pending_revision": snapshot.name,
                 "files": dict(sorted(files.items()))}
+        if not done:
+            info["stale"] = [rel for rel in stale if rel in files]  # still to remove
         storage.write_bytes(storage.join(dest_root, STAGE_FILE), json.dumps(info, indent=2).encode())
 
     stale = stale_files(before, files, snapshot, rels, dest_root)

@@ -342,6 +342,8 @@ def save_checkpoint(cfg: Config, state: dict, epoch: int) -> str:
 # only checks the width (check_width refuses a mismatch before any step).
 SETTINGS = ("model", "optim", "epochs", "batch_size", "max_steps", "seed", "embeddings", "ids",
             "train_split", "test_embeddings", "test_fraction", "split_seed")
+HOLD_OUT = ("test_fraction", "split_seed")  # compared for a .npy input only: it may hold out rows
+PATHS = ("embeddings", "ids", "test_embeddings")  # compared as paths (see _same_path)
 
 
 def settings_changes(saved: dict, cfg: Config) -> list[str]:
@@ -350,6 +352,10 @@ def settings_changes(saved: dict, cfg: Config) -> list[str]:
     ``cfg`` is compared as config.save writes it (paths absolute as run made them, secrets in
     URLs redacted), so the same inputs compare equal."""
     now = config.redact(config.to_dict(cfg))
+    saved = dict(saved)
+    if "split_seed" not in saved and "seed" in saved:
+        saved["split_seed"] = saved["seed"]  # written before split_seed: the hold-out came from seed
+    keys = [k for k in SETTINGS if k not in HOLD_OUT or _is_npy(cfg.embeddings)]
     out: list[str] = []
 
     def walk(old: dict, new: dict, prefix: str) -> None:
@@ -357,11 +363,25 @@ def settings_changes(saved: dict, cfg: Config) -> list[str]:
             a, b = old[key], new[key]
             if isinstance(a, dict) and isinstance(b, dict):
                 walk(a, b, f"{prefix}{key}.")
-            elif a != b:
+            elif a != b and not (key in PATHS and _same_path(a, b)):
                 out.append(f"{prefix}{key}: {a!r} -> {b!r}")
 
-    walk({k: saved[k] for k in SETTINGS if k in saved}, {k: now[k] for k in SETTINGS}, "")
+    walk({k: saved[k] for k in keys if k in saved}, {k: now[k] for k in keys}, "")
     return out
+
+
+def _is_npy(path: str) -> bool:
+    from galaxysae import embeddings
+
+    return embeddings.is_npy(path)
+
+
+def _same_path(a, b) -> bool:
+    """Two spellings of one input: a trailing slash, or two uploads of a `ray job submit`
+    working dir (``.../_ray_pkg_<hash>/``, a new hash for every upload of a changed checkout)."""
+    def norm(p):
+        return re.sub(r"/_ray_pkg_[0-9a-f]+/", "/_ray_pkg_/", p.rstrip("/")) if isinstance(p, str) else p
+    return norm(a) == norm(b)
 
 
 def check_same_settings(cfg: Config, finished: bool) -> None:
@@ -378,6 +398,23 @@ def check_same_settings(cfg: Config, finished: bool) -> None:
             f"{cfg.output} holds {what} with other settings ({'; '.join(changes)}): rerun with "
             f"the settings in {saved_url} to {'keep' if finished else 'resume'} it, or write to "
             f"another --output (or delete it to start over)")
+
+
+def check_same_hold_out(cfg: Config) -> None:
+    """--eval-only of an SAE trained on a .npy input: the rows tested must be the ones held out
+    when it was trained (same file, ids, test file or hold-out), or some would be training rows
+    and the metrics flattering."""
+    saved_url = storage.join(cfg.output, "config.toml")
+    if not _is_npy(cfg.embeddings) or not storage.exists(saved_url):
+        return
+    keys = ("embeddings", "ids", "test_embeddings", *HOLD_OUT)
+    changes = [c for c in settings_changes(tomllib.loads(storage.read_bytes(saved_url).decode()), cfg)
+               if c.split(":", 1)[0] in keys]
+    if changes:
+        raise config.ConfigError(
+            f"{cfg.output}: --eval-only would test on other rows than were held out when it was "
+            f"trained ({'; '.join(changes)}), some of them training rows: rerun with the settings in "
+            f"{saved_url}")
 
 
 def load_checkpoint(url: str) -> dict:
@@ -825,6 +862,7 @@ def run(cfg: Config, callbacks=None, shared: SharedSplits | None = None) -> dict
     train, test = shared.get() if shared is not None else load_data(cfg)
     check_width(cfg, train.x.shape[1], train.source)
     if cfg.eval_only:
+        check_same_hold_out(cfg)
         model = SparseAutoencoder.load(cfg.output)
         metrics = evaluation.evaluate(model, test.x, train.x, cfg.eval_batch_size)
         old = _read_json(metrics_url)

@@ -329,3 +329,15 @@ def test_grids_or_a_compare_table_of_another_split_are_refused(small_site, tmp_p
     pq.write_table(t.replace_schema_metadata({"split": "train"}), results / "pca" / "compare.parquet")
     with pytest.raises(ValueError, match=r"pca: compare.parquet was computed from split 'train'.*--split test"):
         atlas.run(cfg)
+
+
+def test_an_older_compare_s_chance_level_is_shown_in_its_own_units():
+    """compare/summary.json from before the z chance level held a level in |rho|: the cards say
+    so (and to rerun compare) rather than dropping the chance information."""
+    doc = {"kind": "sae", "family": "sae", "n_latents": 4, "n_galaxies": 300}
+    old = atlas.Entry("sae", doc, [], set(), {}, [], {"null_best_abs_rho_p95": 0.31, "share_above_null": 0.25})
+    assert "Share of features above chance (|ρ| &gt; 0.31)</dt><dd>25.0%" in atlas._alignment_rows(old)
+    assert "|ρ| 0.31" in atlas._chance_line(old) and "rerun compare" in atlas._chance_line(old)
+    new = atlas.Entry("sae", doc, [], set(), {}, [], {"null_best_z_p95": 3.2, "share_above_null": 0.25})
+    assert "(z &gt; 3.2)" in atlas._alignment_rows(new)
+    assert "z 3.2" in atlas._chance_line(new) and "|ρ| 0.18 over all 300 galaxies" in atlas._chance_line(new)

@@ -153,6 +153,18 @@ def test_a_restage_of_a_resharded_revision_leaves_only_its_shards(where, tmp_pat
     storage.write_bytes(storage.join(dest, "galaxysae_stage.json"), json.dumps(manifest).encode())
     assert stage.copy_tree(*new, dest, "hf://datasets/o/gz_euclid", overwrite=False) == 0
     assert storage.exists(storage.join(dest, "tiny/train-00000-of-00001.parquet"))
+    # ... and so does the rerun of a stage of this revision that stopped part way: it removes
+    # only what that stage found stale (an old shard here), not the other config's file
+    storage.write_bytes(storage.join(dest, "data/train-00000-of-00002.parquet"), b"old 0")
+    pending = {"source": manifest["source"], "pending_revision": "b" * 40,
+               "stale": ["data/train-00000-of-00002.parquet"], "files": {
+                   **manifest["files"], "data/train-00000-of-00002.parquet": "old-blob"}}
+    storage.write_bytes(storage.join(dest, "galaxysae_stage.json"), json.dumps(pending).encode())
+    assert stage.copy_tree(*new, dest, "hf://datasets/o/gz_euclid", overwrite=False) == 0
+    assert storage.exists(storage.join(dest, "tiny/train-00000-of-00001.parquet"))
+    assert not storage.exists(storage.join(dest, "data/train-00000-of-00002.parquet"))
+    assert stage.read_manifest(dest)["revision"] == "b" * 40
+    assert "stale" not in stage.read_manifest(dest)
     # embed refuses a copy whose stage did not finish
     pending = {"source": manifest["source"], "pending_revision": "c" * 40, "files": manifest["files"]}
     storage.write_bytes(storage.join(dest, "galaxysae_stage.json"), json.dumps(pending).encode())

@@ -106,13 +106,32 @@ def test_other_inputs_or_step_limit_neither_keep_nor_resume_an_output(tmp_path, 
         (out / name).unlink()
     with pytest.raises(SystemExit, match="2"):
         run_cli("--embeddings", other, *common, "--max_steps", "3", "--split_seed", "4")
-    err = capsys.readouterr().err
-    assert (f"checkpoints of a training with other settings (embeddings: {emb!r} -> {other!r}; "
-            "split_seed: 0 -> 4)") in err
+    err = capsys.readouterr().err  # parquet input holds out no rows: split_seed is not compared
+    assert f"checkpoints of a training with other settings (embeddings: {emb!r} -> {other!r})" in err
     assert "split_seed = 0\n" in (out / "config.toml").read_text()
     monkeypatch.chdir(tmp_path)
-    assert run_cli("--embeddings", "emb", *common, "--max_steps", "3") == 0
+    assert run_cli("--embeddings", "emb/", *common, "--max_steps", "3") == 0  # relative, a slash
     assert json.loads((out / "metrics.json").read_text())["train"]["steps"] == 3
+
+
+def test_settings_compare_inputs_as_paths_and_old_configs_by_the_seed_they_held_out_with():
+    """A config.toml from before split_seed drew a .npy hold-out from the training seed: it
+    compares as that split_seed. The hold-out keys count for .npy input only; one input spelt
+    with a trailing slash, or uploaded again by `ray job submit` (another _ray_pkg_ hash), is
+    the same input."""
+    def cfg(**kw):
+        return config.from_dict(train_job.Config, {"output": "o", **kw})
+
+    old = {"seed": 5, "embeddings": "/d/emb.npy", "test_fraction": 0.1}
+    assert train_job.settings_changes(old, cfg(embeddings="/d/emb.npy", seed=5)) == ["split_seed: 5 -> 0"]
+    assert train_job.settings_changes(old, cfg(embeddings="/d/emb.npy", seed=5, split_seed=5)) == []
+    assert train_job.settings_changes({**old, "embeddings": "s3://b/emb"},
+                                      cfg(embeddings="s3://b/emb/", seed=5, test_fraction=0.2)) == []
+    pkg = "/tmp/ray/session_1/runtime_resources/working_dir_files/_ray_pkg_{}/emb"
+    assert train_job.settings_changes({"embeddings": pkg.format("8a1f")},
+                                      cfg(embeddings=pkg.format("c0de42"))) == []
+    assert train_job.settings_changes({"embeddings": "/a/emb"}, cfg(embeddings="/b/emb")) == [
+        "embeddings: '/a/emb' -> '/b/emb'"]
 
 
 def test_a_run_resumed_at_max_steps_takes_no_step_more(tmp_path):
@@ -148,6 +167,17 @@ def test_the_held_out_rows_do_not_depend_on_the_training_seed(tmp_path):
     assert len(test0) == 20 and not train0 & test0
     assert split(seed=7) == (train0, test0)
     assert split(seed=7, split_seed=1)[1] != test0
+    # --eval-only of an SAE trained on it tests on the rows it held out, or refuses
+    emb, out = str(tmp_path / "embeddings.npy"), str(tmp_path / "sae")
+    common = ("--embeddings", emb, "--output", out, "--mode", "local", "--epochs", "1",
+              "--batch_size", "32", "--model.n_latents", "16", "--model.k", "2", "--model.multik", "0",
+              "--model.aux_k", "0")
+    assert run_cli(*common, "--seed", "7", "--split_seed", "3") == 0
+    assert run_cli(*common, "--seed", "7", "--split_seed", "3", "--eval-only") == 0
+    with pytest.raises(config.ConfigError, match=r"--eval-only would test on other rows than were held "
+                                                 r"out when it was trained \(split_seed: 3 -> 0\)"):
+        train_job.run(config.from_dict(train_job.Config, dict(
+            embeddings=emb, output=out, seed=7, eval_only=True, mode="local")))
 
 
 def test_matryoshka_metrics_per_level(tmp_path):
