@@ -174,6 +174,15 @@ def check_unique(ids: list[str], what: str) -> None:
         raise ValueError(f"{what}: {len(dup)} id_str values occur more than once ({dup[:5]})")
 
 
+def check_same_galaxies(enc_ids: list[str], label_pos: dict, where: str, dataset: str) -> None:
+    """Every embedded galaxy must have its votes in the dataset: embeddings of other data would
+    otherwise be correlated with whatever rows share their ids, or silently shrink the split."""
+    missing = [i for i in enc_ids if i not in label_pos]
+    if missing:
+        raise ValueError(f"{where}: {len(missing)} embedded ids are not in dataset {dataset} "
+                         f"({missing[:5]}): embeddings and labels come from different data")
+
+
 def _ranks(a: np.ndarray) -> np.ndarray:
     from scipy.stats import rankdata
 
@@ -661,10 +670,7 @@ def run(cfg: Config) -> dict:
         write_summary(d, folder, cfg.split, acts.n_galaxies, cfg.embeddings)
         enc_ids = activations.embedding_ids(cfg.embeddings, cfg.split)
         check_unique(enc_ids, f"{cfg.embeddings}/{cfg.split}")
-        missing = [i for i in enc_ids if i not in label_pos]
-        if missing:
-            raise ValueError(f"{cfg.embeddings}/{cfg.split}: {len(missing)} embedded ids are not in dataset "
-                             f"{cfg.dataset} ({missing[:5]}): embeddings and labels come from different data")
+        check_same_galaxies(enc_ids, label_pos, f"{cfg.embeddings}/{cfg.split}", cfg.dataset)
         codes = sparse_if_sparse(activations.code_matrix(acts.url, enc_ids, d.n_latents))
         lab = labels[[label_pos[i] for i in enc_ids]]
         corr = spearman(codes, lab, cfg.min_valid)

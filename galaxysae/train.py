@@ -864,6 +864,9 @@ def run(cfg: Config, callbacks=None, shared: SharedSplits | None = None) -> dict
     if cfg.eval_only:
         check_same_hold_out(cfg)
         model = SparseAutoencoder.load(cfg.output)
+        if model.d_in != train.x.shape[1]:
+            raise ValueError(f"{train.source}: embeddings are {train.x.shape[1]}-d but the SAE in "
+                             f"{cfg.output} expects {model.d_in}-d (embeddings of another encoder?)")
         metrics = evaluation.evaluate(model, test.x, train.x, cfg.eval_batch_size)
         old = _read_json(metrics_url)
         if old and "train" in old:

@@ -313,6 +313,17 @@ def test_repeated_ids_in_the_votes_are_refused(tmp_path):
 
 
 def test_embeddings_from_other_data_are_refused(tmp_path):
+    """Embedded galaxies without votes in the dataset: other data, named, not skipped."""
+    dataset = _write_labels(tmp_path / "ds", {}, {"smooth-or-featured-euclid": np.full(30, 40)})
+    ids, _, _ = compare.read_labels(dataset, "test")
+    pos = {s: i for i, s in enumerate(ids)}
+    compare.check_same_galaxies(["g3", "g0"], pos, "emb/test", dataset)  # a subset: fine
+    with pytest.raises(ValueError, match=r"emb/test: 2 embedded ids are not in dataset .*ds \(\['x1', 'x2'\]\): "
+                                         r"embeddings and labels come from different data"):
+        compare.check_same_galaxies(["g1", "x1", "x2"], pos, "emb/test", dataset)
+
+
+def test_a_split_without_embeddings_is_named(tmp_path):
     from galaxysae import activations
 
     with pytest.raises(FileNotFoundError, match="no embeddings for split 'test'"):
@@ -352,5 +363,6 @@ def test_the_spearman_bench_runs_and_both_rankings_agree(capsys):
 
     assert bench_compare.main(["--galaxies", "600", "--latents", "64", "--k", "4", "--rounds", "1"]) == 0
     out = capsys.readouterr().out
-    assert re.search(r"max \|rho difference\| \S+, same NaNs: True", out), out
+    m = re.search(r"max \|rho difference\| (\S+), same NaNs: True", out)
+    assert m and float(m.group(1)) < 1e-9, out
     assert re.search(r"target sparse_spearman_speedup: [0-9.]+x", out), out

@@ -232,9 +232,15 @@ def test_rerun_skips_done_shards_and_overwrite_redoes_them(local_run, synth_data
         assert embed.run(cfg(dataset=str(synth_dataset), output=str(local_run))) == 0
     assert shard.stat().st_mtime_ns == before
     assert any("skipped shards 3" in r.getMessage() for r in caplog.records)
-    assert embed.run(cfg(dataset=str(synth_dataset), output=str(local_run), splits=["test"],
-                         overwrite=True)) == 0
-    assert shard.stat().st_mtime_ns == before  # only the test split was redone
+    test_shards = sorted((local_run / "test").glob("*.parquet"))
+    test_before = {p.name: p.stat().st_mtime_ns for p in test_shards}
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="galaxysae"):
+        assert embed.run(cfg(dataset=str(synth_dataset), output=str(local_run), splits=["test"],
+                             overwrite=True)) == 0
+    assert shard.stat().st_mtime_ns == before  # only the test split was redone ...
+    assert test_shards and all(p.stat().st_mtime_ns != test_before[p.name] for p in test_shards)  # ... all of it
+    assert any("skipped shards 0" in r.getMessage() for r in caplog.records)
 
 
 # ----------------------------------------------------------------------------- bad input

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import random
+import shutil
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -40,9 +42,16 @@ def test_image_index_returns_the_right_bytes_for_random_ids(chain, tmp_path):
     got = index.fetch(ids)
     assert set(got) == set(ids)
     assert all(got[i] == truth[i] for i in ids)
-    # reloaded from its file, not rebuilt
+    # reloaded from its file, not rebuilt (the file is not written again) ...
+    written = os.stat(url).st_mtime_ns
     again = image_index.load_or_build(str(chain.dataset), "test", url)
-    assert again.locate(ids[0]) == index.locate(ids[0])
+    assert again.locate(ids[0]) == index.locate(ids[0]) and os.stat(url).st_mtime_ns == written
+    # ... unless it indexes other shards (a dataset re-sharded since): then it is rebuilt
+    other = str(tmp_path / "train_index.parquet")
+    image_index.load_or_build(str(chain.dataset), "train", other)
+    shutil.copy(other, url)  # the train split's index where the test split's was
+    rebuilt = image_index.load_or_build(str(chain.dataset), "test", url)
+    assert rebuilt.shards == index.shards and rebuilt.locate(ids[0]) == index.locate(ids[0])
     with pytest.raises(KeyError, match="'no-such-galaxy' is not in the image index"):
         index.fetch(["no-such-galaxy"])
     # the dataset config embedded (render's dataset_config): the tiny subset's own shard

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import re
 import time
 from pathlib import Path
 
@@ -15,7 +17,16 @@ from galaxysae.decode import decode_image
 from tests.test_embed import SIZE, embeddings
 
 
-def test_stage_to_s3_then_embed_offline_from_the_copy(offline_hub, ray_cluster, s3_prefix, tmp_path):
+def _copied(caplog) -> list[str]:
+    """The dataset stage's "(N copied, M already there)" of each run caplog saw, then cleared."""
+    out = [m.group(1) for r in caplog.records
+           if (m := re.search(r"\((\d+ copied, \d+ already there)\)", r.getMessage()))]
+    caplog.clear()
+    return out
+
+
+def test_stage_to_s3_then_embed_offline_from_the_copy(offline_hub, ray_cluster, s3_prefix, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="galaxysae.stage")
     out = stage.run(stage.Config(output=s3_prefix, dataset_config="tiny"))
     assert out == {"dataset": f"{s3_prefix}/gz_euclid",
                    "encoder": f"local-dir:{s3_prefix}/zoobot-encoder-euclid"}
@@ -26,9 +37,11 @@ def test_stage_to_s3_then_embed_offline_from_the_copy(offline_hub, ray_cluster, 
     assert not any(p.startswith("gz_euclid/data/") for p in staged)  # only the chosen config
     info = json.loads(storage.read_bytes(f"{s3_prefix}/zoobot-encoder-euclid/galaxysae_stage.json"))
     assert info["revision"] == offline_hub["encoder_revision"]
-    # a rerun copies nothing (same sizes) and still succeeds
+    assert _copied(caplog) == ["3 copied, 0 already there"]
+    # a rerun copies nothing (same blobs) and still succeeds
     mtime = fs.info(f"{path}/gz_euclid/tiny/train-00000-of-00001.parquet")["LastModified"]
     stage.run(stage.Config(output=s3_prefix, dataset_config="tiny"))
+    assert _copied(caplog) == ["0 copied, 3 already there"]
     assert fs.info(f"{path}/gz_euclid/tiny/train-00000-of-00001.parquet")["LastModified"] == mtime
     # a file staged from another blob (an earlier revision, even of the same size) is copied again
     manifest_url = f"{s3_prefix}/gz_euclid/galaxysae_stage.json"
@@ -38,6 +51,7 @@ def test_stage_to_s3_then_embed_offline_from_the_copy(offline_hub, ray_cluster, 
     storage.write_bytes(manifest_url, json.dumps(manifest).encode())
     time.sleep(1.1)  # S3 LastModified counts whole seconds
     stage.run(stage.Config(output=s3_prefix, dataset_config="tiny"))
+    assert _copied(caplog) == ["1 copied, 2 already there"]
     assert fs.info(f"{path}/gz_euclid/tiny/train-00000-of-00001.parquet")["LastModified"] > mtime
     again = json.loads(storage.read_bytes(manifest_url))["files"]
     assert len(again["tiny/train-00000-of-00001.parquet"]) == 64 and set(again) == set(manifest["files"])
@@ -47,6 +61,7 @@ def test_stage_to_s3_then_embed_offline_from_the_copy(offline_hub, ray_cluster, 
     storage.write_bytes(manifest_url, json.dumps(
         {**manifest, "files": {k: v for k, v in again.items() if k != "README.md"}}).encode())
     stage.run(stage.Config(output=s3_prefix, dataset_config="tiny"))
+    assert _copied(caplog) == ["1 copied, 2 already there"]  # README.md only
     assert fs.info(f"{path}/gz_euclid/tiny/train-00000-of-00001.parquet")["LastModified"] == shard_mtime
     assert storage.exists(f"{s3_prefix}/gz_euclid/README.md")
 

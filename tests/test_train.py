@@ -183,12 +183,17 @@ def test_the_held_out_rows_do_not_depend_on_the_training_seed(tmp_path):
 def test_matryoshka_metrics_per_level(tmp_path):
     make_embeddings(str(tmp_path / "emb"))
     out = tmp_path / "mat"
-    run_cli("--embeddings", str(tmp_path / "emb"), "--output", str(out), "--mode", "local", *SMALL,
-            "--model.activation", "batchtopk", "--model.multik", "0",
-            "--model.matryoshka_groups", "8,8,16,32")
+    assert run_cli("--embeddings", str(tmp_path / "emb"), "--output", str(out), "--mode", "local",
+                   *SMALL, "--model.activation", "batchtopk", "--model.multik", "0",
+                   "--model.matryoshka_groups", "8,8,16,32") == 0
     metrics = json.loads((out / "metrics.json").read_text())
-    assert [lv["n_latents"] for lv in metrics["levels"]] == [8, 16, 32, 64]
-    assert metrics["levels"][0]["l0"] <= metrics["levels"][-1]["l0"]
+    levels = metrics["levels"]
+    assert [lv["n_latents"] for lv in levels] == [8, 16, 32, 64]
+    # the last level is the whole dictionary; each nested prefix reconstructs better than the last
+    assert levels[-1]["fvu"] == pytest.approx(metrics["fvu"]) and levels[-1]["l0"] == pytest.approx(metrics["l0"])
+    fvus = [lv["fvu"] for lv in levels]
+    assert fvus == sorted(fvus, reverse=True) and fvus[0] > fvus[-1], fvus
+    assert 0 < levels[0]["l0"] < levels[-1]["l0"]
 
 
 def test_s3_input_and_output(s3_prefix):

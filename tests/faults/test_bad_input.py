@@ -242,7 +242,7 @@ def test_sae_artifact_whose_width_does_not_match_the_embeddings_is_named(tmp_pat
         list(activations.read_embeddings(str(tmp_path / "e32"), "test", d_in=16))
     # the train job's eval_only path with the wrong embeddings: refused before the model runs
     write_parquet(str(tmp_path / "e32"), "train", ids, wide)
-    with pytest.raises(Exception, match=r"32|16"):
+    with pytest.raises(ValueError, match=r"e32/train: embeddings are 32-d but the SAE in .*sae expects 16-d"):
         train.run(_train_cfg(str(tmp_path / "e32"), tmp_path / "sae", eval_only=True))
     # PCA fitted on 16-d embeddings, applied to 32-d ones
     pca.run(config.from_dict(pca.Config, {"embeddings": str(tmp_path / "e16"),

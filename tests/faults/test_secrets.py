@@ -80,7 +80,7 @@ def test_no_secret_reaches_a_log_config_metadata_error_or_atlas_file(
         # a failing stage: its error message is scanned too
         ("train-error", False, "train", "--embeddings", f"{s3_prefix}/missing", "--output",
          str(tmp_path / "x"), "--mode", "local"))
-    assert "missing" in errs["train-error"]
+    assert "/missing/train: no parquet files for split 'train'" in errs["train-error"]
     dicts = f"{topk},{pca_dir}"
     # one after the other: the second takes the activations the first wrote
     stage("render", "render", "--dictionaries", dicts, "--embeddings", emb, "--dataset", str(ds),
