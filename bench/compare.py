@@ -5,6 +5,11 @@ missingness pattern and again for each shuffle of the chance baseline. Ranked de
 ``rankdata`` on the [N, M] codes) that is O(N M log N) per pattern; an SAE's codes are k of M
 non-zero, and ``compare.spearman`` ranks only those (the zeros share one average rank). Both are
 timed side by side in one run on the same generated TopK-like codes and must agree.
+
+Novelty (1 - adjusted R^2 of each feature on the vote design) likewise: a dense least-squares fit
+of the [N, M] codes (what compare did before) vs ``compare.novelty``'s projection of the sparse
+codes on an orthonormal basis of the design; time and peak memory (tracemalloc: numpy and scipy
+report their buffers to it) side by side, and the values must agree.
 Usage: ``python bench/compare.py [--galaxies 8000] [--latents 2048] [--k 32] [--questions 3]``.
 """
 
@@ -41,6 +46,33 @@ def votes(n: int, questions: int, rng: np.random.Generator) -> np.ndarray:
         frac[~asked] = np.nan
         cols.append(frac)
     return np.concatenate(cols, axis=1)
+
+
+def dense_novelty(codes: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """The dense reference: lstsq of the codes on [1, x], adjusted for the design's rank."""
+    n = len(codes)
+    a = np.column_stack([np.ones(n), x])
+    c = codes.astype(np.float64)
+    coef, _, rank, _ = np.linalg.lstsq(a, c, rcond=compare.RANK_TOLERANCE)
+    resid = c - a @ coef
+    ss_tot = ((c - c.mean(0)) ** 2).sum(0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        r2 = 1.0 - (resid ** 2).sum(0) / ss_tot
+    adj = 1.0 - (1.0 - r2) * (n - 1) / max(n - rank, 1)
+    return np.where(ss_tot > 0, 1.0 - np.clip(adj, 0.0, 1.0), np.nan)
+
+
+def peak_mib(fn) -> tuple[float, float, object]:
+    """(seconds, peak MiB allocated while fn ran, its result)."""
+    import tracemalloc
+
+    tracemalloc.start()
+    t0 = time.perf_counter()
+    out = fn()
+    seconds = time.perf_counter() - t0
+    peak = tracemalloc.get_traced_memory()[1] / 2**20
+    tracemalloc.stop()
+    return seconds, peak, out
 
 
 def timed(fn, rounds: int) -> tuple[float, object]:
@@ -84,6 +116,28 @@ def main(argv=None) -> int:
     ratio = t_dense / t_sparse
     ok = ratio >= 5 and diff < 1e-9 and same_nan
     print(f"target sparse_spearman_speedup: {ratio:.1f}x (goal >= 5x, equal rho) {'PASS' if ok else 'FAIL'}")
+
+    from scipy import sparse
+
+    from galaxysae import schema
+
+    columns = schema.fraction_columns()
+    design, _ = compare.design_matrix(
+        np.column_stack([labels, rng.uniform(0, 1, (args.galaxies, len(columns) - labels.shape[1]))]),
+        columns)
+    csr = sparse.csr_matrix(codes)
+    t_old, m_old, nov_old = peak_mib(lambda: dense_novelty(codes, design))
+    t_new, m_new, (nov_new, _) = peak_mib(lambda: compare.novelty(csr, design))
+    same = bool((np.isnan(nov_old) == np.isnan(nov_new)).all())
+    nov_diff = float(np.nanmax(np.abs(nov_old - nov_new))) if np.isfinite(nov_old).any() else 0.0
+    print(f"novelty on a {design.shape[1]}-column design  {'seconds':>10}{'peak MiB':>10}")
+    print(f"{'dense lstsq':<34}{t_old:>10.3f}{m_old:>10.1f}")
+    print(f"{'sparse projection (ours)':<34}{t_new:>10.3f}{m_new:>10.1f}")
+    print(f"max |novelty difference| {nov_diff:.2e}, same NaNs: {same}")
+    mem_ratio = m_old / max(m_new, 1e-3)
+    ok = mem_ratio >= 10 and nov_diff < 1e-6 and same
+    print(f"target novelty_memory: {mem_ratio:.1f}x less peak memory, {t_old / max(t_new, 1e-6):.1f}x "
+          f"faster (goal >= 10x less memory, equal novelty) {'PASS' if ok else 'FAIL'}")
     return 0
 
 

@@ -365,4 +365,7 @@ def test_the_spearman_bench_runs_and_both_rankings_agree(capsys):
     out = capsys.readouterr().out
     m = re.search(r"max \|rho difference\| (\S+), same NaNs: True", out)
     assert m and float(m.group(1)) < 1e-9, out
+    m = re.search(r"max \|novelty difference\| (\S+), same NaNs: True", out)
+    assert m and float(m.group(1)) < 1e-9, out
+    assert re.search(r"target novelty_memory: [0-9.]+x less peak memory", out), out
     assert re.search(r"target sparse_spearman_speedup: [0-9.]+x", out), out
