@@ -659,6 +659,12 @@ def run(cfg: Config) -> dict:
     storage.check_writable(cfg.results)  # wrong credentials / unreachable store: fail first
     label_ids, labels, columns = read_labels(cfg.dataset, cfg.split, cfg.min_votes, cfg.dataset_config)
     label_pos = {s: i for i, s in enumerate(label_ids)}
+    # the galaxies every dictionary encodes, and their votes: read and joined once
+    where = f"{cfg.embeddings}/{cfg.split}"
+    enc_ids = activations.embedding_ids(cfg.embeddings, cfg.split)
+    check_unique(enc_ids, where)
+    check_same_galaxies(enc_ids, label_pos, where, cfg.dataset)
+    lab = labels[[label_pos[i] for i in enc_ids]]
     dicts = [dictionary.load(u) for u in cfg.dictionaries]
     tables: dict = {}
     nulls: dict = {}
@@ -668,11 +674,7 @@ def run(cfg: Config) -> dict:
         folder = storage.join(cfg.results, name)
         acts = activations_for(d, folder, cfg)
         write_summary(d, folder, cfg.split, acts.n_galaxies, cfg.embeddings)
-        enc_ids = activations.embedding_ids(cfg.embeddings, cfg.split)
-        check_unique(enc_ids, f"{cfg.embeddings}/{cfg.split}")
-        check_same_galaxies(enc_ids, label_pos, f"{cfg.embeddings}/{cfg.split}", cfg.dataset)
         codes = sparse_if_sparse(activations.code_matrix(acts.url, enc_ids, d.n_latents))
-        lab = labels[[label_pos[i] for i in enc_ids]]
         corr = spearman(codes, lab, cfg.min_valid)
         res = align(codes, lab, columns, cfg.min_valid, corr)
         feats = acts.features

@@ -346,7 +346,7 @@ def redact_text(text: str) -> str:
     """Free text (a log line, a traceback) with URL credentials and the values of the
     credential variables of :data:`SECRET_ENV` replaced by ``***``: what a library's exception
     may quote (an s3fs error naming a URL with user:password@, a request echoing a token)."""
-    text = _URL_USERINFO.sub(r"\g<scheme>***@", text)
+    text = redact(text)
     for name in SECRET_ENV:
         value = os.environ.get(name, "")
         if len(value) >= 8:  # a short value would blank out common words
@@ -440,5 +440,5 @@ def absolute_paths(cfg: Any, inputs: tuple[str, ...] = (), outputs: tuple[str, .
 def exit_on_error(exc: ConfigError) -> typing.NoReturn:
     """Print the error and exit 2. Redacted once more here: the last place before the terminal
     (and a job's log) where a credential in a URL quoted by some message can be caught."""
-    print(f"galaxysae: config error: {redact(str(exc))}", file=sys.stderr)
+    print(f"galaxysae: config error: {redact_text(str(exc))}", file=sys.stderr)
     raise SystemExit(2)

@@ -388,10 +388,12 @@ def check_same_settings(cfg: Config, finished: bool) -> None:
     """Refuse, naming what differs, to resume or keep an output trained with other settings
     (its config.toml): the weights would be half one run and half another, or the artifact
     would not be what this config describes."""
-    saved_url = storage.join(cfg.output, "config.toml")
-    if not (finished or latest_checkpoint(cfg.output)) or not storage.exists(saved_url):
+    if not (finished or latest_checkpoint(cfg.output)):
         return
-    changes = settings_changes(tomllib.loads(storage.read_bytes(saved_url).decode()), cfg)
+    saved_url, saved = _saved_config(cfg)
+    if saved is None:
+        return
+    changes = settings_changes(saved, cfg)
     if changes:
         what = "a trained SAE" if finished else "checkpoints of a training"
         raise config.ConfigError(
@@ -400,16 +402,23 @@ def check_same_settings(cfg: Config, finished: bool) -> None:
             f"another --output (or delete it to start over)")
 
 
+def _saved_config(cfg: Config) -> tuple[str, dict | None]:
+    """(URL, contents) of the config.toml a run wrote beside its output; None when there is none."""
+    url = storage.join(cfg.output, "config.toml")
+    return url, tomllib.loads(storage.read_bytes(url).decode()) if storage.exists(url) else None
+
+
 def check_same_hold_out(cfg: Config) -> None:
     """--eval-only of an SAE trained on a .npy input: the rows tested must be the ones held out
     when it was trained (same file, ids, test file or hold-out), or some would be training rows
     and the metrics flattering."""
-    saved_url = storage.join(cfg.output, "config.toml")
-    if not _is_npy(cfg.embeddings) or not storage.exists(saved_url):
+    if not _is_npy(cfg.embeddings):
+        return
+    saved_url, saved = _saved_config(cfg)
+    if saved is None:
         return
     keys = ("embeddings", "ids", "test_embeddings", *HOLD_OUT)
-    changes = [c for c in settings_changes(tomllib.loads(storage.read_bytes(saved_url).decode()), cfg)
-               if c.split(":", 1)[0] in keys]
+    changes = [c for c in settings_changes(saved, cfg) if c.split(":", 1)[0] in keys]
     if changes:
         raise config.ConfigError(
             f"{cfg.output}: --eval-only would test on other rows than were held out when it was "
