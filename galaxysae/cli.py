@@ -40,11 +40,54 @@ def load_job(name: str):
     return importlib.import_module(JOBS[name][0])
 
 
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
 class _Redacting(logging.Formatter):
     """Log lines (tracebacks included) with credentials replaced (:func:`config.redact_text`)."""
 
     def format(self, record: logging.LogRecord) -> str:
         return config.redact_text(super().format(record))
+
+
+class _RedactingStream:
+    """A text stream whose writes pass through :func:`config.redact_text` first: what a library
+    prints (a warning quoting an s3:// URL with user:password@) and Python's last-resort log
+    handler. Everything else is the wrapped stream's."""
+
+    def __init__(self, stream) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        self._stream.write(config.redact_text(text))
+        return len(text)
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
+# Ray's worker_process_setup_hook for every job (cluster.connect): a module path, imported by each
+# worker process of the job, so the hook never travels pickled
+WORKER_SETUP = "galaxysae.cli.setup_worker"
+
+
+def setup_worker() -> None:
+    """Run by Ray in each worker process of a job (actors, tasks, Train workers) before any job
+    code: the process's stdout/stderr redact credentials, as the driver's log does. Ray copies
+    both into its session logs and echoes them on the driver's console, so a secret a worker
+    printed would be in both. The ``galaxysae`` loggers of a worker log at INFO like the
+    driver's (a worker's root logger has no handler: without one only warnings would show)."""
+    if not isinstance(sys.stdout, _RedactingStream):
+        sys.stdout = _RedactingStream(sys.stdout)
+    if not isinstance(sys.stderr, _RedactingStream):
+        sys.stderr = _RedactingStream(sys.stderr)
+    ours = logging.getLogger("galaxysae")
+    if not ours.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(_Redacting(LOG_FORMAT))
+        ours.addHandler(handler)
+        ours.setLevel(logging.INFO)
+        ours.propagate = False  # a handler Ray or a library puts on the root would print it twice
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     name, rest = argv[0], argv[1:]
     module = load_job(name)
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_Redacting("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(_Redacting(LOG_FORMAT))
     logging.basicConfig(level=logging.INFO, handlers=[handler])  # no-op where logging is set up
     sys.excepthook = _redacting_excepthook  # the job ends with an error nobody caught
     try:

@@ -149,6 +149,17 @@ def test_every_message_that_quotes_a_value_redacts_it(argv, shown):
     assert "['s3://***@b/x']" in str(err.value) and "hunter2" not in str(err.value)
 
 
+@pytest.mark.parametrize("text,shown", [
+    # an AWS secret key has "/" in it, and is pasted into a URL unencoded
+    ("s3://AKIAEXAMPLE:wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY@bucket/emb",
+     "s3://***@bucket/emb"),
+    ("failed: 'https://user:hf_tok@huggingface.co/x' and 'a@b'", "failed: 'https://***@huggingface.co/x' and 'a@b'"),
+    ("s3://bucket/by-author/ann@example.org/x", "s3://bucket/by-author/ann@example.org/x"),  # a path's @
+])
+def test_url_credentials_are_redacted_from_free_text(text, shown):
+    assert config.redact_text(text) == shown
+
+
 def test_exit_on_error_redacts_what_a_message_still_carries(capsys):
     """The last line of defence: an error whose text was set past the redacting constructor."""
     exc = ConfigError("placeholder")

@@ -13,6 +13,7 @@ import os
 import secrets
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -123,3 +124,55 @@ def test_the_scan_finds_a_planted_secret(tmp_path):
     (tmp_path / "clean.txt").write_text("nothing here")
     n, hits = _scan_tree(tmp_path, {"AWS_SECRET_ACCESS_KEY": b"s3-deadbeef"})
     assert n == 2 and len(hits) == 1 and "x.parquet" in hits[0]
+
+
+WORKER_SCRIPT = """
+import logging, os, sys
+import ray
+from galaxysae import cluster
+
+cluster.connect()
+
+
+@ray.remote
+def work(token, marker):
+    os.environ["HF_TOKEN"] = token  # as on a node whose environment holds the token
+    logging.getLogger("galaxysae.worker_check").info("%s reading s3://AKIAEXAMPLE:%s@bucket/x", marker, token)
+    print(marker, "a library prints the token", token, file=sys.stderr, flush=True)
+    print(marker, "and on stdout", token, flush=True)
+    return os.getpid()
+
+
+# an actor-level runtime_env of its own (as embed's encoders have) still gets the job's hook
+ray.get(work.options(runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}}).remote(*sys.argv[1:]))
+"""
+
+
+def test_what_a_ray_worker_prints_or_logs_is_redacted_and_its_info_lines_shown(ray_cluster, tmp_path, ledger):
+    """Job code and libraries inside Ray workers (embed's encoders, Train workers) print to the
+    worker's stdout/stderr, which Ray writes to its session logs and echoes on the driver's
+    console: the job's worker setup hook redacts them as the driver's log is, and galaxysae's
+    INFO lines from a worker are shown (a worker's root logger has no handler of its own)."""
+    secret = "hf_CANARY" + secrets.token_hex(12)
+    marker = "worker-check-" + secrets.token_hex(4)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-c", WORKER_SCRIPT, secret, marker], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    logs = list(Path(ray_cluster.temp_dir).glob("session_*/logs"))
+
+    def worker_lines() -> list[str]:
+        return [line for d in logs for p in d.glob("worker-*") if p.is_file()
+                for line in p.read_text(errors="replace").splitlines() if marker in line]
+
+    deadline = time.monotonic() + 60  # the worker's files are written as it prints: a margin
+    while len(worker_lines()) < 3 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    lines = worker_lines()
+    assert any(f"INFO galaxysae.worker_check: {marker} reading s3://***@bucket/x" in line
+               for line in lines), lines
+    assert any("a library prints the token ***" in line for line in lines), lines
+    assert any("and on stdout ***" in line for line in lines), lines
+    found = [p for d in logs for p in d.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
+    assert not found and secret not in proc.stdout + proc.stderr, found
+    ledger.fault("secret canaries in a worker", 3)
