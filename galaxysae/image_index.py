@@ -93,14 +93,15 @@ def read_rows(shard: str, rows: list[tuple[int, str]]) -> dict[str, bytes]:
                 raise KeyError(f"{shard}: row {row} (id_str {id_str!r}) is beyond the shard: stale index?")
             wanted[g].append((row - int(bounds[g]), id_str))
         for g, items in wanted.items():
-            t = pf.read_row_group(g, columns=["id_str", "image"])
+            # only the wanted rows become Python objects (a row group holds ~100 images)
+            t = pf.read_row_group(g, columns=["id_str", "image"]).take([r for r, _ in items])
             got_ids = t.column("id_str").to_pylist()
             images = t.column("image").to_pylist()
-            for r, id_str in items:
-                if str(got_ids[r]) != id_str:
-                    raise KeyError(f"{shard}: row {int(bounds[g]) + r} holds {got_ids[r]!r}, not "
+            for j, (r, id_str) in enumerate(items):
+                if str(got_ids[j]) != id_str:
+                    raise KeyError(f"{shard}: row {int(bounds[g]) + r} holds {got_ids[j]!r}, not "
                                    f"{id_str!r}: the image index is stale; rebuild it")
-                img = images[r]
+                img = images[j]
                 data = img.get("bytes") if isinstance(img, dict) else img
                 if data is None:
                     raise ValueError(f"{shard}: id_str {id_str!r} has no image bytes")

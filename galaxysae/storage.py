@@ -295,6 +295,10 @@ def write_parquet(table, url: str, **kwargs) -> None:
 def listdir(url: str, suffix: str = "") -> list[str]:
     """Sorted full URLs of the files directly under ``url`` ending with ``suffix`` (hidden skipped)."""
     fs, path = fsspec_fs(url)
+    # fsspec caches listings per filesystem instance (shared here): a cached one would miss what
+    # other processes (Ray workers) wrote since, and exists() answers from a cached parent
+    # listing too, so a listing is neither read from nor left in the cache
+    fs.invalidate_cache(path)
     try:
         if is_remote(url):
             entries = _with_retries(url, "listing", lambda: fs.ls(path, detail=True))
@@ -302,6 +306,8 @@ def listdir(url: str, suffix: str = "") -> list[str]:
             entries = fs.ls(path, detail=True)
     except FileNotFoundError:
         return []
+    finally:
+        fs.invalidate_cache(path)
     out = []
     for e in entries:
         name = posixpath.basename(e["name"].rstrip("/"))

@@ -236,3 +236,13 @@ def test_two_dictionaries_that_would_share_a_results_folder_are_refused():
     assert render.folder_names([a, D(family="sae", name="t1", url="x/t1")]) == ["sae-t0", "sae-t1"]
     with pytest.raises(ValueError, match="share"):
         render.folder_names([a, b], ["same", "same"])
+
+
+def test_a_grid_task_is_sent_its_own_galaxies_images_only():
+    """Each grid task unpickles what it is sent: the thumbnails (and recorded failures) of its
+    own features' top galaxies, not those of every chosen feature."""
+    jobs = [{"items": [("a", 3.0), ("b", 2.0)]}, {"items": [("b", 1.0), ("c", 0.5)]}]
+    thumbs = {k: k.encode() * 3 for k in "abdef"}
+    failures = {"c": "OSError: truncated", "f": "OSError: broken"}
+    mine, bad = render._chunk_images(jobs, thumbs, failures)
+    assert mine == {"a": b"aaa", "b": b"bbb"} and bad == {"c": "OSError: truncated"}
