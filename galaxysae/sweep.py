@@ -68,7 +68,9 @@ class Config:
     """A Ray Tune sweep of SAE trainings: galaxysae sweep --config S.toml."""
 
     train_config: str = field(default="", metadata={
-        "help": "base train TOML (our or the original layout); relative: to the working dir"})
+        "help": ("base train TOML (our or the original layout); relative: in a sweep TOML, "
+                 "beside that file (else, for older configs, from the working dir); on the "
+                 "command line, from the working dir")})
     embeddings: str = field(default="", metadata={"help": "as for train (overrides the base config)"})
     output: str = field(default="", metadata={"help": "sweep directory, local or s3://"})
     search: Literal["grid", "random"] = "grid"
@@ -107,11 +109,26 @@ class Config:
                 raise ValueError(f"'space.matryoshka_groups' entry {groups} must be positive sizes")
 
 
+def preprocess_toml(data: dict, path: str) -> dict:
+    """A relative ``train_config`` in a sweep TOML names a file beside it, so the pair works from
+    any working directory (the image's configs are in /opt/galaxysae/configs, its workdir is
+    elsewhere). One found only from the working directory (older configs said
+    "configs/train.toml" and ran from the checkout) still is."""
+    tc = data.get("train_config")
+    if isinstance(tc, str) and tc and not os.path.isabs(tc) and not storage.is_remote(tc):
+        beside = os.path.join(os.path.dirname(os.path.abspath(path)), tc)
+        if os.path.isfile(beside) or not os.path.isfile(tc):
+            data = {**data, "train_config": beside}
+    return data
+
+
 def base_train_config(cfg: Config) -> dict:
     """The base train config as data, with the sweep's overrides applied."""
     path = Path(cfg.train_config)
     if not path.is_file():
-        raise config.ConfigError(f"train_config {cfg.train_config} does not exist")
+        raise config.ConfigError(
+            f"key 'train_config': {cfg.train_config} does not exist (a relative train_config in a "
+            f"sweep TOML is read beside that file; --train_config PATH names another)")
     data = train_job.preprocess_toml(tomllib.loads(path.read_text()), str(path))
     # the sweep's resources, not the base's (the original Matryoshka TOML says device = "cuda")
     data.update(embeddings=cfg.embeddings, mode="ray", num_workers=cfg.num_workers,

@@ -852,6 +852,20 @@ def use_ray(cfg: Config) -> bool:
     return cfg.mode == "ray"
 
 
+def check_device(cfg: Config) -> None:
+    """A one-process run on a CUDA device this machine lacks stops before anything is read or
+    written, as a config error (the original Matryoshka TOML says device = "cuda"). Ray runs
+    take their devices from the cluster (use_gpu), not from this machine."""
+    if use_ray(cfg) or not cfg.device.startswith("cuda"):
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise config.ConfigError(
+            f"key 'device' is {cfg.device!r}, but torch sees no CUDA device on this machine: pass "
+            "--device auto (the GPU when there is one, else the CPU) or --device cpu")
+
+
 def check_width(cfg: Config, d_in: int, source: str) -> None:
     if cfg.input_dim and cfg.input_dim != d_in:
         raise ValueError(f"input_dim (the config's [model] input_dim) is {cfg.input_dim}, but "
@@ -867,6 +881,7 @@ def run(cfg: Config, callbacks=None, shared: SharedSplits | None = None) -> dict
     cfg = config.absolute_paths(cfg, inputs=("embeddings", "ids", "test_embeddings", "test_ids"),
                                 outputs=("output",))  # Ray Train workers run elsewhere
     metrics_url = storage.join(cfg.output, "metrics.json")
+    check_device(cfg)
     storage.check_writable(cfg.output)  # wrong credentials / unreachable store: fail first
     train, test = shared.get() if shared is not None else load_data(cfg)
     check_width(cfg, train.x.shape[1], train.source)

@@ -22,6 +22,31 @@ def test_sweep_config_names_bad_keys(tmp_path):
         config.parse_args(sweep_job.Config, ["--config", str(bad), "--embeddings", "e", "--output", "o"])
 
 
+def test_a_relative_train_config_in_a_sweep_toml_is_read_beside_it(tmp_path, monkeypatch):
+    """The shipped sweep configs work from any working directory (the image's workdir is not
+    where its configs are); an older config's path from the working directory still works, and
+    a missing file is a config error that names the key and the flag."""
+    def parse(path, *extra):
+        return config.parse_args(sweep_job.Config, ["--config", str(path), "--embeddings", "e",
+                                                    "--output", "o", *extra],
+                                 preprocess=sweep_job.preprocess_toml)
+
+    monkeypatch.chdir(tmp_path)
+    for name in ("configs/sweep.toml", "configs/demo/sweep.toml"):
+        cfg = parse(REPO / name)
+        assert Path(cfg.train_config).parent == (REPO / name).parent, cfg.train_config
+        assert sweep_job.base_train_config(cfg)["model"]
+    old = tmp_path / "old.toml"
+    old.write_text('train_config = "configs/demo/train_topk.toml"\n[space]\nk = [4]\n')
+    monkeypatch.chdir(REPO)
+    assert parse(old).train_config == "configs/demo/train_topk.toml"
+    assert parse(old, "--train_config", "configs/train.toml").train_config == "configs/train.toml"
+    missing = tmp_path / "missing.toml"
+    missing.write_text('train_config = "nowhere.toml"\n[space]\nk = [4]\n')
+    with pytest.raises(config.ConfigError, match=r"key 'train_config': .*nowhere.toml does not exist.*--train_config"):
+        sweep_job.base_train_config(parse(missing))
+
+
 def test_trial_config_applies_params():
     base = {"model": {"n_latents": 64, "matryoshka_groups": [32, 32], "k": 4, "aux_k": 128,
                       "multik": 0}, "optim": {}}

@@ -329,3 +329,17 @@ def test_streamed_embeddings_come_in_another_file_order_each_epoch(ray_cluster, 
         assert epoch0 != in_name_order and epoch1 != epoch0
     finally:
         ctx.execution_options.preserve_order = saved
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="asks for a CUDA device this machine lacks")
+def test_a_cuda_device_this_machine_lacks_is_a_config_error_before_anything_is_written(tmp_path, capsys):
+    """The original Matryoshka TOML says device = "cuda": on a laptop the run stops as a config
+    error naming the key and the flag to pass, with no traceback and no output folder."""
+    x, _ = planted(64, 8, 16, 2)
+    np.save(tmp_path / "embeddings.npy", x)
+    with pytest.raises(SystemExit) as stop:
+        run_cli("--embeddings", str(tmp_path / "embeddings.npy"), "--output", str(tmp_path / "sae"),
+                "--mode", "local", "--device", "cuda")
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "key 'device' is 'cuda'" in err and "--device auto" in err, err
+    assert not (tmp_path / "sae").exists()
