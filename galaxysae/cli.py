@@ -1,13 +1,23 @@
 """The ``galaxysae`` command: one subcommand per job, each a thin door onto ``<module>.run(cfg)``.
 
 A job module defines ``Config`` (a dataclass) and ``run(cfg)``; it may define
-``preprocess_toml(data, path)`` to accept a foreign TOML layout. Modules are imported only when
-their job is asked for, so ``galaxysae synth`` never imports Ray or torch.
+``preprocess_toml(data, path)`` to accept a foreign TOML layout, and ``check_config(cfg)`` for
+checks beyond ``Config.validate()`` that ``--check`` makes too (cheap ones: no Ray, no data
+read; a fault raises ``config.ConfigError``). Modules are imported only when their job is asked
+for, so ``galaxysae synth`` never imports Ray or torch.
+
+``galaxysae <job> --config FILE [--KEY VALUE ...] --check`` parses and validates the config as a
+run would, prints ``galaxysae <job>: config OK`` and exits 0 without running the job (a config
+error exits 2, as in a run): the launchers (``make submit-<job>``, ``make ray-submit-<job>``) run
+it before a job is queued, so a missing key fails at once, not after the allocation and Ray
+started.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import io
 import logging
 import sys
 
@@ -28,10 +38,26 @@ JOBS: dict[str, tuple[str, str]] = {
 }
 
 
+CHECK = "--check"
+CHECK_HELP = (f"  {CHECK}  parse and validate the config as a run would, print 'config OK' and\n"
+              "           exit 0 without running the job (a config error exits 2, as in a run)")
+
+
 def _usage() -> str:
     width = max(map(len, JOBS))
     rows = "\n".join(f"  {name:<{width}}  {desc}" for name, (_, desc) in JOBS.items())
-    return f"usage: galaxysae <job> [--config FILE.toml] [--KEY VALUE ...]\n\njobs:\n{rows}\n"
+    return (f"usage: galaxysae <job> [--config FILE.toml] [--KEY VALUE ...] [{CHECK}]\n\njobs:\n{rows}\n\n"
+            f"options:\n{CHECK_HELP}\n  <job> --help  the job's keys and their defaults\n")
+
+
+def _job_help(module, name: str) -> str:
+    """``galaxysae <job> --help``: the config parser's help (the job's keys), plus ``--check``."""
+    text = io.StringIO()
+    with contextlib.redirect_stdout(text), contextlib.suppress(SystemExit):
+        config.parse_args(module.Config, ["--help"], prog=f"galaxysae {name}")
+    lines = [f"{line} [{CHECK}]" if line.startswith(f"usage: galaxysae {name} ") else line
+             for line in text.getvalue().rstrip("\n").split("\n")]
+    return "\n".join(lines) + f"\n\noptions:\n{CHECK_HELP}"
 
 
 def load_job(name: str):
@@ -96,7 +122,12 @@ def main(argv: list[str] | None = None) -> int:
         print(_usage())
         return 0
     name, rest = argv[0], argv[1:]
+    check = CHECK in rest
+    rest = [a for a in rest if a != CHECK]
     module = load_job(name)
+    if "-h" in rest or "--help" in rest:
+        print(_job_help(module, name))
+        return 0
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_Redacting(LOG_FORMAT))
     logging.basicConfig(level=logging.INFO, handlers=[handler])  # no-op where logging is set up
@@ -106,6 +137,12 @@ def main(argv: list[str] | None = None) -> int:
             module.Config, rest, prog=f"galaxysae {name}",
             preprocess=getattr(module, "preprocess_toml", None),
         )
+        if check:
+            extra = getattr(module, "check_config", None)
+            if callable(extra):
+                extra(cfg)
+            print(f"galaxysae {name}: config OK")
+            return 0
         result = module.run(cfg)  # may still find a key at fault (a path, a file it names)
     except config.ConfigError as exc:
         config.exit_on_error(exc)

@@ -122,6 +122,12 @@ def preprocess_toml(data: dict, path: str) -> dict:
     return data
 
 
+def check_config(cfg: Config) -> None:
+    """``galaxysae sweep ... --check`` (run by the launchers before a sweep is queued): the base
+    train config exists and is a valid train config with the sweep's overrides."""
+    config.from_dict(train_job.Config, base_train_config(cfg), cfg.train_config)
+
+
 def base_train_config(cfg: Config) -> dict:
     """The base train config as data, with the sweep's overrides applied."""
     path = Path(cfg.train_config)

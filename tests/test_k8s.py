@@ -5,7 +5,12 @@ object that lists ``properties`` (and does not say x-kubernetes-preserve-unknown
 any other key, as the API server's structural pruning would silently drop it: a misspelt field
 fails here instead of vanishing on the cluster. The CRDs are read from GALAXYSAE_KUBERAY_CRDS
 (default: ../shared/kuberay beside the checkout); they are never copied into the repo.
-ConfigMaps are checked too: each config they carry must load as its job's typed config.
+ConfigMaps are checked too: each config they carry must load as its job's typed config, and each
+command of a RayJob's entrypoint must pass ``galaxysae <job> --config FILE --check`` with the file
+its ConfigMap mounts. An entrypoint reaches the cluster through two shells (KubeRay's submitter
+puts it unquoted into a ``ray job submit ... -- ENTRYPOINT ; fi ; ...`` line, and Ray's job
+supervisor runs what ``ray job submit`` re-quoted with shlex.join): a chain of jobs must be one
+``bash -c "..."``, never a bare ``&&`` that the submitter's shell would take for its own.
 """
 
 from __future__ import annotations
@@ -14,6 +19,9 @@ import copy
 import importlib
 import os
 import re
+import shlex
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -23,7 +31,9 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 K8S = REPO / "k8s"
 CRD_DIR = Path(os.environ.get("GALAXYSAE_KUBERAY_CRDS", REPO.parent / "shared" / "kuberay"))
-JOBS = ("embed", "train", "sweep", "render")
+# a RayJob per launcher job: atlas.yaml runs pca, compare, render and atlas in that order
+JOBS = ("embed", "train", "sweep", "render", "atlas")
+GPU_JOBS = {"embed", "train", "sweep"}  # the rest run on CPUs only
 
 
 def openapi_to_jsonschema(node, strict: bool = True):
@@ -126,15 +136,18 @@ def _check_rayjob(doc: dict, configmaps: dict, where: str) -> None:
         f"{where}: ttlSecondsAfterFinished must be set, at most 600 s (GPU pods are held that long)"
     assert spec["rayClusterSpec"].get("authOptions", {}).get("mode") == "token", \
         f"{where}: Ray token auth must be on (rayClusterSpec.authOptions.mode: token)"
-    job = re.match(r"galaxysae (\w+) --config (\S+)", spec["entrypoint"])
-    assert job, f"{where}: entrypoint must run `galaxysae <job> --config FILE`: {spec['entrypoint']}"
+    jobs = [(job, path) for job, path, _ in entrypoint_commands(spec["entrypoint"], where)]
     cluster = spec["rayClusterSpec"]
     pods = [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
-    # a GPU worker group exactly where the job uses GPUs (render's encode and grids run on CPUs)
+    # a GPU worker group exactly where a job uses GPUs (pca, compare, render, atlas run on CPUs)
     has_gpu = any("nvidia.com/gpu" in c.get("resources", {}).get("limits", {})
                   for g in cluster["workerGroupSpecs"] for c in g["template"]["spec"]["containers"])
-    assert has_gpu == (job.group(1) != "render"), \
-        f"{where}: {'no' if not has_gpu else 'an idle'} GPU worker group for {job.group(1)}"
+    names = [job for job, _ in jobs]
+    assert has_gpu == bool(GPU_JOBS & set(names)), \
+        f"{where}: {'no' if not has_gpu else 'an idle'} GPU worker group for {', '.join(names)}"
+    # render's select = "aligned" reads compare's answers: compare first
+    if "compare" in names and "render" in names:
+        assert names.index("compare") < names.index("render"), f"{where}: render runs before compare"
     mounted = set()
     for pod in pods:
         volumes = {v["name"]: v for v in pod["spec"].get("volumes", [])}
@@ -159,7 +172,42 @@ def _check_rayjob(doc: dict, configmaps: dict, where: str) -> None:
                     assert name in configmaps, f"{where}: ConfigMap {name} is not defined beside the RayJob"
                     for key in configmaps[name]["data"]:
                         mounted.add(f"{m['mountPath'].rstrip('/')}/{key}")
-    assert job.group(2) in mounted, f"{where}: {job.group(2)} is not mounted from a ConfigMap ({sorted(mounted)})"
+    for job, path in jobs:
+        assert path in mounted, f"{where}: {job}'s {path} is not mounted from a ConfigMap ({sorted(mounted)})"
+
+
+def entrypoint_commands(entrypoint: str, where: str = "entrypoint") -> list[tuple[str, str, list[str]]]:
+    """The ``galaxysae <job> --config FILE [--key value ...]`` commands an entrypoint runs, in order,
+    as (job, FILE, argv after the job), read as the two shells on its way read it.
+
+    KubeRay's submitter pod runs ``... ray job submit ... -- ENTRYPOINT ; fi ; ray job logs ...``
+    in bash, so the entrypoint must be one simple command there; ``ray job submit`` joins the words
+    it gets with shlex.join, and Ray's job supervisor runs that with a shell. One job is
+    ``galaxysae <job> --config FILE``; a chain is ``bash -c "CMD && CMD ..."`` (stop at the first
+    failure)."""
+    lexer = shlex.shlex(entrypoint, posix=True, punctuation_chars=True)
+    lexer.whitespace_split = True
+    words = list(lexer)
+    control = [w for w in words if w and set(w) <= set("&|;()<>")]
+    assert not control, (f"{where}: the entrypoint has {control} outside quotes: KubeRay's submitter "
+                         "shell would run that part in the submitter pod (wrap the chain in bash -c \"...\")")
+    # what Ray's job supervisor runs: ray job submit's shlex.join of the submitter's words
+    words = shlex.split(shlex.join(words))
+    if words[:2] == ["bash", "-c"]:
+        assert len(words) == 3, f"{where}: bash -c takes one quoted script: {words}"
+        script = words[2]
+        assert "||" not in script and ";" not in script, \
+            f"{where}: chain the jobs with && only (stop at the first failure): {script}"
+        commands = [shlex.split(part) for part in script.split("&&")]
+    else:
+        commands = [words]
+    out = []
+    for argv in commands:
+        text = shlex.join(argv)
+        assert len(argv) >= 4 and argv[0] == "galaxysae" and argv[2] == "--config", \
+            f"{where}: each command must be `galaxysae <job> --config FILE [--key value ...]`: {text}"
+        out.append((argv[1], argv[3], argv[1:]))
+    return out
 
 
 def _check_configmap(doc: dict, where: str) -> None:
@@ -227,3 +275,55 @@ def test_check_jsonschema_cli_agrees(tmp_path, rayjob_validator):
     fail = subprocess.run([str(cli), "--schemafile", str(schema), str(tmp_path / "bad.json")],
                           capture_output=True, text=True)
     assert fail.returncode != 0 and "entrypointNumGPUs" in fail.stdout + fail.stderr
+
+
+def _rayjobs() -> list[tuple[Path, dict, dict]]:
+    """(manifest, RayJob, {mount path/key: text} of the ConfigMaps it mounts)."""
+    out = []
+    for path in _manifests():
+        docs = _docs(path)
+        cms = {d["metadata"]["name"]: d for d in docs if d.get("kind") == "ConfigMap"}
+        for doc in docs:
+            if doc.get("kind") != "RayJob":
+                continue
+            files = {}
+            head = doc["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
+            vols = {v["name"]: v for v in head.get("volumes", [])}
+            for c in head["containers"]:
+                for m in c.get("volumeMounts", []):
+                    cm = vols.get(m["name"], {}).get("configMap")
+                    if cm and cm["name"] in cms:
+                        for key, text in cms[cm["name"]]["data"].items():
+                            files[f"{m['mountPath'].rstrip('/')}/{key}"] = text
+            out.append((path, doc, files))
+    return out
+
+
+@pytest.mark.parametrize("path, doc, files", _rayjobs(), ids=lambda v: v.name if isinstance(v, Path) else None)
+def test_entrypoint_commands_pass_check(path, doc, files, tmp_path):
+    """Every command of the entrypoint, as written, passes `galaxysae <job> ... --check` with the
+    config its ConfigMap mounts (copied here, since /etc/galaxysae exists only in the pod)."""
+    commands = entrypoint_commands(doc["spec"]["entrypoint"], str(path.relative_to(REPO)))
+    for mount, text in files.items():
+        local = tmp_path / mount.lstrip("/")
+        local.parent.mkdir(parents=True, exist_ok=True)
+        local.write_text(text)
+    for job, config_path, argv in commands:
+        argv = [str(tmp_path / a.lstrip("/")) if a in files else a for a in argv]
+        out = subprocess.run([sys.executable, "-m", "galaxysae", *argv, "--check"], cwd=tmp_path,
+                             capture_output=True, text=True)
+        assert out.returncode == 0 and f"galaxysae {job}: config OK" in out.stdout, \
+            f"{path.name}: {job} --config {config_path} does not pass --check:\n{out.stdout}{out.stderr}"
+    if path.name == "atlas.yaml":
+        assert [job for job, _, _ in commands] == ["pca", "compare", "render", "atlas"]
+        assert not {"embed", "train", "sweep"} & {job for job, _, _ in commands}
+
+
+def test_entrypoint_chain_is_one_submitter_command():
+    """A bare && in an entrypoint would split KubeRay's submitter line: refused."""
+    ok = entrypoint_commands('bash -c "galaxysae pca --config /a.toml && galaxysae atlas --config /b.toml"')
+    assert [(j, p) for j, p, _ in ok] == [("pca", "/a.toml"), ("atlas", "/b.toml")]
+    with pytest.raises(AssertionError, match="outside quotes"):
+        entrypoint_commands("galaxysae pca --config /a.toml && galaxysae atlas --config /b.toml")
+    with pytest.raises(AssertionError, match="galaxysae <job> --config"):
+        entrypoint_commands('bash -c "galaxysae pca --config /a.toml && rm -rf /b"')

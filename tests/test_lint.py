@@ -59,6 +59,7 @@ def shell_scripts() -> list[Path]:
 def test_discovers_the_known_scripts():
     found = {str(p.relative_to(REPO)) for p in shell_scripts()}
     for expected in (".ci/run", "scripts/demo.sh", "slurm/ray_cluster.sh", "slurm/embed.sbatch",
+                     "slurm/pca.sbatch", "slurm/compare.sbatch", "slurm/atlas.sbatch",
                      "tests/services/system_deps.sh"):
         assert expected in found, f"{expected} was not discovered as a shell script: {sorted(found)}"
 

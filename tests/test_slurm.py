@@ -231,12 +231,17 @@ def test_cancel_resubmit_and_requeue(slurm, offline_hub, many_shards, s3_prefix,
 @pytest.mark.parametrize("target, gpus, gres", [
     ("submit-embed", None, "--gres=gpu:1"), ("submit-sweep", None, "--gres=gpu:1"),
     ("submit-render", None, None),  # render's encode and grids run on CPUs
+    ("submit-pca", None, None), ("submit-compare", None, None), ("submit-atlas", None, None),  # CPUs too
+    ("submit-train", None, "--gres=gpu:1"),
     ("submit-render", "2", "--gres=gpu:2"), ("submit-embed", "0", None)])
 def test_make_submit_asks_for_gpus_only_where_the_job_uses_them(target, gpus, gres):
     args = ["make", "-n", target] + ([f"GPUS={gpus}"] if gpus else [])
     out = subprocess.run(args, cwd=REPO, capture_output=True, text=True, check=True).stdout
     sbatch = next(line for line in out.splitlines() if "sbatch --parsable" in line)
     assert re.findall(r"--gres=\S+", sbatch) == ([gres] if gres else []), sbatch
+    job = target.removeprefix("submit-")
+    assert f"--job-name=gs-{job} " in sbatch and f"slurm/{job}.sbatch --config" in sbatch, sbatch
+    assert (REPO / "slurm" / f"{job}.sbatch").is_file()
 
 
 @pytest.mark.parametrize("spec, worker_cpus", [
