@@ -200,36 +200,127 @@ def _standardise(a: np.ndarray) -> np.ndarray:
 SPARSE_BELOW = 0.25
 
 
-def _sparse_rank_products(codes, rl: np.ndarray) -> np.ndarray:
-    """Pearson of the average ranks of each column of the sparse ``codes`` [n, M] (scipy CSC)
-    with the standardised ``rl`` [n, k] (columns summing to 0; NaN-free), touching only the
-    non-zeros: a column's zeros share one average rank c_j, so sum_i (r_ij - mean) rl_i =
-    sum over its non-zeros of (r_ij - c_j) rl_i, and its norm follows from the counts. Equal to
-    the dense ranks' product, at O(nnz log nnz) instead of O(n M log n). NaN for a constant column."""
+@dataclass
+class SortedColumns:
+    """Sparse codes[N, M] with each column's non-zeros sorted by value, made once per dictionary
+    (:func:`sort_columns`). Which galaxies a question was asked of, or a shuffle of the votes,
+    changes which non-zeros count, never their order, their sign or which of them tie: every
+    missingness pattern of :func:`spearman` and every shuffle reads its ranks off this in O(nnz)
+    (:func:`_sparse_rank_products`) instead of sorting again."""
+
+    shape: tuple[int, int]
+    indptr: np.ndarray  # [M + 1]: column j's non-zeros are [indptr[j], indptr[j + 1])
+    rows: np.ndarray  # [nnz] the galaxy of each non-zero
+    values: np.ndarray  # [nnz] its code (the codes' dtype), ascending within a column
+    negative: np.ndarray  # [M] how many of a column's non-zeros are < 0 (its first ones)
+    runs: np.ndarray  # [R, 2] start and end (exclusive) of each run of >= 2 equal non-zeros of a column
+    run_column: np.ndarray  # [R] the column of each run
+    tied: np.ndarray  # [T] the non-zeros in those runs ...
+    tied_run: np.ndarray  # [T] ... and the run of each
+    nan_columns: np.ndarray  # [M] bool: a NaN code has no rank, the column's rho is NaN (as dense)
+
+    def matrix(self):
+        """The codes as a scipy CSC matrix on these arrays (no copy; rows unsorted in a column)."""
+        from scipy import sparse
+
+        return sparse.csc_matrix((self.values, self.rows, self.indptr), shape=self.shape)
+
+
+def sort_columns(codes):
+    """codes[N, M] (an array, scipy sparse, or already :class:`SortedColumns`) -> what
+    :func:`spearman` ranks: :class:`SortedColumns` when fewer than SPARSE_BELOW of the codes are
+    non-zero, else the dense array. One sort of the non-zeros, by column then value; rows and
+    offsets are int32 while they fit."""
     from scipy import sparse
 
+    if isinstance(codes, SortedColumns):
+        return codes
+    codes = sparse_if_sparse(codes)
+    if not sparse.issparse(codes):
+        return codes
     n, m = codes.shape
-    counts = np.diff(codes.indptr)
-    cols = np.repeat(np.arange(m), counts)
-    v = codes.data.astype(np.float64)
-    order = np.lexsort((v, cols))
-    vs, cs, rows = v[order], cols[order], codes.indices[order]
-    pos = np.arange(len(vs)) - codes.indptr[cs]  # 0-based place among the column's non-zeros
-    new = np.ones(len(vs), bool)
-    new[1:] = (vs[1:] != vs[:-1]) | (cs[1:] != cs[:-1])
-    group = np.cumsum(new) - 1
-    first = pos[new]
-    tie_rank = first + (np.bincount(group) - 1) / 2 + 1  # average rank of each run of ties
-    zeros = n - counts
-    negative = np.bincount(cs[vs < 0], minlength=m)
-    r = tie_rank[group] + zeros[cs] * (vs > 0)  # the zeros rank between negatives and positives
-    c = negative + (zeros + 1) / 2
-    mean = (n + 1) / 2
-    norm2 = zeros * (c - mean) ** 2 + np.bincount(cs, weights=(r - mean) ** 2, minlength=m)
-    s = sparse.csc_matrix((r - c[cs], (rows, cs)), shape=(n, m))
+    idx = np.int32 if max(n, codes.nnz) < 2**31 else np.int64
+    rows = np.repeat(np.arange(n, dtype=idx), np.diff(codes.indptr))
+    data, cols = codes.data, codes.indices
+    if (data == 0).any():  # a stored 0 must rank with the implicit zeros, not among the non-zeros
+        nz = data != 0
+        rows, data, cols = rows[nz], data[nz], cols[nz]
+    order = np.lexsort((data, cols))  # by column, then value (ties: by galaxy)
+    rows, values = rows[order], data[order]
+    del order
+    indptr = np.zeros(m + 1, idx)
+    np.cumsum(np.bincount(cols, minlength=m), out=indptr[1:])
+    col = np.repeat(np.arange(m, dtype=idx), np.diff(indptr))
+    negative = np.bincount(col[values < 0], minlength=m).astype(idx)
+    nan_columns = np.bincount(col[np.isnan(values)], minlength=m) > 0
+    # ties: runs of equal values within a column (NaN equals nothing)
+    same = (values[1:] == values[:-1]) & (col[1:] == col[:-1])  # [nnz - 1]: i + 1 ties with i
+    tied = np.zeros(len(values), bool)
+    tied[1:] |= same
+    tied[:-1] |= same
+    tied = np.flatnonzero(tied).astype(idx)
+    first = np.ones(len(tied), bool)  # a tied non-zero that starts its run
+    first[1:] = ~same[tied[1:] - 1]
+    tied_run = (np.cumsum(first) - 1).astype(idx)
+    starts = tied[first]
+    runs = np.column_stack([starts, starts + np.bincount(tied_run)]).astype(idx)
+    return SortedColumns((n, m), indptr, rows, values, negative, runs, col[starts], tied, tied_run,
+                         nan_columns)
+
+
+def _sparse_rank_products(codes: SortedColumns, mask: np.ndarray, rl: np.ndarray) -> np.ndarray:
+    """Pearson of the average ranks of each column of the sparse ``codes`` [N, M] over the
+    galaxies in ``mask`` [N] (n of them) with the standardised ``rl`` [n, k] (the votes of those
+    galaxies; columns summing to 0; NaN-free), touching only the non-zeros, in O(nnz) (the sort
+    is done once, in :func:`sort_columns`) instead of O(n M log n) for dense ranks; equal to them.
+
+    A column's zeros share one average rank c_j, so sum_i (r_ij - mean) rl_i = sum over its
+    non-zeros of (r_ij - c_j) rl_i. The pattern keeps a column's non-zeros of the galaxies in
+    ``mask``, in the sorted order: the p-th kept one (0-based) ranks p + 1, plus the zeros when
+    positive, and a run of t kept equal ones shares its average. p is the count of kept
+    non-zeros before it in its column (a cumulative sum over all of them). Non-zeros of other
+    galaxies get a value too, but meet a 0 in the votes. The norm follows from the counts: the
+    ranks' sum of squares about the mean is (n^3 - n - sum over ties of t^3 - t) / 12, the zeros
+    a tie of z_j. NaN for a constant column."""
+    from scipy import sparse
+
+    n_all, m = codes.shape
+    n = int(mask.sum())
+    idx = codes.indptr.dtype
+    keep = mask[codes.rows]
+    before = np.empty(len(keep) + 1, idx)  # kept non-zeros before each non-zero
+    before[0] = 0
+    np.cumsum(keep, dtype=idx, out=before[1:])
+    start = before[codes.indptr[:-1]]
+    count = (before[codes.indptr[1:]] - start).astype(np.float64)  # kept non-zeros of each column
+    negative = before[codes.indptr[:-1] + codes.negative] - start
+    zeros = n - count
+    c = negative + (zeros + 1) / 2  # the zeros rank between the negatives and the positives
+    # r - c of a non-zero = p + 1 - c_j (+ z_j when positive) = before - (start_j - 1 + c_j (- z_j)):
+    # one shift per column's negatives and one per its positives, laid out as steps at the start of
+    # each and a cumulative sum (np.repeat copies value by value; half-integers add exactly)
+    shift = np.column_stack([start - 1 + c, start - 1 + c - zeros]).ravel()
+    seg_start = np.column_stack([codes.indptr[:-1], codes.indptr[:-1] + codes.negative]).ravel()
+    w = np.bincount(seg_start, weights=np.diff(shift, prepend=0.0), minlength=len(codes.rows) + 1)
+    w = np.cumsum(w[:-1], out=w[:-1])
+    np.subtract(before[:-1], w, out=w)
+    # a run of equal values: t kept ones from the first one's place share its average rank
+    run_start, run_end = codes.runs[:, 0], codes.runs[:, 1]
+    t = (before[run_end] - before[run_start]).astype(np.float64)
+    w[codes.tied] = (w[run_start] + (t - 1) / 2)[codes.tied_run]
+    ties = np.bincount(codes.run_column, weights=t ** 3 - t, minlength=m)
+    # n^3 - n - (z^3 - z) = (n - z) (n^2 + n z + z^2 - 1), with n - z = count: no cancellation
+    norm2 = (count * (n ** 2 + n * zeros + zeros ** 2 - 1) - ties) / 12
+    if before[-1] < len(keep) / 2:  # few galaxies asked: the product over their non-zeros only
+        s = sparse.csc_matrix((w[keep], codes.rows[keep], before[codes.indptr]), shape=(n_all, m))
+    else:
+        s = sparse.csc_matrix((w, codes.rows, codes.indptr), shape=(n_all, m))  # r_ij - c_j
+    del keep, before, w
+    full = np.zeros((n_all, rl.shape[1]))  # the votes on every galaxy's row, 0 where not asked
+    full[mask] = rl
     with np.errstate(invalid="ignore", divide="ignore"):
-        norm = np.where(norm2 > 1e-9 * n ** 3, np.sqrt(norm2), np.nan)
-        return np.asarray(s.T @ rl) / norm[:, None]
+        norm = np.where((norm2 > 1e-9 * n ** 3) & ~codes.nan_columns, np.sqrt(norm2), np.nan)
+        return np.asarray(s.T @ full) / norm[:, None]
 
 
 def sparse_if_sparse(codes):
@@ -246,17 +337,17 @@ def sparse_if_sparse(codes):
 
 
 def spearman(codes, labels: np.ndarray, min_valid: int) -> tuple[np.ndarray, np.ndarray]:
-    """codes[N, M] (an array, or scipy sparse), labels[N, C] (NaN = not asked) -> (rho[M, C],
-    n_valid[C]).
+    """codes[N, M] (an array, scipy sparse, or :class:`SortedColumns`), labels[N, C] (NaN = not
+    asked) -> (rho[M, C], n_valid[C]).
 
     Columns sharing a missingness pattern (the answers of one question) are ranked together.
     rho is NaN where a column has fewer than ``min_valid`` galaxies or either side is constant.
-    Sparse codes (an SAE's) are ranked by their non-zeros alone (see _sparse_rank_products).
+    Sparse codes (an SAE's) are ranked by their non-zeros alone (see _sparse_rank_products),
+    sorted once per call; pass :func:`sort_columns` of them to share that sort between calls
+    (the shuffles of :func:`shuffled`).
     """
-    from scipy import sparse
-
-    codes = sparse_if_sparse(codes)
-    csr = codes.tocsr() if sparse.issparse(codes) else None
+    codes = sort_columns(codes)
+    ranked = isinstance(codes, SortedColumns)
     n, m = codes.shape
     c = labels.shape[1]
     rho = np.full((m, c), np.nan)
@@ -269,9 +360,9 @@ def spearman(codes, labels: np.ndarray, min_valid: int) -> tuple[np.ndarray, np.
         mask = valid[:, cols[0]]
         if mask.sum() < min_valid:
             continue
-        rl = _standardise(_ranks(labels[mask][:, cols]))  # [n, k]
-        if csr is not None:
-            block = _sparse_rank_products(csr[mask].tocsc(), np.nan_to_num(rl))
+        rl = _standardise(_ranks(labels[:, cols][mask]))  # [n, k]
+        if ranked:
+            block = _sparse_rank_products(codes, mask, np.nan_to_num(rl))
         else:
             rf = _standardise(_ranks(codes[mask]))  # [n, M]; a column of NaN = constant feature
             block = np.nan_to_num(rf).T @ np.nan_to_num(rl)
@@ -304,8 +395,8 @@ RANK_TOLERANCE = 1e-6  # singular values below this share of the largest: depend
 
 
 def novelty(codes, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """codes[N, M] (an array or scipy sparse), design x[N, P] -> (novelty[M], r2[M]); NaN for a
-    constant feature.
+    """codes[N, M] (an array, scipy sparse or :class:`SortedColumns`), design x[N, P] ->
+    (novelty[M], r2[M]); NaN for a constant feature.
 
     ``r2`` is the plain in-sample R^2 of the least-squares fit; novelty is 1 - adjusted R^2
     (clipped to [0, 1]): with ~60 predictors and a few hundred galaxies, plain R^2 credits the
@@ -323,11 +414,17 @@ def novelty(codes, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     # so a float64 tolerance would count that dependent direction (and fit its rounding noise)
     u = u[:, s > s[0] * RANK_TOLERANCE]
     rank = u.shape[1]
+    if isinstance(codes, SortedColumns):
+        codes = codes.matrix()
     if sparse.issparse(codes):
-        c = codes.tocsc().astype(np.float64)
+        c = codes.tocsc()
+        # float64 values on the codes' own row indices (read, never changed): 8 bytes a non-zero,
+        # not a float64 copy of the whole matrix and another of its square
+        c = sparse.csc_matrix((c.data.astype(np.float64), c.indices, c.indptr), shape=c.shape)
         proj = np.asarray((c.T @ u))  # [M, rank]
-        sum_sq = np.asarray(c.multiply(c).sum(0)).ravel()
         mean = np.asarray(c.sum(0)).ravel() / n
+        c.data **= 2
+        sum_sq = np.asarray(c.sum(0)).ravel()
     else:
         c = np.asarray(codes, np.float64)
         proj = c.T @ u
@@ -390,7 +487,8 @@ def closest(rho_f: np.ndarray, z_f: np.ndarray, columns: list[str], n: int = 3) 
 def align(codes, labels: np.ndarray, columns: list[str], min_valid: int,
           corr: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
     """Per feature: the most significant column (its z, signed rho and n_valid), top-3 columns,
-    novelty. ``corr``: ``spearman(codes, labels, min_valid)`` if the caller has it already."""
+    novelty. ``codes``: as :func:`spearman` takes them; ``corr``: ``spearman(codes, labels,
+    min_valid)`` if the caller has it already."""
     rho, n_valid = corr if corr is not None else spearman(codes, labels, min_valid)
     z = significance(rho, n_valid)
     has = np.isfinite(z).any(1)
@@ -464,7 +562,7 @@ def shuffled(codes, labels: np.ndarray, min_valid: int, n_samples: int, seed: in
     m, c = codes.shape[1], labels.shape[1]
     active = np.ones(m, bool) if active is None else np.asarray(active, bool)
     rng = np.random.default_rng(seed)
-    codes = sparse_if_sparse(codes)
+    codes = sort_columns(codes)  # a shuffle moves the votes, not the codes: one sort serves all
     features, features_rho, answers = [], [], []
     for _ in range(max(1, math.ceil(n_samples / max(m, 1)), math.ceil(ANSWER_NULL_VALUES / max(c, 1)))):
         rho, n_valid = spearman(codes, labels[rng.permutation(len(labels))], min_valid)
@@ -674,7 +772,8 @@ def run(cfg: Config) -> dict:
         folder = storage.join(cfg.results, name)
         acts = activations_for(d, folder, cfg)
         write_summary(d, folder, cfg.split, acts.n_galaxies, cfg.embeddings)
-        codes = sparse_if_sparse(activations.code_matrix(acts.url, enc_ids, d.n_latents))
+        # each feature's non-zeros sorted once: every question's galaxies and every shuffle reuse it
+        codes = sort_columns(activations.code_matrix(acts.url, enc_ids, d.n_latents))
         corr = spearman(codes, lab, cfg.min_valid)
         res = align(codes, lab, columns, cfg.min_valid, corr)
         feats = acts.features

@@ -361,7 +361,8 @@ def test_sparse_codes_are_ranked_by_their_non_zeros_exactly_as_dense_ranks():
 def test_the_spearman_bench_runs_and_both_rankings_agree(capsys):
     from bench import compare as bench_compare
 
-    assert bench_compare.main(["--galaxies", "600", "--latents", "64", "--k", "4", "--rounds", "1"]) == 0
+    assert bench_compare.main(["--galaxies", "600", "--latents", "64", "--k", "4", "--rounds", "1",
+                               "--sort-galaxies", "600"]) == 0
     out = capsys.readouterr().out
     m = re.search(r"max \|rho difference\| (\S+), same NaNs: True", out)
     assert m and float(m.group(1)) < 1e-9, out
@@ -369,3 +370,126 @@ def test_the_spearman_bench_runs_and_both_rankings_agree(capsys):
     assert m and float(m.group(1)) < 1e-9, out
     assert re.search(r"target novelty_memory: [0-9.]+x less peak memory", out), out
     assert re.search(r"target sparse_spearman_speedup: [0-9.]+x", out), out
+    assert "46 vote columns in 13 missingness patterns" in out, out
+    m = re.search(r"max \|rho difference, sorted once\| (\S+), same NaNs: True", out)
+    assert m and float(m.group(1)) < 1e-9, out
+    assert re.search(r"target spearman_sort_once: [0-9.]+x \(goal >= 3x\) (PASS|FAIL)", out), out
+
+
+def _sort_per_pattern(codes, labels: np.ndarray, min_valid: int) -> np.ndarray:
+    """compare.spearman's sparse path as it was, sorting each pattern's non-zeros (kept in the
+    bench as the baseline): sorting once must give the same rho."""
+    from scipy import sparse
+
+    from bench import compare as bench_compare
+
+    return bench_compare.sort_per_pattern(sparse.csr_matrix(codes), labels, min_valid)
+
+
+def _signed_codes(n: int, m: int, rng) -> np.ndarray:
+    """Sparse signed codes (a PCA dictionary's are signed) with ties, dead and nearly dead
+    features, a negative one on half the galaxies and a positive one on all but five (both with
+    a few values, all tied)."""
+    codes = np.where(rng.random((n, m)) < 0.08, np.round(rng.normal(size=(n, m)), 1), 0.0)
+    codes[:, 0] = 0  # dead
+    codes[:, 1] = 0
+    codes[:3, 1] = -1.5  # three tied negatives
+    codes[:, 2] = np.where(rng.random(n) < 0.1, 2.0, 0.0)  # a tie of ~10% of the galaxies
+    codes[:, 3] = np.where(rng.random(n) < 0.5, -rng.integers(1, 3, n), 0.0)
+    codes[:, 4] = np.where(np.arange(n) < 5, 0.0, 1.0 + (np.arange(n) % 3))
+    return codes
+
+
+def _pattern_votes(n: int, rng) -> np.ndarray:
+    """Vote columns in four missingness patterns (one nested in another), with ties, a constant
+    answer and a question asked of fewer than min_valid = 20 galaxies."""
+    lab = np.round(rng.random((n, 9)), 1)
+    asked = rng.random(n) < 0.6
+    lab[~asked, 2:5] = np.nan
+    lab[~(asked & (rng.random(n) < 0.5)), 5:7] = np.nan  # nested in the previous question
+    lab[asked, 4] = 0.5  # constant where asked
+    few = rng.choice(n, 15, replace=False)
+    lab[:, 7] = np.nan
+    lab[few, 7] = rng.random(15)  # 15 galaxies asked: below min_valid
+    return lab
+
+
+@pytest.mark.filterwarnings("ignore:An input array is constant")  # scipy, for the dead features
+def test_sorting_once_gives_the_rho_of_sorting_per_pattern_and_of_scipy():
+    """The non-zeros are sorted once per dictionary and each pattern (and shuffle) keeps those of its
+    galaxies: rho, NaNs and n_valid must be those of sorting every pattern (the previous code) and
+    of scipy's spearmanr over the galaxies asked, for signed codes with ties, dead and dense-ish
+    features, a constant answer and a question asked of too few galaxies."""
+    from scipy import sparse, stats
+
+    rng = np.random.default_rng(8)
+    n, m = 400, 24
+    codes = _signed_codes(n, m, rng)
+    lab = _pattern_votes(n, rng)
+    assert np.count_nonzero(codes) < compare.SPARSE_BELOW * codes.size
+    ranked = compare.sort_columns(codes)
+    assert isinstance(ranked, compare.SortedColumns) and compare.sort_columns(ranked) is ranked
+    assert ranked.rows.dtype == np.int32 and len(ranked.tied) > 0
+    perm = np.random.default_rng(1).permutation(n)
+    for votes in (lab, lab[perm], lab[perm[::-1]]):  # the votes and two shuffles, one sort
+        rho, n_valid = compare.spearman(ranked, votes, min_valid=20)
+        assert list(n_valid) == list((~np.isnan(votes)).sum(0))
+        before = _sort_per_pattern(codes, votes, 20)
+        assert np.array_equal(np.isnan(rho), np.isnan(before))
+        assert np.allclose(rho, before, rtol=0, atol=1e-12, equal_nan=True)
+        assert np.isnan(rho[:, 4]).all() and np.isnan(rho[:, 7]).all() and np.isnan(rho[0]).all()
+        for f in range(1, m):
+            for j in (0, 1, 2, 3, 5, 6, 8):
+                ok = ~np.isnan(votes[:, j])
+                expect = stats.spearmanr(codes[ok, f], votes[ok, j])[0]
+                assert rho[f, j] == pytest.approx(expect, abs=1e-12, nan_ok=True), (f, j)
+    # the chance baseline: one sort for all shuffles, the values of sorting for each of them
+    null = compare.shuffled(ranked, lab, 20, 100, seed=3)
+    again = compare.shuffled(sparse.csr_matrix(codes), lab, 20, 100, seed=3)
+    assert np.array_equal(null.feature_best, again.feature_best)
+    shuffle, expect = np.random.default_rng(3), []
+    for _ in range(max(1, -(-100 // m), -(-compare.ANSWER_NULL_VALUES // lab.shape[1]))):  # 23
+        votes = lab[shuffle.permutation(n)]
+        before = _sort_per_pattern(codes, votes, 20)
+        assert np.allclose(compare.spearman(ranked, votes, 20)[0], before, rtol=0, atol=1e-12, equal_nan=True)
+        z = compare.significance(before, (~np.isnan(votes)).sum(0))
+        score = compare._scores(z, before)
+        has = score.max(1, initial=-1.0) >= 0
+        expect.append(z[np.flatnonzero(has), score.argmax(1)[has]])
+    assert np.allclose(null.feature_best, np.concatenate(expect), rtol=0, atol=1e-9)
+    # a stored 0 of a scipy matrix ranks with the implicit zeros
+    csr = sparse.csr_matrix(codes)
+    i, j = np.argwhere(codes)[0]  # the first stored value
+    csr.data[0] = 0.0
+    zeroed = codes.copy()
+    zeroed[i, j] = 0.0
+    assert np.allclose(compare.spearman(csr, lab, 20)[0], compare.spearman(zeroed, lab, 20)[0],
+                       rtol=0, atol=1e-12, equal_nan=True)
+    # a NaN code has no rank: its feature gets no rho (as with dense ranks), the others theirs
+    with_nan = codes.copy()
+    with_nan[np.flatnonzero(codes[:, 5])[0], 5] = np.nan
+    rho_nan, _ = compare.spearman(with_nan, lab, 20)
+    rho, _ = compare.spearman(codes, lab, 20)
+    assert np.isnan(rho_nan[5]).all() and np.array_equal(np.delete(rho_nan, 5, 0), np.delete(rho, 5, 0), equal_nan=True)
+    # novelty takes the sorted codes as it takes the matrix; the sorted arrays stay as they were
+    rows, values = ranked.rows.copy(), ranked.values.copy()
+    x = rng.random((n, 3))
+    assert np.allclose(compare.novelty(ranked, x)[0], compare.novelty(codes, x)[0], atol=1e-9, equal_nan=True)
+    assert np.array_equal(ranked.rows, rows) and np.array_equal(ranked.values, values)
+
+
+def test_sorted_codes_on_random_patterns_match_sorting_per_pattern():
+    """Many random small cases: runs of ties split between galaxies asked and not, columns without a
+    non-zero among the galaxies asked, questions asked of fewer than min_valid."""
+    for seed in range(25):
+        rng = np.random.default_rng(100 + seed)
+        n, m = int(rng.integers(25, 200)), int(rng.integers(1, 12))
+        codes = np.where(rng.random((n, m)) < rng.uniform(0.02, 0.2),
+                         np.round(rng.normal(size=(n, m)), int(rng.integers(0, 2))), 0.0)
+        lab = np.round(rng.random((n, 4)), 1)
+        for j, share in ((1, 0.5), (2, 0.1), (3, 0.8)):
+            lab[rng.random(n) > share, j] = np.nan
+        rho, _ = compare.spearman(codes, lab, min_valid=5)
+        before = _sort_per_pattern(codes, lab, 5)
+        assert np.array_equal(np.isnan(rho), np.isnan(before)), seed
+        assert np.allclose(rho, before, rtol=0, atol=1e-12, equal_nan=True), seed
