@@ -284,11 +284,17 @@ def load_entry(results: str, name: str, cfg: Config, chance: dict | None = None)
     hist: dict[int, np.ndarray] = {}
     act_url = storage.join(acts, "activations.parquet")
     if storage.exists(act_url):
-        t = _read_parquet(act_url)
+        import pyarrow.parquet as pq
+
+        # the histograms need feature and value only: id_str (most of the file) is not read
+        fs, path = storage.arrow_fs(act_url)
+        t = pq.read_table(path, filesystem=fs, columns=["feature", "value"])
         f = t.column("feature").to_numpy()
         v = t.column("value").to_numpy()
-        order = np.argsort(f, kind="stable")
-        f, v = f[order], v[order]
+        # activations.compute writes the file sorted by feature; sort only a file that is not
+        if not (f[:-1] <= f[1:]).all():
+            order = np.argsort(f, kind="stable")
+            f, v = f[order], v[order]
         cuts = np.searchsorted(f, np.arange(doc["n_latents"] + 1))
         hist = {i: v[cuts[i]:cuts[i + 1]] for i in range(doc["n_latents"]) if cuts[i + 1] > cuts[i]}
     plots = storage.listdir(storage.join(folder, "plots"), ".png")

@@ -9,9 +9,11 @@ object or none.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import posixpath
+import tempfile
 import uuid
 from functools import lru_cache
 from pathlib import Path
@@ -281,6 +283,37 @@ def write_bytes(url: str, data: bytes) -> None:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+@contextlib.contextmanager
+def writing(url: str):
+    """``with writing(url) as tmp:`` a local file path to write ``url``'s whole content to (a
+    file too large to hold in memory, written piece by piece); when the block ends it lands at
+    ``url`` atomically, as :func:`write_bytes` does: renamed into place beside it locally, one
+    upload (retried) on S3. An error inside the block lands nothing."""
+    url = str(url)
+    if is_remote(url):
+        fd, name = tempfile.mkstemp(prefix="galaxysae-upload-")
+        os.close(fd)
+        tmp = Path(name)
+    else:
+        dest = Path(local_path(url))
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        yield str(tmp)
+        if is_remote(url):
+            fs, path = fsspec_fs(url)
+            _with_retries(url, "write", lambda: fs.put_file(str(tmp), path))
+        else:
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def write_parquet(table, url: str, **kwargs) -> None:
