@@ -56,6 +56,10 @@ GLOSSARY = [
                    "|ρ| near 1 means the feature tracks the volunteers' answer. Tables sort on |ρ|. "
                    "A feature active on few galaxies has a small |ρ| even when its galaxies are exactly "
                    "the most extreme ones (its zeros tie): read its top galaxies' votes too."),
+    ("Top galaxies' vote vs all", "the best answer's mean vote fraction over a feature's top galaxies "
+     "(the most active; at least 5 of them asked) against its mean over every galaxy asked: "
+     "0.85 vs 0.20 reads as \"its galaxies are what the volunteers call that\", the direct "
+     "reading of a detector active on few galaxies. Tables sort on the gap."),
     ("z", "atanh|ρ| · √(n − 3), n the galaxies asked: the same |ρ| means much more over 3,000 galaxies "
           "than over 40, where chance alone gives |ρ| ≈ 0.3. Answers asked of different numbers of "
           "galaxies compare on z, so a feature's best answer is its most significant one."),
@@ -352,7 +356,8 @@ def table_page(e: Entry, cfg: Config) -> str:
                      "max": None if r["max"] is None or not math.isfinite(r["max"]) else round(r["max"], 5),
                      "best_answer": r.get("best_answer"), "best_column": r.get("best_column"),
                      "spearman": _num(r.get("spearman")), "abs_spearman": _num(r.get("abs_spearman")),
-                     "novelty": _num(r.get("novelty")), "grid": f in e.grids})
+                     "novelty": _num(r.get("novelty")), "grid": f in e.grids,
+                     **_table_votes(r, cfg.top_rows)})
     data = json.dumps(rows, separators=(",", ":")).replace("</", "<\\/")
     level_ctl = ""
     if nested:
@@ -362,7 +367,8 @@ def table_page(e: Entry, cfg: Config) -> str:
     heads = [("feature", "Feature", ""), *([("level", "Level", "num")] if nested else []),
              ("frequency", "Frequency", "num"), ("mean_active", "Mean when active", "num"),
              ("max", "Max", "num"), ("best_answer", "Best Galaxy Zoo answer", ""),
-             ("spearman", "Spearman ρ (sorts on |ρ|)", "num"), ("novelty", "Novelty", "num")]
+             ("spearman", "Spearman ρ (sorts on |ρ|)", "num"),
+             ("top_vote", "Top galaxies' vote vs all (sorts on the gap)", "num"), ("novelty", "Novelty", "num")]
     th = "".join(f'<th data-key="{k}" class="{c}">{esc(t)}</th>' for k, t, c in heads)
     alive = sum(1 for r in e.features if r["frequency"] > 0)
     body = f"""
@@ -371,7 +377,9 @@ def table_page(e: Entry, cfg: Config) -> str:
 Click a column to sort, type an answer (e.g. <i>spiral</i>, <i>edge-on</i>, <i>merger</i>) to filter,
 open a feature for its galaxies. Spearman ρ is with the best-matching vote fraction (negative: the
 feature is strongest where the fewest volunteers gave that answer, shown as <i>fewer votes for</i>);
-novelty = 1 − adjusted R² of a linear fit on all vote fractions.{_chance_line(e)}</p>
+top galaxies' vote = that answer's mean vote fraction over the feature's top {cfg.top_rows} galaxies
+against all galaxies asked (the direct reading of a feature active on few galaxies, whose ρ stays
+small); novelty = 1 − adjusted R² of a linear fit on all vote fractions.{_chance_line(e)}</p>
 <div class="controls">
 <label>Search <input type="search" id="search" placeholder="answer or feature id"></label>
 <label>min |ρ| <input type="number" id="min-rho" min="0" max="1" step="0.05" value="0"></label>
@@ -425,20 +433,42 @@ def _alignment_rows(e: Entry) -> str:
     return "".join(f"<dt>{esc(k)}</dt><dd>{esc(v)}</dd>" for k, v in rows)
 
 
+# top galaxies asked the best answer's question, at least, for the table's "top galaxies' vote"
+MIN_TOP_ASKED = 5
+
+
+def _top_vote_mean(votes: dict, top_ids: list[str]) -> tuple[float | None, int, int]:
+    """(mean vote fraction over the asked of ``top_ids``, how many of them compare saw, how many
+    were asked); None for the mean when none was."""
+    shown = [votes[i] for i in top_ids if i in votes]
+    asked = [v for v in shown if v is not None]
+    return (sum(asked) / len(asked) if asked else None), len(shown), len(asked)
+
+
 def _top_votes(r: dict, n: int) -> tuple[tuple[str, str], dict] | None:
     """(the card's line, {id_str: vote fraction or None where not asked}) for the ``n`` top
     galaxies and the feature's best answer, from compare's top_votes, or None (no answer, or
     results of an older compare)."""
     votes = dict(json.loads(r.get("top_votes") or "[]"))
-    shown = [votes[i] for i in r["top_ids"][:n] if i in votes]
+    mean_top, shown, asked = _top_vote_mean(votes, r["top_ids"][:n])
     if not r.get("best_column") or not shown:
         return None
-    asked = [v for v in shown if v is not None]
-    mean_top = frac(sum(asked) / len(asked)) if asked else "–"
     line = (f"Votes for {compare.readable(r['best_column'])}",
-            f"mean {mean_top} over its top {len(shown)} galaxies ({len(asked)} asked); "
-            f"{frac(r.get('best_column_mean'))} over all galaxies asked")
+            f"mean {frac(mean_top) if mean_top is not None else '–'} over its top {shown} galaxies "
+            f"({asked} asked); {frac(r.get('best_column_mean'))} over all galaxies asked")
     return line, votes
+
+
+def _table_votes(r: dict, n: int) -> dict:
+    """The feature table's "top galaxies' vote" columns: the mean vote for the best answer over
+    the top ``n`` galaxies (at least MIN_TOP_ASKED of them asked) beside its mean over all, and
+    the gap it sorts on. The direct reading of a sparse detector, whose rho stays small."""
+    base = _num(r.get("best_column_mean"))
+    mean_top, _, asked = (_top_vote_mean(dict(json.loads(r.get("top_votes") or "[]")), r["top_ids"][:n])
+                          if r.get("best_column") else (None, 0, 0))
+    if mean_top is None or base is None or asked < MIN_TOP_ASKED:
+        return {"top_vote": None, "all_vote": None, "abs_top_gap": None}
+    return {"top_vote": round(mean_top, 4), "all_vote": base, "abs_top_gap": round(abs(mean_top - base), 4)}
 
 
 def _num(v):

@@ -297,7 +297,31 @@ def test_table_opens_on_pc_1_and_sorts_spearman_on_its_magnitude(small_site):
         shown = b.evaluate("Array.from(document.querySelectorAll('#feature-body tr td:nth-child(6)'))"
                            ".map(td => Math.abs(parseFloat(td.textContent)))")
         assert shown == sorted(shown, reverse=True) and len(shown) == 4
+        # the top galaxies' vote against all: PC 1's are the fewest bulge "dominant" votes
+        b.evaluate("document.querySelector('th[data-key=top_vote]').click()")
+        assert b.evaluate(first).startswith("PC 1")
+        cells = b.evaluate("Array.from(document.querySelectorAll('#feature-body tr td:nth-child(7)'))"
+                           ".map(td => td.textContent)")
+        assert re.fullmatch(r"0\.0\d vs 0\.[45]\d", cells[0]), cells
         assert b.errors() == []
+
+
+def test_the_table_gives_each_feature_s_top_galaxies_vote_beside_all(small_site):
+    """The gap between the top galaxies' vote and all galaxies' is the table's direct reading of
+    a detector: PC 1 (the bulge "dominant" vote upside down) has the largest; a feature with
+    fewer than MIN_TOP_ASKED of its top galaxies asked gets none."""
+    out, _ = small_site
+    rows = _rows((out / "pca" / "index.html").read_text())
+    pc1 = next(r for r in rows if r["feature"] == 0)
+    assert pc1["top_vote"] < 0.1 and 0.4 < pc1["all_vote"] < 0.6
+    assert pc1["abs_top_gap"] == pytest.approx(pc1["all_vote"] - pc1["top_vote"], abs=1e-3)
+    assert pc1["abs_top_gap"] == max(r["abs_top_gap"] for r in rows)
+    votes = json.dumps([[f"g{i}", 0.9 if i < 4 else None] for i in range(30)])
+    few = {"best_column": BULGE, "best_column_mean": 0.2, "top_ids": [f"g{i}" for i in range(30)],
+           "top_votes": votes}
+    assert atlas._table_votes(few, 30)["top_vote"] is None  # 4 asked
+    assert atlas._table_votes({**few, "top_votes": votes.replace("null", "0.9")}, 30) == {
+        "top_vote": 0.9, "all_vote": 0.2, "abs_top_gap": 0.7}
 
 
 def test_missing_results_are_named(tmp_path):

@@ -19,7 +19,7 @@
   function firstDir(key) { return key === "feature" || key === "best_answer" ? 1 : -1; }
   var sortDir = firstDir(sortKey);
   // Spearman rho is shown with its sign but sorted on |rho|: a strong negative match is a strong match
-  var SORT_ON = { spearman: "abs_spearman" };
+  var SORT_ON = { spearman: "abs_spearman", top_vote: "abs_top_gap" };
 
   function fmt(v, digits) {
     if (v === null || v === undefined || (typeof v === "number" && !isFinite(v))) { return "–"; }
@@ -85,6 +85,8 @@
       if (r.best_column) { ans.title = r.best_column; }
       tr.appendChild(ans);
       tr.appendChild(cell(fmt(r.spearman, 2), "num"));
+      tr.appendChild(cell(r.top_vote === null || r.top_vote === undefined ? "–" :
+        fmt(r.top_vote, 2) + " vs " + fmt(r.all_vote, 2), "num"));
       tr.appendChild(cell(fmt(r.novelty, 2), "num"));
       frag.appendChild(tr);
     });
