@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from galaxysae import compare, config, storage
+from galaxysae import activations, compare, config, storage
 
 log = logging.getLogger(__name__)
 
@@ -288,11 +288,8 @@ def load_entry(results: str, name: str, cfg: Config, chance: dict | None = None)
     hist: dict[int, np.ndarray] = {}
     act_url = storage.join(acts, "activations.parquet")
     if storage.exists(act_url):
-        import pyarrow.parquet as pq
-
         # the histograms need feature and value only: id_str (most of the file) is not read
-        fs, path = storage.arrow_fs(act_url)
-        t = pq.read_table(path, filesystem=fs, columns=["feature", "value"])
+        t = activations.load_activations(acts, columns=["feature", "value"])
         f = t.column("feature").to_numpy()
         v = t.column("value").to_numpy()
         # activations.compute writes the file sorted by feature; sort only a file that is not

@@ -78,8 +78,9 @@ class _Redacting(logging.Formatter):
 
 class _RedactingStream:
     """A text stream whose writes pass through :func:`config.redact_text` first: what a library
-    prints (a warning quoting an s3:// URL with user:password@) and Python's last-resort log
-    handler. Everything else is the wrapped stream's."""
+    prints (a warning quoting an s3:// URL with user:password@), Ray's own log handlers and
+    Python's last-resort one. Everything else is the wrapped stream's (bytes written to its
+    ``buffer`` or to the file descriptor are not seen)."""
 
     def __init__(self, stream) -> None:
         self._stream = stream
@@ -88,8 +89,45 @@ class _RedactingStream:
         self._stream.write(config.redact_text(text))
         return len(text)
 
+    def writelines(self, lines) -> None:
+        for line in lines:
+            self.write(line)
+
     def __getattr__(self, name: str):
         return getattr(self._stream, name)
+
+
+def _redacting_records(factory):
+    """A LogRecord factory whose records carry their message, and the text of their exception,
+    already redacted: what every handler of the process writes, including those Ray and Ray Data
+    put on their own loggers (a session file among them) with no formatter of ours."""
+
+    def make(*args, **kwargs) -> logging.LogRecord:
+        record = factory(*args, **kwargs)
+        try:
+            message = record.getMessage()
+        except Exception:  # noqa: BLE001 - a bad format string is logging's to report, at emit
+            return record
+        clean = config.redact_text(message)
+        if clean != message:
+            record.msg, record.args = clean, None
+        if record.exc_info and record.exc_info[0] is not None:
+            record.exc_text = config.redact_text(logging.Formatter().formatException(record.exc_info))
+        return record
+
+    make.galaxysae_redacting = True
+    return make
+
+
+def redact_output() -> None:
+    """This process's stdout/stderr and log records redact credentials (once; again: no-op)."""
+    if not isinstance(sys.stdout, _RedactingStream):
+        sys.stdout = _RedactingStream(sys.stdout)
+    if not isinstance(sys.stderr, _RedactingStream):
+        sys.stderr = _RedactingStream(sys.stderr)
+    factory = logging.getLogRecordFactory()
+    if not getattr(factory, "galaxysae_redacting", False):
+        logging.setLogRecordFactory(_redacting_records(factory))
 
 
 # Ray's worker_process_setup_hook for every job (cluster.connect): a module path, imported by each
@@ -103,10 +141,7 @@ def setup_worker() -> None:
     both into its session logs and echoes them on the driver's console, so a secret a worker
     printed would be in both. The ``galaxysae`` loggers of a worker log at INFO like the
     driver's (a worker's root logger has no handler: without one only warnings would show)."""
-    if not isinstance(sys.stdout, _RedactingStream):
-        sys.stdout = _RedactingStream(sys.stdout)
-    if not isinstance(sys.stderr, _RedactingStream):
-        sys.stderr = _RedactingStream(sys.stderr)
+    redact_output()
     ours = logging.getLogger("galaxysae")
     if not ours.handlers:
         handler = logging.StreamHandler(sys.stderr)
@@ -128,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     if "-h" in rest or "--help" in rest:
         print(_job_help(module, name))
         return 0
+    redact_output()  # Ray's and libraries' lines too, not only ours
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_Redacting(LOG_FORMAT))
     logging.basicConfig(level=logging.INFO, handlers=[handler])  # no-op where logging is set up

@@ -217,7 +217,8 @@ class SortedColumns:
     run_column: np.ndarray  # [R] the column of each run
     tied: np.ndarray  # [T] the non-zeros in those runs ...
     tied_run: np.ndarray  # [T] ... and the run of each
-    nan_columns: np.ndarray  # [M] bool: a NaN code has no rank, the column's rho is NaN (as dense)
+    nan_rows: np.ndarray  # [K] galaxy and column of each NaN code: it has no rank, so a column
+    nan_cols: np.ndarray  # with one among a question's galaxies gets a NaN rho there (as dense)
 
     def matrix(self):
         """The codes as a scipy CSC matrix on these arrays (no copy; rows unsorted in a column)."""
@@ -252,7 +253,7 @@ def sort_columns(codes):
     np.cumsum(np.bincount(cols, minlength=m), out=indptr[1:])
     col = np.repeat(np.arange(m, dtype=idx), np.diff(indptr))
     negative = np.bincount(col[values < 0], minlength=m).astype(idx)
-    nan_columns = np.bincount(col[np.isnan(values)], minlength=m) > 0
+    nan = np.isnan(values)
     # ties: runs of equal values within a column (NaN equals nothing)
     same = (values[1:] == values[:-1]) & (col[1:] == col[:-1])  # [nnz - 1]: i + 1 ties with i
     tied = np.zeros(len(values), bool)
@@ -265,7 +266,7 @@ def sort_columns(codes):
     starts = tied[first]
     runs = np.column_stack([starts, starts + np.bincount(tied_run)]).astype(idx)
     return SortedColumns((n, m), indptr, rows, values, negative, runs, col[starts], tied, tied_run,
-                         nan_columns)
+                         rows[nan], col[nan])
 
 
 def _sparse_rank_products(codes: SortedColumns, mask: np.ndarray, rl: np.ndarray) -> np.ndarray:
@@ -319,7 +320,8 @@ def _sparse_rank_products(codes: SortedColumns, mask: np.ndarray, rl: np.ndarray
     full = np.zeros((n_all, rl.shape[1]))  # the votes on every galaxy's row, 0 where not asked
     full[mask] = rl
     with np.errstate(invalid="ignore", divide="ignore"):
-        norm = np.where((norm2 > 1e-9 * n ** 3) & ~codes.nan_columns, np.sqrt(norm2), np.nan)
+        nan_columns = np.bincount(codes.nan_cols[mask[codes.nan_rows]], minlength=m) > 0
+        norm = np.where((norm2 > 1e-9 * n ** 3) & ~nan_columns, np.sqrt(norm2), np.nan)
         return np.asarray(s.T @ full) / norm[:, None]
 
 

@@ -124,8 +124,9 @@ def preprocess_toml(data: dict, path: str) -> dict:
 
 def check_config(cfg: Config) -> None:
     """``galaxysae sweep ... --check`` (run by the launchers before a sweep is queued): the base
-    train config exists and is a valid train config with the sweep's overrides."""
-    config.from_dict(train_job.Config, base_train_config(cfg), cfg.train_config)
+    train config exists, is a valid train config with the sweep's overrides (base_train_config
+    builds one), and the space can resize it."""
+    check_space(cfg, base_train_config(cfg))
 
 
 def base_train_config(cfg: Config) -> dict:
@@ -135,7 +136,11 @@ def base_train_config(cfg: Config) -> dict:
         raise config.ConfigError(
             f"key 'train_config': {cfg.train_config} does not exist (a relative train_config in a "
             f"sweep TOML is read beside that file; --train_config PATH names another)")
-    data = train_job.preprocess_toml(tomllib.loads(path.read_text()), str(path))
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise config.ConfigError(f"key 'train_config': {path} is not valid TOML: {exc}") from None
+    data = train_job.preprocess_toml(data, str(path))
     # the sweep's resources, not the base's (the original Matryoshka TOML says device = "cuda")
     data.update(embeddings=cfg.embeddings, mode="ray", num_workers=cfg.num_workers,
                 cpus_per_worker=cfg.cpus_per_worker, use_gpu=cfg.use_gpu,
@@ -178,13 +183,31 @@ def trial_config(base: dict, params: dict, output: str) -> dict:
     return data
 
 
-def _trial(params: dict, base: dict, sweep_output: str, shared: train_job.SharedSplits) -> None:
+# Ray Tune copies these from the driver's environment into every trial's runtime_env, and Ray's
+# runtime_env agent writes a runtime_env, env_vars and all, to its log (runtime_env_agent.log on
+# each node) in clear. The sweep keeps them out of it: they reach the trials in the object store
+# (tune.with_parameters), as the data does, and a trial sets the ones its node lacks.
+CREDENTIALS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SECURITY_TOKEN", "AWS_SESSION_TOKEN")
+
+
+def _credentials_for_trials() -> dict[str, str]:
+    """The driver's S3 credentials, taken out of what Tune puts in a trial's runtime_env."""
+    from ray.tune.execution import class_cache
+
+    class_cache.ENV_VARS_TO_PROPAGATE = class_cache.ENV_VARS_TO_PROPAGATE - set(CREDENTIALS)
+    return {k: os.environ[k] for k in CREDENTIALS if os.environ.get(k)}
+
+
+def _trial(params: dict, base: dict, sweep_output: str, shared: train_job.SharedSplits,
+           credentials: dict[str, str] | None = None) -> None:
     """A Tune function trainable: one TorchTrainer run on the sweep's ``shared`` data, then the
-    test metrics."""
+    test metrics. ``credentials``: the driver's S3 keys, for a node whose environment has none."""
     import torch
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    for key, value in (credentials or {}).items():
+        os.environ.setdefault(key, value)
     torch.set_num_threads(1)  # the driver holds no CPU: its evaluation stays light
     ctx = tune.get_context()
     name = ctx.get_trial_id()
@@ -324,7 +347,8 @@ def run(cfg: Config) -> dict:
     trainable = tune.with_resources(
         # Tune refuses an empty request; a sliver of CPU keeps the drivers from competing with
         # the Train workers they start (which ask for whole CPUs of their own).
-        tune.with_parameters(_trial, base=base, sweep_output=cfg.output, shared=shared),
+        tune.with_parameters(_trial, base=base, sweep_output=cfg.output, shared=shared,
+                             credentials=_credentials_for_trials()),
         {"CPU": 0.01})
     if tune.Tuner.can_restore(exp_path, storage_filesystem=fs):
         log.info("restoring the sweep from %s", storage.join(cfg.output, "tune", "sweep"))

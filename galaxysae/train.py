@@ -864,6 +864,11 @@ def check_device(cfg: Config) -> None:
         raise config.ConfigError(
             f"key 'device' is {cfg.device!r}, but torch sees no CUDA device on this machine: pass "
             "--device auto (the GPU when there is one, else the CPU) or --device cpu")
+    index = cfg.device.partition(":")[2]
+    if index.isdigit() and int(index) >= torch.cuda.device_count():
+        raise config.ConfigError(
+            f"key 'device' is {cfg.device!r}, but this machine has {torch.cuda.device_count()} CUDA "
+            f"device(s), numbered from 0 (CUDA_VISIBLE_DEVICES renumbers them): pass --device cuda")
 
 
 def check_width(cfg: Config, d_in: int, source: str) -> None:

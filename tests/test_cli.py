@@ -154,8 +154,12 @@ def test_check_makes_a_jobs_own_extra_checks(tmp_path):
     is read and validated, so a missing or broken one fails before the sweep is queued."""
     bad = tmp_path / "train.toml"
     bad.write_text("batch_size = 'many'\n")
+    broken = tmp_path / "broken.toml"
+    broken.write_text("batch_size = \n")
     for train_config, shown in ((tmp_path / "nowhere.toml", "nowhere.toml does not exist"),
-                                (bad, "batch_size")):
+                                (bad, "batch_size"), (broken, "broken.toml is not valid TOML"),
+                                # the shipped sweep searches n_latents, which a Matryoshka base fixes
+                                (REPO / "configs" / "matryoshka.toml", "is a Matryoshka SAE")):
         proc = subprocess.run([sys.executable, "-m", "galaxysae", "sweep", "--config",
                                str(REPO / "configs" / "sweep.toml"), "--embeddings", "e", "--output",
                                "o", "--train_config", str(train_config), "--check"],

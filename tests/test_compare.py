@@ -465,12 +465,18 @@ def test_sorting_once_gives_the_rho_of_sorting_per_pattern_and_of_scipy():
     zeroed[i, j] = 0.0
     assert np.allclose(compare.spearman(csr, lab, 20)[0], compare.spearman(zeroed, lab, 20)[0],
                        rtol=0, atol=1e-12, equal_nan=True)
-    # a NaN code has no rank: its feature gets no rho (as with dense ranks), the others theirs
+    # a NaN code has no rank: its feature gets no rho for the questions its galaxy was asked (as
+    # with dense ranks), its rho for the others, and the other features theirs
     with_nan = codes.copy()
-    with_nan[np.flatnonzero(codes[:, 5])[0], 5] = np.nan
+    g = next(i for i in np.flatnonzero(codes[:, 5]) if np.isnan(lab[i]).any() and not np.isnan(lab[i]).all())
+    with_nan[g, 5] = np.nan
     rho_nan, _ = compare.spearman(with_nan, lab, 20)
     rho, _ = compare.spearman(codes, lab, 20)
-    assert np.isnan(rho_nan[5]).all() and np.array_equal(np.delete(rho_nan, 5, 0), np.delete(rho, 5, 0), equal_nan=True)
+    asked = ~np.isnan(lab[g])
+    assert np.isnan(rho_nan[5, asked]).all() and np.isfinite(rho[5, asked]).any()
+    assert np.allclose(rho_nan[5, ~asked], rho[5, ~asked], rtol=0, atol=1e-12, equal_nan=True)
+    assert np.isfinite(rho_nan[5, ~asked]).any()
+    assert np.array_equal(np.delete(rho_nan, 5, 0), np.delete(rho, 5, 0), equal_nan=True)
     # novelty takes the sorted codes as it takes the matrix; the sorted arrays stay as they were
     rows, values = ranked.rows.copy(), ranked.values.copy()
     x = rng.random((n, 3))

@@ -262,3 +262,36 @@ def test_an_uncaught_error_and_log_lines_quote_no_credential(tmp_path):
                                ("s3://AKIAEXAMPLE:wJalrXUtnFEMI@bucket/emb",), None)
     line = cli._Redacting("%(levelname)s %(message)s").format(record)
     assert line == "INFO reading s3://***@bucket/emb"
+
+
+REDACTED_PROCESS = """
+import logging, sys
+from galaxysae import cli
+
+cli.redact_output()
+# a handler of a library's own, no formatter of ours (as Ray Data's session log file)
+lib = logging.getLogger("ray.data.some_module")
+lib.propagate = False
+lib.addHandler(logging.FileHandler(sys.argv[1]))
+lib.error("reading %s failed", "s3://AKIAEXAMPLE:wJalr/K7MDENG@bucket/emb")
+try:
+    raise OSError("403 for s3://AKIAEXAMPLE:wJalr/K7MDENG@bucket/x")
+except OSError:
+    lib.exception("listing")
+print("a library prints s3://AKIAEXAMPLE:wJalr/K7MDENG@bucket/y")
+sys.stderr.writelines(["and writes lines s3://AKIAEXAMPLE:wJalr/K7MDENG@bucket/z\\n"])
+"""
+
+
+def test_every_log_record_and_write_of_a_job_process_is_redacted(tmp_path):
+    """A job's process (driver or Ray worker, cli.redact_output): log records of any logger,
+    exceptions logged with them, prints and writelines, whatever handler or stream they reach."""
+    log = tmp_path / "lib.log"
+    proc = subprocess.run([sys.executable, "-c", REDACTED_PROCESS, str(log)], capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr
+    text = log.read_text() + proc.stdout + proc.stderr
+    assert "wJalr" not in text, text
+    assert "reading s3://***@bucket/emb failed" in text and "OSError: 403 for s3://***@bucket/x" in text
+    assert "prints s3://***@bucket/y" in proc.stdout and "lines s3://***@bucket/z" in proc.stderr
+

@@ -168,6 +168,12 @@ def test_sweep_runs_its_trials_end_to_end(ray_cluster, s3_server, s3_prefix, tmp
     for r in again:
         if r["status"] == "finished":
             assert os.path.getmtime(os.path.join(r["output"], "sae.safetensors")) == before[r["trial"]]
+    # Tune would have put the S3 secret in each trial's runtime_env, which Ray's runtime_env agent
+    # logs in clear: the trials got it through the object store instead
+    secret = os.environ["AWS_SECRET_ACCESS_KEY"].encode()
+    logs = [p for p in Path(ray_cluster.temp_dir).glob("session_*/logs/*") if p.is_file()]
+    assert any(p.name == "runtime_env_agent.log" for p in logs)
+    assert not [p for p in logs if secret in p.read_bytes()]
 
 
 def test_asha_compares_a_trial_only_with_trials_of_its_own_shape():
