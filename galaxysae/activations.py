@@ -92,8 +92,9 @@ class Encode:
     def __init__(self, url: str, threads: int = 1):
         import torch
 
-        from galaxysae import dictionary
+        from galaxysae import cli, dictionary
 
+        cli.setup_worker()
         torch.set_num_threads(max(1, threads))
         self.d = dictionary.load(url)
 

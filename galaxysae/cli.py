@@ -130,20 +130,19 @@ def redact_output() -> None:
         logging.setLogRecordFactory(_redacting_records(factory))
 
 
-# Ray's worker_process_setup_hook for every job (cluster.connect): a module path, imported by each
-# worker process of the job, so the hook never travels pickled
-WORKER_SETUP = "galaxysae.cli.setup_worker"
-
-
 def setup_worker() -> None:
-    """Run by Ray in each worker process of a job (actors, tasks, Train workers) before any job
-    code: the process's stdout/stderr redact credentials, as the driver's log does. Ray copies
-    both into its session logs and echoes them on the driver's console, so a secret a worker
-    printed would be in both. The ``galaxysae`` loggers of a worker log at INFO like the
-    driver's (a worker's root logger has no handler: without one only warnings would show)."""
+    """Called first by each of our Ray entry points (the actors' constructors, the tasks, the
+    Train and Tune loops; once per process is enough, again is a no-op): the worker process's
+    stdout/stderr and log records redact credentials, as the driver's do. Ray copies both into
+    its session logs and echoes them on the driver's console, so a secret a worker printed
+    would be in both. The ``galaxysae`` loggers of a worker log at INFO like the driver's (a
+    worker's root logger has no handler: without one only warnings would show). Not a Ray
+    ``worker_process_setup_hook``: a job-wide runtime_env keeps Ray from using its prestarted
+    workers (~10 s more start-up a job on a small machine)."""
     redact_output()
     ours = logging.getLogger("galaxysae")
-    if not ours.handlers:
+    # a process whose logging is set up (a driver that calls these in-process, pytest) keeps it
+    if not ours.handlers and not logging.getLogger().handlers:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(_Redacting(LOG_FORMAT))
         ours.addHandler(handler)

@@ -31,28 +31,13 @@ def connect(address: str | None = None) -> None:
 
     if not ray.is_initialized():
         address = address or os.environ.get("RAY_ADDRESS") or None
-        runtime_env = worker_runtime_env()
         if address:
             log.info("connecting to the Ray cluster at %s", address)
-            ray.init(address=address, log_to_driver=True, runtime_env=runtime_env)
+            ray.init(address=address, log_to_driver=True)
         else:
             log.info("no RAY_ADDRESS: starting a local Ray instance")
-            ray.init(include_dashboard=False, runtime_env=runtime_env)
+            ray.init(include_dashboard=False)
     _limit_parquet_footer_readers(ray.cluster_resources().get("CPU", 1))
-
-
-def worker_runtime_env() -> dict:
-    """The job's runtime_env: every worker process runs :func:`galaxysae.cli.setup_worker` first
-    (its output redacted like the driver's log). Per-actor runtime_envs (embed's thread settings)
-    add to it. A job submitted with a setup hook of its own keeps that one: Ray refuses two."""
-    from galaxysae import cli
-
-    submitted = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "")
-    if "worker_process_setup_hook" in submitted or "WORKER_PROCESS_SETUP_HOOK" in submitted:
-        log.warning("the submitted job has a worker_process_setup_hook of its own: worker output "
-                    "is not redacted by galaxysae")
-        return {}
-    return {"worker_process_setup_hook": cli.WORKER_SETUP}
 
 
 def _limit_parquet_footer_readers(cpus: float) -> None:

@@ -272,6 +272,9 @@ def decode_batch(batch, image_size: int = 224, image_column: str = "image",
     otherwise float32 in [0, 1] with a failed row's pixels NaN (never zeros). Failed rows are
     never encoded or written.
     """
+    from galaxysae import cli
+
+    cli.setup_worker()
     images = _image_bytes(batch.column(image_column))
     decoded, reasons = [], []
     for data in images:

@@ -186,6 +186,9 @@ class EncodeBatch:
                  localize: Optional[Callable[[str], str]] = None):
         import torch
 
+        from galaxysae import cli
+
+        cli.setup_worker()
         if threads > 0:
             torch.set_num_threads(threads)
         self.device = resolve_device(device)

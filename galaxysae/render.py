@@ -251,8 +251,10 @@ def grid_jobs(d, folder: str, chosen: list[int], stats: list[dict], top_n: int) 
 
 def _thumbs_task(shard: str, rows: list[tuple[int, str]], tile: int, strict_jpeg: bool = True):
     """(thumbnails {id: png}, failures {id: reason}) for rows of one shard."""
+    from galaxysae import cli
     from galaxysae.image_index import read_rows
 
+    cli.setup_worker()
     raw = read_rows(shard, rows)
     thumbs, failures = {}, {}
     for id_str, data in raw.items():
@@ -272,6 +274,9 @@ def _chunk_images(jobs: list[dict], thumbs: dict, failures: dict) -> tuple[dict,
 
 
 def _grids_task(jobs: list[dict], thumbs: dict, failures: dict, top_n: int, columns: int, tile: int) -> list[int]:
+    from galaxysae import cli
+
+    cli.setup_worker()
     done = []
     for job in jobs:
         png = draw_grid(job["title"], job["items"], thumbs, failures, top_n, columns, tile)

@@ -206,6 +206,9 @@ def _trial(params: dict, base: dict, sweep_output: str, shared: train_job.Shared
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    from galaxysae import cli
+
+    cli.setup_worker()
     for key, value in (credentials or {}).items():
         os.environ.setdefault(key, value)
     torch.set_num_threads(1)  # the driver holds no CPU: its evaluation stays light

@@ -615,8 +615,10 @@ def ray_train_loop(loop_cfg: dict) -> None:
     import torch
     from torch.optim.lr_scheduler import LambdaLR
 
+    from galaxysae import cli
     from galaxysae.sae import SparseAutoencoder
 
+    cli.setup_worker()
     cfg: Config = config.from_dict(Config, loop_cfg["cfg"], "train loop")
     torch.set_num_threads(max(1, cfg.cpus_per_worker))  # Ray gives each worker one thread otherwise
     ctx = ray.train.get_context()

@@ -136,6 +136,9 @@ cluster.connect()
 
 @ray.remote
 def work(token, marker):
+    from galaxysae import cli
+
+    cli.setup_worker()  # as each of galaxysae's actors and tasks does first
     os.environ["HF_TOKEN"] = token  # as on a node whose environment holds the token
     logging.getLogger("galaxysae.worker_check").info("%s reading s3://AKIAEXAMPLE:%s@bucket/x", marker, token)
     print(marker, "a library prints the token", token, file=sys.stderr, flush=True)
@@ -143,16 +146,16 @@ def work(token, marker):
     return os.getpid()
 
 
-# an actor-level runtime_env of its own (as embed's encoders have) still gets the job's hook
-ray.get(work.options(runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}}).remote(*sys.argv[1:]))
+ray.get(work.remote(*sys.argv[1:]))
 """
 
 
 def test_what_a_ray_worker_prints_or_logs_is_redacted_and_its_info_lines_shown(ray_cluster, tmp_path, ledger):
     """Job code and libraries inside Ray workers (embed's encoders, Train workers) print to the
     worker's stdout/stderr, which Ray writes to its session logs and echoes on the driver's
-    console: the job's worker setup hook redacts them as the driver's log is, and galaxysae's
-    INFO lines from a worker are shown (a worker's root logger has no handler of its own)."""
+    console: cli.setup_worker, which each of our actors and tasks calls first, redacts them as
+    the driver's log is, and galaxysae's INFO lines from a worker are shown (a worker's root
+    logger has no handler of its own)."""
     secret = "hf_CANARY" + secrets.token_hex(12)
     marker = "worker-check-" + secrets.token_hex(4)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -176,3 +179,20 @@ def test_what_a_ray_worker_prints_or_logs_is_redacted_and_its_info_lines_shown(r
     found = [p for d in logs for p in d.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
     assert not found and secret not in proc.stdout + proc.stderr, found
     ledger.fault("secret canaries in a worker", 3)
+
+
+@pytest.mark.parametrize("entry", [
+    "activations.Encode.__init__", "encoder.EncodeBatch.__init__", "decode.decode_batch",
+    "render._thumbs_task", "render._grids_task", "train.ray_train_loop", "sweep._trial"])
+def test_every_ray_entry_point_of_ours_sets_up_its_worker_first(entry):
+    """What runs in Ray's worker processes starts with cli.setup_worker (the test above shows
+    what it does there): a new actor or task without it would print credentials in clear."""
+    import importlib
+    import inspect
+
+    module, *path = entry.split(".")
+    obj = importlib.import_module(f"galaxysae.{module}")
+    for name in path:
+        obj = getattr(obj, name)
+    body = inspect.getsource(obj).split('"""')[-1]  # after the docstring
+    assert "cli.setup_worker()" in body, f"{entry} does not call cli.setup_worker()"
