@@ -174,6 +174,8 @@ def test_sweep_runs_its_trials_end_to_end(ray_cluster, s3_server, s3_prefix, tmp
     logs = [p for p in Path(ray_cluster.temp_dir).glob("session_*/logs/*") if p.is_file()]
     assert any(p.name == "runtime_env_agent.log" for p in logs)
     assert not [p for p in logs if secret in p.read_bytes()]
+    # nor is it in what Tune keeps of the experiment (the trainable's parameters are object refs)
+    assert not [p for p in Path(out).rglob("*") if p.is_file() and secret in p.read_bytes()]
 
 
 def test_asha_compares_a_trial_only_with_trials_of_its_own_shape():
