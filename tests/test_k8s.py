@@ -307,6 +307,9 @@ def test_entrypoint_commands_pass_check(path, doc, files, tmp_path):
     for mount, text in files.items():
         local = tmp_path / mount.lstrip("/")
         local.parent.mkdir(parents=True, exist_ok=True)
+        # a config naming another mounted file (sweep.toml's train_config) names its copy here
+        for other in files:
+            text = text.replace(f'"{other}"', f'"{tmp_path / other.lstrip("/")}"')
         local.write_text(text)
     for job, config_path, argv in commands:
         argv = [str(tmp_path / a.lstrip("/")) if a in files else a for a in argv]

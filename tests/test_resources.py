@@ -153,12 +153,13 @@ def test_resource_wait_polls_for_nodes_then_says_how_long_it_waited(ray_cluster,
     assert cluster.fits([{"CPU": 1.0}] * 4, nodes) and not cluster.fits([{"CPU": 1.0}] * 5, nodes)
 
 
-def test_local_train_on_cuda_without_a_gpu_is_an_error_not_a_silent_cpu_run(tmp_path):
+def test_local_train_on_cuda_without_a_gpu_is_an_error_not_a_silent_cpu_run(tmp_path, capsys):
     make_embeddings(str(tmp_path / "emb"))
-    with pytest.raises(RuntimeError, match="'cuda' asked for, but torch sees no CUDA device"):
+    with pytest.raises(SystemExit) as stop:  # a config error, before anything is written
         run_cli("--embeddings", str(tmp_path / "emb"), "--output", str(tmp_path / "sae"),
                 "--mode", "local", "--device", "cuda", *SMALL)
-    assert not (tmp_path / "sae" / "sae.safetensors").exists()
+    assert stop.value.code == 2 and "torch sees no CUDA device" in capsys.readouterr().err
+    assert not (tmp_path / "sae").exists()
 
 
 def test_activations_asking_more_cpus_than_a_node_has_fail_at_once(ray_cluster, tmp_path):
@@ -167,8 +168,8 @@ def test_activations_asking_more_cpus_than_a_node_has_fail_at_once(ray_cluster, 
     make_embeddings(str(tmp_path / "emb"))
     pca.run(pca.Config(embeddings=str(tmp_path / "emb"), output=str(tmp_path / "pca"), n_components=4))
     d = dictionary.load(str(tmp_path / "pca"))
-    with pytest.raises(cluster.ResourceError, match=r"activations of pca with cpus_per_actor=8: "
-                       r"needs 1 x \{CPU 8\}, which the Ray cluster \(1 node: 1 x \{CPU 4\}\)"):
+    with pytest.raises(cluster.ResourceError, match=r"activations of pca with cpus_per_actor=8 .*: "
+                       r"needs 1 x \{CPU 8\} \+ 1 x \{CPU 1\}, which the Ray cluster \(1 node: 1 x \{CPU 4\}\)"):
         activations.compute(d, str(tmp_path / "emb"), "test", str(tmp_path / "act"), cpus_per_actor=8)
     assert not (tmp_path / "act").exists()
 
