@@ -92,10 +92,13 @@ $(addprefix submit-,$(LAUNCH_JOBS)): submit-%:
 $(addprefix ray-submit-,$(LAUNCH_JOBS)): ray-submit-%:
 	@test -n "$$RAY_ADDRESS" || { echo "make: set RAY_ADDRESS to the cluster's dashboard, e.g. http://head:8265 (or the GCS address head:6379)" >&2; exit 2; }
 	@test -f "$(call _config,$*)" || { echo "make: config $(call _config,$*) not found (set CONFIG=FILE.toml)" >&2; exit 2; }
-	@case "$(abspath $(call _config,$*))" in "$(CURDIR)"/*) ;; *) echo "make: config $(call _config,$*) is outside this checkout: --working-dir . uploads only the checkout, so the cluster would not find it (copy it under configs/)" >&2; exit 2;; esac
-	@$(call _check,$*)
-	$(RAY) job submit --working-dir . $(if $(RAY_RUNTIME_ENV),--runtime-env-json '$(RAY_RUNTIME_ENV)') \
-	  -- python jobs/$*.py --config "$(patsubst $(CURDIR)/%,%,$(abspath $(call _config,$*)))" $(EXTRA)
+	@# the config's path inside the checkout, found by the shell: make's abspath splits at spaces
+	@cfg="$(call _config,$*)"; here=$$(pwd -P); \
+	  abs="$$(cd "$$(dirname -- "$$cfg")" && pwd -P)/$$(basename -- "$$cfg")"; \
+	  case "$$abs" in "$$here"/*) ;; *) echo "make: config $$cfg is outside this checkout: --working-dir . uploads only the checkout, so the cluster would not find it (copy it under configs/)" >&2; exit 2;; esac; \
+	  $(call _check,$*); \
+	  set -x; $(RAY) job submit --working-dir . $(if $(RAY_RUNTIME_ENV),--runtime-env-json '$(RAY_RUNTIME_ENV)') \
+	  -- python jobs/$*.py --config "$${abs#"$$here"/}" $(EXTRA)
 
 ## image: build the Docker image (one image for every job; CPU fallback, GPU when present)
 image:

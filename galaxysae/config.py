@@ -23,11 +23,14 @@ __all__ = ["ConfigError", "from_dict", "parse_args", "to_dict", "to_toml", "save
            "absolute_paths"]
 
 _SECRET_KEY = re.compile(r"(token|secret|password|passwd|credential|api_?key)", re.I)
-# scheme://userinfo@: a userinfo without "/", or a user:password whose password has one (AWS
-# secret keys do, and users paste them unencoded); a path's "@" (s3://bucket/a@b) is left alone
-# (the lookbehind: a scheme starts a word, so a long run of letters is not tried at each of its
-# positions, which is quadratic; every line a worker prints passes through this)
-_URL_USERINFO = re.compile(r"(?<![\w+.-])(?P<scheme>[a-zA-Z][\w+.-]*://)(?:[^/@\s]+|[^:/@\s]*:[^@\s]+)@")
+# scheme://userinfo@: a user:password, whose password may hold "/" (AWS secret keys do) and "@"
+# (users paste them unencoded), so it runs to the LAST "@" of the URL (of its run of characters
+# up to a space or a quote: too much hidden beats part of a secret shown); or a userinfo without
+# ":" or "/" (a token). A path's "@" (s3://bucket/a@b) is left alone. The lookbehind: a scheme
+# starts a word, so a long run of letters is not tried at each of its positions, which is
+# quadratic; every line a worker prints passes through this.
+_URL_USERINFO = re.compile(
+    r"(?<![\w+.-])(?P<scheme>[a-zA-Z][\w+.-]*://)(?:[^:/@\s]*:[^\s'\"]*|[^/@\s]+)@")
 
 
 class ConfigError(ValueError):

@@ -155,6 +155,10 @@ def test_every_message_that_quotes_a_value_redacts_it(argv, shown):
      "s3://***@bucket/emb"),
     ("failed: 'https://user:hf_tok@huggingface.co/x' and 'a@b'", "failed: 'https://***@huggingface.co/x' and 'a@b'"),
     ("s3://bucket/by-author/ann@example.org/x", "s3://bucket/by-author/ann@example.org/x"),  # a path's @
+    # a password with "@" (and "/") pasted unencoded: hidden whole, not up to its first "@"
+    ("s3://AKIAEXAMPLE:p@ss/w@rd@bucket/emb", "s3://***@bucket/emb"),
+    ("['s3://k:hunt@r2@b/x','a@b']", "['s3://***@b/x','a@b']"),  # ends at the quote
+    ("https://hf_tok@huggingface.co/x", "https://***@huggingface.co/x"),  # a token, no ":"
 ])
 def test_url_credentials_are_redacted_from_free_text(text, shown):
     assert config.redact_text(text) == shown

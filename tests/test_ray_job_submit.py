@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -47,14 +49,28 @@ def test_ray_job_submit_embed(ray_cluster, offline_hub, synth_dataset, s3_prefix
 
 def test_make_ray_submit_ships_the_config_with_the_checkout(tmp_path):
     """The config must travel with --working-dir: one outside the checkout is refused before
-    anything is submitted; an absolute path inside it is passed relative to the checkout."""
+    anything is submitted; a path inside it, however written, is passed relative to the checkout."""
     env = {**os.environ, "RAY_ADDRESS": "http://head.invalid:8265"}
     outside = tmp_path / "embed.toml"
     outside.write_text('output = "s3://b/e"\n')
     res = subprocess.run(["make", "-s", "ray-submit-embed", f"CONFIG={outside}"], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 2 and "is outside this checkout" in res.stderr, res.stderr
-    dry = subprocess.run(["make", "-n", "ray-submit-embed", f"CONFIG={REPO / 'configs/embed.toml'}"],
-                         cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
-    assert dry.returncode == 0 and '--config "configs/embed.toml"' in dry.stdout, dry.stdout + dry.stderr
-    assert "job submit --working-dir ." in dry.stdout
+    # inside the checkout, by a path with a space, through a symlink to the checkout (an HPC home
+    # directory often is one: $PWD is not make's CURDIR, the physical path)
+    inside = Path(tempfile.mkdtemp(prefix="a dir ", dir=REPO / "configs"))
+    (tmp_path / "home").symlink_to(REPO)
+    config = tmp_path / "home" / inside.relative_to(REPO) / "my embed.toml"
+    try:
+        shutil.copy(REPO / "configs/embed.toml", inside / "my embed.toml")
+        res = subprocess.run(["make", "-s", "ray-submit-embed", f"CONFIG={config}",
+                              "RAY=printf '%s\\n'", "EXTRA=--batch_size 8"], cwd=REPO, env=env,
+                             capture_output=True, text=True, timeout=120)
+    finally:
+        shutil.rmtree(inside)
+    assert res.returncode == 0, res.stderr
+    rel = inside.relative_to(REPO) / "my embed.toml"
+    checked, *args = res.stdout.splitlines()  # the preflight's verdict, then ray's arguments
+    assert checked == "galaxysae embed: config OK", res.stdout
+    assert args[:4] == ["job", "submit", "--working-dir", "."], args
+    assert args[-6:] == ["python", "jobs/embed.py", "--config", str(rel), "--batch_size", "8"], args
