@@ -196,17 +196,19 @@ def _standardise(a: np.ndarray) -> np.ndarray:
         return np.where(norm > 0, a / norm, np.nan)
 
 
-# Below this share of non-zero codes, Spearman ranks only the non-zeros (SAE codes: k of M).
+# Below this share of non-zero codes (an SAE's: k of M), the codes are held as a sparse matrix
+# and sort_columns sorts their non-zeros in one go; above it (a PCA's), column by column.
 SPARSE_BELOW = 0.25
 
 
 @dataclass
 class SortedColumns:
-    """Sparse codes[N, M] with each column's non-zeros sorted by value, made once per dictionary
+    """Codes[N, M] with each column's non-zeros sorted by value, made once per dictionary
     (:func:`sort_columns`). Which galaxies a question was asked of, or a shuffle of the votes,
     changes which non-zeros count, never their order, their sign or which of them tie: every
     missingness pattern of :func:`spearman` and every shuffle reads its ranks off this in O(nnz)
-    (:func:`_sparse_rank_products`) instead of sorting again."""
+    (:func:`_sparse_rank_products`) instead of ranking the codes again (a PCA's too: all their
+    values are non-zeros, and ranking them per pattern and shuffle cost more than an SAE's)."""
 
     shape: tuple[int, int]
     indptr: np.ndarray  # [M + 1]: column j's non-zeros are [indptr[j], indptr[j + 1])
@@ -218,7 +220,7 @@ class SortedColumns:
     tied: np.ndarray  # [T] the non-zeros in those runs ...
     tied_run: np.ndarray  # [T] ... and the run of each
     nan_rows: np.ndarray  # [K] galaxy and column of each NaN code: it has no rank, so a column
-    nan_cols: np.ndarray  # with one among a question's galaxies gets a NaN rho there (as dense)
+    nan_cols: np.ndarray  # with one among a question's galaxies gets a NaN rho there (as rankdata)
 
     def matrix(self):
         """The codes as a scipy CSC matrix on these arrays (no copy; rows unsorted in a column)."""
@@ -227,31 +229,43 @@ class SortedColumns:
         return sparse.csc_matrix((self.values, self.rows, self.indptr), shape=self.shape)
 
 
-def sort_columns(codes):
+def sort_columns(codes) -> SortedColumns:
     """codes[N, M] (an array, scipy sparse, or already :class:`SortedColumns`) -> what
-    :func:`spearman` ranks: :class:`SortedColumns` when fewer than SPARSE_BELOW of the codes are
-    non-zero, else the dense array. One sort of the non-zeros, by column then value; rows and
-    offsets are int32 while they fit."""
+    :func:`spearman` ranks: each column's non-zeros sorted by value (ties by galaxy). Sparse codes
+    (an SAE's: fewer than SPARSE_BELOW non-zero) take one sort of the non-zeros by column then
+    value; dense ones (a PCA's) one sort per column. Rows and offsets are int32 while they fit."""
     from scipy import sparse
 
     if isinstance(codes, SortedColumns):
         return codes
     codes = sparse_if_sparse(codes)
-    if not sparse.issparse(codes):
-        return codes
     n, m = codes.shape
-    idx = np.int32 if max(n, codes.nnz) < 2**31 else np.int64
-    rows = np.repeat(np.arange(n, dtype=idx), np.diff(codes.indptr))
-    data, cols = codes.data, codes.indices
-    if (data == 0).any():  # a stored 0 must rank with the implicit zeros, not among the non-zeros
-        nz = data != 0
-        rows, data, cols = rows[nz], data[nz], cols[nz]
-    order = np.lexsort((data, cols))  # by column, then value (ties: by galaxy)
-    rows, values = rows[order], data[order]
-    del order
+    if sparse.issparse(codes):
+        idx = np.int32 if max(n, codes.nnz) < 2**31 else np.int64
+        rows = np.repeat(np.arange(n, dtype=idx), np.diff(codes.indptr))
+        data, cols = codes.data, codes.indices
+        if (data == 0).any():  # a stored 0 must rank with the implicit zeros, not among the non-zeros
+            nz = data != 0
+            rows, data, cols = rows[nz], data[nz], cols[nz]
+        order = np.lexsort((data, cols))  # by column, then value (ties: by galaxy)
+        rows, values = rows[order], data[order]
+        counts = np.bincount(cols, minlength=m)
+    else:
+        counts = np.count_nonzero(codes, axis=0)
+        idx = np.int32 if max(n, counts.sum()) < 2**31 else np.int64
+        rows = np.empty(int(counts.sum()), idx)
+        values = np.empty(len(rows), codes.dtype)
+        at = 0
+        for j in range(m):
+            order = np.argsort(codes[:, j], kind="stable")
+            v = codes[order, j]
+            if counts[j] < n:  # zeros rank together, outside the non-zeros
+                order, v = order[v != 0], v[v != 0]
+            rows[at:at + len(v)], values[at:at + len(v)] = order, v
+            at += len(v)
     indptr = np.zeros(m + 1, idx)
-    np.cumsum(np.bincount(cols, minlength=m), out=indptr[1:])
-    col = np.repeat(np.arange(m, dtype=idx), np.diff(indptr))
+    np.cumsum(counts, out=indptr[1:])
+    col = np.repeat(np.arange(m, dtype=idx), counts)
     negative = np.bincount(col[values < 0], minlength=m).astype(idx)
     nan = np.isnan(values)
     # ties: runs of equal values within a column (NaN equals nothing)
@@ -270,7 +284,7 @@ def sort_columns(codes):
 
 
 def _sparse_rank_products(codes: SortedColumns, mask: np.ndarray, rl: np.ndarray) -> np.ndarray:
-    """Pearson of the average ranks of each column of the sparse ``codes`` [N, M] over the
+    """Pearson of the average ranks of each column of the ``codes`` [N, M] over the
     galaxies in ``mask`` [N] (n of them) with the standardised ``rl`` [n, k] (the votes of those
     galaxies; columns summing to 0; NaN-free), touching only the non-zeros, in O(nnz) (the sort
     is done once, in :func:`sort_columns`) instead of O(n M log n) for dense ranks; equal to them.
@@ -344,12 +358,11 @@ def spearman(codes, labels: np.ndarray, min_valid: int) -> tuple[np.ndarray, np.
 
     Columns sharing a missingness pattern (the answers of one question) are ranked together.
     rho is NaN where a column has fewer than ``min_valid`` galaxies or either side is constant.
-    Sparse codes (an SAE's) are ranked by their non-zeros alone (see _sparse_rank_products),
-    sorted once per call; pass :func:`sort_columns` of them to share that sort between calls
-    (the shuffles of :func:`shuffled`).
+    The codes are ranked by their non-zeros alone (see _sparse_rank_products; a PCA's are all
+    non-zero), sorted once per call; pass :func:`sort_columns` of them to share that sort between
+    calls (the shuffles of :func:`shuffled`).
     """
     codes = sort_columns(codes)
-    ranked = isinstance(codes, SortedColumns)
     n, m = codes.shape
     c = labels.shape[1]
     rho = np.full((m, c), np.nan)
@@ -363,12 +376,7 @@ def spearman(codes, labels: np.ndarray, min_valid: int) -> tuple[np.ndarray, np.
         if mask.sum() < min_valid:
             continue
         rl = _standardise(_ranks(labels[:, cols][mask]))  # [n, k]
-        if ranked:
-            block = _sparse_rank_products(codes, mask, np.nan_to_num(rl))
-        else:
-            rf = _standardise(_ranks(codes[mask]))  # [n, M]; a column of NaN = constant feature
-            block = np.nan_to_num(rf).T @ np.nan_to_num(rl)
-            block[np.isnan(rf[0]), :] = np.nan
+        block = _sparse_rank_products(codes, mask, np.nan_to_num(rl))
         block[:, np.isnan(rl[0])] = np.nan
         rho[:, cols] = block
     return rho, n_valid

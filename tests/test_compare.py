@@ -374,6 +374,9 @@ def test_the_spearman_bench_runs_and_both_rankings_agree(capsys):
     m = re.search(r"max \|rho difference, sorted once\| (\S+), same NaNs: True", out)
     assert m and float(m.group(1)) < 1e-9, out
     assert re.search(r"target spearman_sort_once: [0-9.]+x \(goal >= 3x\) (PASS|FAIL)", out), out
+    m = re.search(r"max \|rho difference, PCA sorted once\| (\S+), same NaNs: True", out)
+    assert m and float(m.group(1)) < 1e-9, out
+    assert re.search(r"target pca_spearman_sort_once: [0-9.]+x \(goal >= 2x\) (PASS|FAIL)", out), out
 
 
 def _sort_per_pattern(codes, labels: np.ndarray, min_valid: int) -> np.ndarray:
@@ -499,3 +502,38 @@ def test_sorted_codes_on_random_patterns_match_sorting_per_pattern():
         before = _sort_per_pattern(codes, lab, 5)
         assert np.array_equal(np.isnan(rho), np.isnan(before)), seed
         assert np.allclose(rho, before, rtol=0, atol=1e-12, equal_nan=True), seed
+
+
+@pytest.mark.filterwarnings("ignore:An input array is constant")  # scipy, for the constant feature
+def test_dense_codes_sorted_once_give_scipys_rho():
+    """A PCA's codes are (almost) all non-zero: sorted column by column once, every pattern and
+    shuffle ranks them as scipy does, with ties, a few zeros among signed values, a constant
+    feature and a NaN code; the sort is the one of the sparse route (one sort of all non-zeros)."""
+    from scipy import stats
+
+    rng = np.random.default_rng(11)
+    n, m = 300, 7
+    codes = rng.normal(size=(n, m)).astype(np.float32)
+    codes[:, 1] = np.round(codes[:, 1], 1)  # ties among signed values
+    codes[rng.random(n) < 0.05, 2] = 0.0  # a few exact zeros
+    codes[:, 3] = 1.5  # constant
+    codes[7, 4] = np.nan
+    lab = _pattern_votes(n, rng)
+    assert np.count_nonzero(codes) >= compare.SPARSE_BELOW * codes.size
+    ranked = compare.sort_columns(codes)
+    assert isinstance(ranked, compare.SortedColumns) and ranked.rows.dtype == np.int32
+    # the same arrays as sorting all non-zeros by column then value (ties by galaxy)
+    nz_cols, nz_rows = np.nonzero(codes.T)
+    order = np.lexsort((codes[nz_rows, nz_cols], nz_cols))
+    assert np.array_equal(ranked.rows, nz_rows[order])
+    assert np.array_equal(ranked.values, codes[nz_rows, nz_cols][order], equal_nan=True)
+    assert np.array_equal(ranked.indptr, np.concatenate([[0], np.cumsum(np.count_nonzero(codes, 0))]))
+    for votes in (lab, lab[rng.permutation(n)]):
+        rho, n_valid = compare.spearman(ranked, votes, min_valid=20)
+        assert list(n_valid) == list((~np.isnan(votes)).sum(0))
+        assert np.isnan(rho[3]).all()
+        for f in (0, 1, 2, 4, 5, 6):
+            for j in (0, 1, 2, 3, 5, 6, 8):
+                ok = ~np.isnan(votes[:, j])
+                expect = stats.spearmanr(codes[ok, f], votes[ok, j])[0]  # NaN where code 7 is asked
+                assert rho[f, j] == pytest.approx(expect, abs=1e-12, nan_ok=True), (f, j)
