@@ -244,15 +244,28 @@ def main(argv=None) -> int:
     return 0
 
 
+def shuffled_votes(n: int, m: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """The votes of n galaxies and the shuffles compare.shuffled draws for m features."""
+    labels = tree_votes(n, rng)
+    shuffles = max(1, -(-1000 // m), -(-compare.ANSWER_NULL_VALUES // labels.shape[1]))
+    return [labels] + [labels[rng.permutation(n)] for _ in range(shuffles)]
+
+
+def agreement(rho_old: list[np.ndarray], rho_new: list[np.ndarray]) -> tuple[float, bool]:
+    """(max |rho difference|, same NaNs) over pairs of rho."""
+    same_nan = all(bool((np.isnan(a) == np.isnan(b)).all()) for a, b in zip(rho_old, rho_new))
+    diff = max(float(np.nanmax(np.abs(a - b), initial=0.0)) for a, b in zip(rho_old, rho_new))
+    return diff, same_nan
+
+
 def sort_once(n: int, m: int, k: int, rounds: int, rng: np.random.Generator) -> None:
     """One dictionary's Spearman work (the correlation and its shuffles), sorting the non-zeros
     per pattern (before) vs once (ours): time, peak memory, and the rho of both."""
     csr = compare.sparse_if_sparse(topk_codes(n, m, k, rng))
-    labels = tree_votes(n, rng)
-    c = labels.shape[1]
-    patterns = len({np.packbits(~np.isnan(labels[:, j])).tobytes() for j in range(c)})
-    shuffles = max(1, -(-1000 // m), -(-compare.ANSWER_NULL_VALUES // c))  # compare.shuffled's
-    votes = [labels] + [labels[rng.permutation(n)] for _ in range(shuffles)]
+    votes = shuffled_votes(n, m, rng)
+    c = votes[0].shape[1]
+    patterns = len({np.packbits(~np.isnan(votes[0][:, j])).tobytes() for j in range(c)})
+    shuffles = len(votes) - 1
 
     def before():
         return [sort_per_pattern(csr, v, 20) for v in votes]
@@ -265,8 +278,7 @@ def sort_once(n: int, m: int, k: int, rounds: int, rng: np.random.Generator) -> 
     t_new, rho_new = timed(ours, rounds)
     _, m_old, _ = peak_mib(before)
     _, m_new, _ = peak_mib(ours)
-    same_nan = all(bool((np.isnan(a) == np.isnan(b)).all()) for a, b in zip(rho_old, rho_new))
-    diff = max(float(np.nanmax(np.abs(a - b), initial=0.0)) for a, b in zip(rho_old, rho_new))
+    diff, same_nan = agreement(rho_old, rho_new)
     print(f"codes {n} x {m}, k = {k} ({csr.nnz} non-zeros); {c} vote columns in {patterns} "
           f"missingness patterns; the correlation and {shuffles} shuffles; best of {rounds} rounds")
     print(f"{'non-zeros sorted':<26}{'seconds':>10}{'peak MiB':>10}{'B/non-zero':>12}")
@@ -282,10 +294,7 @@ def pca_sort_once(n: int, m: int, rounds: int, rng: np.random.Generator) -> None
     """The PCA baseline's Spearman work (its m dense components; the correlation and the shuffles,
     ceil(1000 / m) of them): ranked per pattern with rankdata (before) vs sorted once (ours)."""
     codes = rng.normal(size=(n, m)).astype(np.float32)
-    labels = tree_votes(n, rng)
-    c = labels.shape[1]
-    shuffles = max(1, -(-1000 // m), -(-compare.ANSWER_NULL_VALUES // c))  # compare.shuffled's
-    votes = [labels] + [labels[rng.permutation(n)] for _ in range(shuffles)]
+    votes = shuffled_votes(n, m, rng)
 
     def before():
         return [dense_ranks(codes, v, 20) for v in votes]
@@ -296,9 +305,9 @@ def pca_sort_once(n: int, m: int, rounds: int, rng: np.random.Generator) -> None
 
     t_old, rho_old = timed(before, rounds)
     t_new, rho_new = timed(ours, rounds)
-    same_nan = all(bool((np.isnan(a) == np.isnan(b)).all()) for a, b in zip(rho_old, rho_new))
-    diff = max(float(np.nanmax(np.abs(a - b), initial=0.0)) for a, b in zip(rho_old, rho_new))
-    print(f"PCA codes {n} x {m} (dense); the correlation and {shuffles} shuffles; best of {rounds} rounds")
+    diff, same_nan = agreement(rho_old, rho_new)
+    print(f"PCA codes {n} x {m} (dense); the correlation and {len(votes) - 1} shuffles; "
+          f"best of {rounds} rounds")
     print(f"{'dense codes ranked':<26}{'seconds':>10}")
     for name, t in (("per pattern (before)", t_old), ("sorted once (ours)", t_new)):
         print(f"{name:<26}{t:>10.3f}")
