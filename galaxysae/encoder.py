@@ -9,6 +9,8 @@ marker travels into every output's provenance. No Ray and no storage code here.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import importlib.metadata
 import json
 import logging
@@ -75,6 +77,33 @@ def check_stage_complete(manifest: dict, url: str) -> None:
             "copied when it stopped): rerun galaxysae stage")
 
 
+# the files a local-dir: folder holds its weights in (timm reads one of them)
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
+
+
+@functools.lru_cache(maxsize=8)
+def _hash_files(files: tuple[tuple[str, int, int], ...]) -> str:
+    digest = hashlib.sha256()
+    for path, _, _ in files:
+        digest.update(Path(path).name.encode() + b"\0")
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 22), b""):
+                digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def _content_revision(folder: Path) -> str:
+    """The revision of a local-dir: folder that no stage wrote (no manifest): ``local-sha256:``
+    and a hash of its weight files' contents, so weights replaced in place count as other
+    weights when a rerun compares its shards' provenance (a folder copied elsewhere keeps its
+    hash). Hashed once per process and file state (a few hundred MB at most: about a second)."""
+    files = sorted(p for p in folder.iterdir() if p.suffix in WEIGHT_SUFFIXES and p.is_file())
+    if not files:
+        return "local"
+    stats = tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+    return "local-sha256:" + _hash_files(stats)
+
+
 def describe(name: str, pretrained: bool = True) -> tuple[str, dict, str]:
     """(revision, config.json contents, stand-in text) for an encoder name, before loading."""
     if name.startswith("hf_hub:"):
@@ -87,7 +116,7 @@ def describe(name: str, pretrained: bool = True) -> tuple[str, dict, str]:
         cfg = _read_json(folder / "config.json")
         staged = _read_json(folder / STAGE_FILE)
         check_stage_complete(staged, str(folder))
-        revision = staged.get("revision") or "local"
+        revision = staged.get("revision") or _content_revision(folder)
         if staged.get("source"):
             revision = f"{staged['source']}@{revision}"
     else:

@@ -73,3 +73,23 @@ def test_encode_batch_skips_failed_rows(offline_hub):
     assert np.isfinite(out["embedding"][[0, 2]]).all()
     np.testing.assert_allclose(out["embedding"][[0, 2]], encoder.embed(op.model, pixels[[0, 2]]),
                                atol=1e-5)
+
+
+def test_a_local_dir_without_a_stage_manifest_is_identified_by_its_weights(offline_hub, tmp_path):
+    """No stage wrote the folder: its revision hashes the weight files, so weights replaced in
+    place read as other weights (embed refuses to mix their embeddings with the old ones), and
+    the same weights copied elsewhere keep their revision."""
+    import shutil
+
+    a = tmp_path / "a"
+    shutil.copytree(offline_hub["encoder_snapshot"], a)  # follows the cache's symlinks
+    revision = encoder.describe(f"local-dir:{a}")[0]
+    assert revision.startswith("local-sha256:") and len(revision) == len("local-sha256:") + 16
+    b = tmp_path / "b"
+    shutil.copytree(a, b)
+    assert encoder.describe(f"local-dir:{b}")[0] == revision
+    weights = next(p for p in b.iterdir() if p.suffix == ".safetensors")
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # one bit of one weight
+    weights.write_bytes(bytes(data))
+    assert encoder.describe(f"local-dir:{b}")[0] not in (revision, "local")
