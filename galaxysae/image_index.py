@@ -3,8 +3,10 @@
 The index maps ``id_str -> (shard, row)`` for one split of a dataset (local dir, ``s3://``
 prefix or ``hf://`` dataset, resolved by :mod:`galaxysae.sources`). Building it reads only the
 ``id_str`` column of every shard; it is saved as parquet (``id_str``, ``shard``, ``row``) with
-the shard list in its metadata, and rebuilt when the shard list changes. Fetching reads only the
-row groups that hold the wanted rows, one shard at a time.
+the shard list and each shard's stamp (size and ETag or mtime; an ``hf://...@commit`` shard
+cannot change) in its metadata, and rebuilt when either changes: a dataset regenerated in place
+would otherwise send a galaxy's lookup to another galaxy's row. Fetching reads only the row
+groups that hold the wanted rows, one shard at a time.
 """
 
 from __future__ import annotations
@@ -66,13 +68,14 @@ class ImageIndex:
             out.update(read_rows(shard, rows))
         return out
 
-    def to_table(self):
+    def to_table(self, stamps: list[str] | None = None):
         import pyarrow as pa
 
         ids = [None] * len(self._pos)
         for s, i in self._pos.items():
             ids[i] = s
-        meta = {b"galaxysae.image_index": json.dumps({"shards": self.shards}).encode()}
+        meta = {b"galaxysae.image_index": json.dumps({"shards": self.shards,
+                                                      "stamps": stamps or _stamps(self.shards)}).encode()}
         return pa.table({"id_str": pa.array(ids, pa.string()), "shard": pa.array(self.shard_of, pa.int32()),
                          "row": pa.array(self.row_of, pa.int64())}).replace_schema_metadata(meta)
 
@@ -115,6 +118,11 @@ def _shard_urls(dataset: str, split: str, config: str = "default") -> list[str]:
     return [s.url for s in sources.resolve(dataset, config, splits=[split]) if s.split == split]
 
 
+def _stamps(shards: list[str]) -> list[str]:
+    """What changes when a shard is rewritten ("" for an hf:// shard: pinned to its commit)."""
+    return ["" if url.startswith("hf://") else storage.stamp(url) for url in shards]
+
+
 def build(shards: list[str]) -> ImageIndex:
     """Read the ``id_str`` column of every shard (and nothing else)."""
     import pyarrow.parquet as pq
@@ -138,16 +146,17 @@ def load_or_build(dataset: str, split: str, index_url: str, config: str = "defau
     shards = _shard_urls(dataset, split, config)
     if not shards:
         raise FileNotFoundError(f"dataset {dataset}: no parquet shards for split {split!r}")
+    stamps = _stamps(shards)
     if storage.exists(index_url):
         fs, path = storage.arrow_fs(index_url)
         t = pq.read_table(path, filesystem=fs)
         meta = json.loads((t.schema.metadata or {}).get(b"galaxysae.image_index", b"{}"))
-        if meta.get("shards") == shards:
+        if meta.get("shards") == shards and meta.get("stamps") == stamps:
             return ImageIndex(shards, t.column("id_str").to_pylist(), t.column("shard").to_numpy(),
                               t.column("row").to_numpy())
-        log.info("image index %s is for other shards: rebuilding", index_url)
+        log.info("image index %s is for other shards, or shards rewritten since: rebuilding", index_url)
     index = build(shards)
-    storage.write_parquet(index.to_table(), index_url)
+    storage.write_parquet(index.to_table(stamps), index_url)
     log.info("image index of %s/%s: %d galaxies in %d shards -> %s", dataset, split, len(index),
              len(shards), index_url)
     return index
