@@ -27,7 +27,7 @@ from galaxysae import storage
 log = logging.getLogger(__name__)
 
 __all__ = ["EmbeddingsError", "Split", "load_split", "load_npy", "parquet_files", "check_rows",
-           "is_npy", "ray_dataset", "as_tensor"]
+           "is_npy", "ray_dataset", "as_tensor", "fingerprint", "fingerprint_changes", "same_input"]
 
 
 class EmbeddingsError(ValueError):
@@ -244,6 +244,70 @@ def load(path: str, train_split: str, test_split: str, ids: str = "", test_fract
     train = load_split(path, train_split)
     test = load_split(path, test_split, width=train.x.shape[1])
     return train, test
+
+
+def fingerprint(path: str, splits=("train", "test"), ids: str = "", test_path: str = "",
+                test_ids: str = "") -> dict[str, str]:
+    """Cheap stamps of the files an embeddings input is read from, without reading them:
+    ``{name: storage.stamp(url)}`` (size and S3 ETag or local mtime, as activations records).
+
+    Record it beside an output made from the input, and compare it (:func:`fingerprint_changes`)
+    before keeping that output on a rerun: embeddings re-embedded in place, at the same URLs, give
+    other stamps. ``path`` and the other arguments are those of :func:`load`:
+
+    - the embed output root: one entry per ``{root}/{split}/*.parquet`` file of each of
+      ``splits`` (an empty name is skipped), named ``"{split}/{file}"``, so two spellings of one
+      root (a trailing slash) fingerprint alike;
+    - a research ``.npy``: the files :func:`load` reads, named by role: ``"embeddings"``,
+      ``"ids"``, and ``"test_embeddings"``, ``"test_ids"`` when there is a test file (``splits``
+      is not used: a hold-out comes from the same file).
+
+    A file that is not there has no entry (the reader names it when it is read; a comparison
+    says it was removed). Costs one listing per split and one metadata request per file."""
+    def stamped(named: dict[str, str]) -> dict[str, str]:
+        out = {}
+        for name, url in named.items():
+            try:
+                out[name] = storage.stamp(url)
+            except FileNotFoundError:
+                continue
+        return out
+
+    if is_npy(path):
+        named = {"embeddings": path, "ids": ids or ids_path_for(path)}
+        test_path = test_path or test_path_for(path) or ""
+        if test_path:
+            named.update({"test_embeddings": test_path, "test_ids": test_ids or ids_path_for(test_path)})
+        return stamped(named)
+    named = {}
+    for split in dict.fromkeys(s for s in splits if s):
+        for url in storage.listdir(storage.join(path, split), suffix=".parquet"):
+            named[f"{split}/{posixpath.basename(url)}"] = url
+    return stamped(named)
+
+
+def fingerprint_changes(old: dict[str, str], new: dict[str, str]) -> list[str]:
+    """What differs between two :func:`fingerprint` results, one entry per file, sorted:
+    ``"train/a.parquet rewritten"``, ``"... added"``, ``"... removed"``; [] when the same."""
+    out = []
+    for name in sorted(set(old) | set(new)):
+        if name not in new:
+            out.append(f"{name} removed")
+        elif name not in old:
+            out.append(f"{name} added")
+        elif old[name] != new[name]:
+            out.append(f"{name} rewritten")
+    return out
+
+
+def same_input(a, b) -> bool:
+    """Two spellings of one input path: a trailing slash, or two uploads of a `ray job submit`
+    working dir (``.../_ray_pkg_<hash>/``, a new hash for every upload of a changed checkout)."""
+    import re
+
+    def norm(p):
+        return re.sub(r"/_ray_pkg_[0-9a-f]+/", "/_ray_pkg_/", p.rstrip("/")) if isinstance(p, str) else p
+    return norm(a) == norm(b)
 
 
 def ray_dataset(root: str, split: str, width: int, seed: int | None = None):

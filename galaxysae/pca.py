@@ -12,7 +12,11 @@ The fit streams one embeddings file at a time, so memory is O(D^2) whatever the 
 A research ``.npy`` input is read as train reads it (:func:`galaxysae.embeddings.load`: its ids,
 its test file or the hold-out drawn from ``split_seed``), whole, so PCA and an SAE trained on the
 same file with the same keys fit and test on the same rows.
-``cfg.json`` is written last: it marks a finished artifact, and a rerun skips one.
+``cfg.json`` is written last: it marks a finished artifact, and a rerun skips one when it was
+made with the same settings (config.toml) from the same embedding files (``inputs.json``: their
+:func:`galaxysae.embeddings.fingerprint`, taken before the fit); otherwise the rerun stops,
+naming what differs. ``--overwrite`` removes the marker before it writes anything, so a refit
+that dies half way is not taken for a finished one.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import tomllib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -179,6 +184,66 @@ def _where(cfg: Config, split: str) -> str:
     return cfg.embeddings if embeddings.is_npy(cfg.embeddings) else f"{cfg.embeddings}/{split}"
 
 
+# What decides the artifact: its inputs (for a .npy input, which rows are held out) and the fit.
+# A finished artifact made with other values is not kept as this config's; overwrite and output
+# are not settings of the fit.
+SETTINGS = ("embeddings", "ids", "test_embeddings", "test_ids", "test_fraction", "split_seed",
+            "train_split", "test_split", "n_components")
+NPY_ONLY = ("ids", "test_embeddings", "test_ids", "test_fraction", "split_seed")  # unused for parquet
+PATHS = ("embeddings", "ids", "test_embeddings", "test_ids")  # compared as paths
+INPUTS = "inputs.json"  # the fingerprint of the embedding files the artifact was fitted on
+
+
+def input_fingerprint(cfg: Config) -> dict[str, str]:
+    """:func:`galaxysae.embeddings.fingerprint` of the files this config fits and tests on."""
+    return embeddings.fingerprint(cfg.embeddings, (cfg.train_split, cfg.test_split), ids=cfg.ids,
+                                  test_path=cfg.test_embeddings, test_ids=cfg.test_ids)
+
+
+def settings_changes(saved: dict, cfg: Config) -> list[str]:
+    """``SETTINGS`` keys whose value in ``cfg`` differs from the ``saved`` config.toml ("key: old
+    -> new"); a key either side lacks is not compared. ``cfg`` is compared as config.save writes
+    it (absolute paths, secrets in URLs redacted), so the same inputs compare equal."""
+    now = config.redact(config.to_dict(cfg))
+    keys = [k for k in SETTINGS if k not in NPY_ONLY or embeddings.is_npy(cfg.embeddings)]
+    return [f"{k}: {saved[k]!r} -> {now[k]!r}" for k in keys
+            if k in saved and k in now and saved[k] != now[k]
+            and not (k in PATHS and embeddings.same_input(saved[k], now[k]))]
+
+
+def check_same_settings(cfg: Config, out: str) -> None:
+    """Refuse, naming what differs, to keep a finished artifact fitted with other settings (its
+    config.toml): it is not what this config describes."""
+    saved_url = storage.join(out, "config.toml")
+    if not storage.exists(saved_url):
+        return
+    changes = settings_changes(tomllib.loads(storage.read_bytes(saved_url).decode()), cfg)
+    if changes:
+        raise config.ConfigError(
+            f"{out} holds a PCA fit with other settings ({'; '.join(changes)}): rerun with the "
+            f"settings in {saved_url} to keep it, with --overwrite to refit it, or write to "
+            f"another --output")
+
+
+def check_same_inputs(cfg: Config, out: str, stamps: dict[str, str]) -> None:
+    """Refuse to keep a finished artifact whose embedding files changed since it was fitted
+    (re-embedded in place: the same URLs, other rows or values), naming the files. An artifact
+    written before the stamps were recorded is kept, said in the log."""
+    url = storage.join(out, INPUTS)
+    if not storage.exists(url):
+        log.info("%s records no stamps of its embeddings (written by an earlier version): cannot "
+                 "tell whether %s changed since the fit; keeping it (--overwrite to refit)",
+                 out, cfg.embeddings)
+        return
+    changes = embeddings.fingerprint_changes(json.loads(storage.read_bytes(url))["files"], stamps)
+    if changes:
+        shown = "; ".join(changes[:10]) + (f" (and {len(changes) - 10} more)" if len(changes) > 10 else "")
+        raise config.ConfigError(
+            f"{out} holds a PCA fit of other embeddings: {cfg.embeddings} changed since it was "
+            f"fitted ({shown}; stamps in {url}): rerun with --overwrite to refit it, or write to "
+            f"another --output")
+
+
 def run(cfg: Config) -> dict:
     from safetensors.numpy import save as st_save
 
@@ -187,12 +252,19 @@ def run(cfg: Config) -> dict:
                                 outputs=("output",))
     out = cfg.output.rstrip("/")
     cfg_url = storage.join(out, "cfg.json")
+    # before the fit reads them: files rewritten during the fit then differ on the next rerun
+    stamps = input_fingerprint(cfg)
     if storage.exists(cfg_url) and not cfg.overwrite:
+        check_same_settings(cfg, out)
+        check_same_inputs(cfg, out, stamps)
         log.info("PCA artifact %s exists: skipping (--overwrite to refit)", out)
         return json.loads(storage.read_bytes(storage.join(out, "metrics.json")))
     storage.check_writable(out)  # wrong credentials / unreachable store: fail before fitting
     train_rows, test_rows = inputs(cfg)
     pca, n_train = fit(train_rows(), _where(cfg, cfg.train_split), cfg.n_components)
+    # the old marker goes before the first file of the refit is written (the test scores): a
+    # refit killed half way must not leave new files under it, taken for finished by a rerun
+    storage.remove(cfg_url)
     m = pca.n_latents
     ratio = pca.explained_variance / pca.d_in
     metrics: dict = {
@@ -216,6 +288,7 @@ def run(cfg: Config) -> dict:
     storage.write_bytes(storage.join(out, "metrics.json"), json.dumps(metrics, indent=1).encode())
     plot(pca, test_fvu, storage.join(out, "explained_variance.png"))
     config.save(cfg, out)
+    storage.write_bytes(storage.join(out, INPUTS), json.dumps({"files": stamps}, indent=1).encode())
     storage.write_bytes(cfg_url, json.dumps({
         "kind": "pca", "d_in": pca.d_in, "n_latents": m, "standardise": True,
         "weights": PCA_WEIGHTS, "fit_split": cfg.train_split, "n_train": n_train,

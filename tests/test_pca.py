@@ -166,3 +166,118 @@ def test_unknown_dictionary_kind_is_named(tmp_path):
         dictionary.load(str(tmp_path))
     with pytest.raises(FileNotFoundError, match="cfg.json does not exist"):
         dictionary.load(str(tmp_path / "missing"))
+
+
+def _marker(out: str) -> dict:
+    return json.loads(storage.read_bytes(storage.join(out, "cfg.json")))
+
+
+def test_rerun_with_other_settings_is_refused_naming_them(emb, tmp_path):
+    """A finished artifact is kept only for the settings it was fitted with, as train keeps an
+    SAE: another n_components, split or input stops the rerun, naming each key, and --overwrite
+    refits."""
+    import shutil
+
+    out = str(tmp_path / "pca")
+    pca.run(_cfg(embeddings=emb, output=out, n_components=3))
+    with pytest.raises(config.ConfigError, match=r"other settings \(n_components: 3 -> 5\).*"
+                       r"config\.toml to keep it, with --overwrite to refit it, or write to "
+                       r"another --output"):
+        pca.run(_cfg(embeddings=emb, output=out, n_components=5))
+    with pytest.raises(config.ConfigError, match=r"test_split: 'test' -> ''"):
+        pca.run(_cfg(embeddings=emb, output=out, n_components=3, test_split=""))
+    other = str(tmp_path / "emb2")
+    shutil.copytree(emb, other)  # the same rows, another input
+    with pytest.raises(config.ConfigError, match=r"embeddings: '.*/emb' -> '.*/emb2'"):
+        pca.run(_cfg(embeddings=other, output=out, n_components=3))
+    # a .npy-only key means nothing for parquet input, and a trailing slash is the same input
+    pca.run(_cfg(embeddings=emb + "/", output=out, n_components=3, split_seed=9))
+    assert _marker(out)["n_latents"] == 3
+    pca.run(_cfg(embeddings=emb, output=out, n_components=5, overwrite=True))
+    assert _marker(out)["n_latents"] == 5
+    assert "n_components = 5" in open(os.path.join(out, "config.toml")).read()
+
+
+def test_npy_hold_out_keys_are_settings(tmp_path):
+    x = _low_rank(100)
+    np.save(tmp_path / "train_embeddings.npy", x)
+    np.save(tmp_path / "train_ids.npy", np.array([f"id{i}" for i in range(100)]))
+    out = str(tmp_path / "pca")
+    npy = str(tmp_path / "train_embeddings.npy")
+    pca.run(_cfg(embeddings=npy, output=out, n_components=3, split_seed=1))
+    with pytest.raises(config.ConfigError, match=r"split_seed: 1 -> 2"):
+        pca.run(_cfg(embeddings=npy, output=out, n_components=3, split_seed=2))
+    # the ids rewritten in place (other galaxies): other inputs
+    np.save(tmp_path / "train_ids.npy", np.array([f"other{i}" for i in range(100)]))
+    with pytest.raises(config.ConfigError, match=r"changed since it was fitted \(ids rewritten;"):
+        pca.run(_cfg(embeddings=npy, output=out, n_components=3, split_seed=1))
+
+
+def test_rerun_after_the_embeddings_were_rewritten_is_refused(emb, tmp_path):
+    """Embeddings re-embedded in place (same URLs, other rows) since the fit: the rerun names the
+    files that changed instead of keeping a fit of data that is no longer there; --overwrite
+    refits on the new rows, and the next rerun keeps that."""
+    out = str(tmp_path / "pca")
+    pca.run(_cfg(embeddings=emb, output=out, n_components=3))
+    recorded = json.loads(open(os.path.join(out, "inputs.json")).read())["files"]
+    assert sorted(recorded) == ["test/test-00000-of-00001.parquet", "train/train-00000-of-00002.parquet",
+                                "train/train-00001-of-00002.parquet"]
+    _write_split(emb, "train", _low_rank(300, seed=5), n_files=2, prefix="new")
+    with pytest.raises(config.ConfigError, match=r"other embeddings: .*/emb changed since it was fitted "
+                       r"\(train/train-00000-of-00002\.parquet rewritten; "
+                       r"train/train-00001-of-00002\.parquet "
+                       r"rewritten; stamps in .*inputs\.json\): rerun with --overwrite"):
+        pca.run(_cfg(embeddings=emb, output=out, n_components=3))
+    assert _marker(out)["n_train"] == 400  # kept as it was
+    metrics = pca.run(_cfg(embeddings=emb, output=out, n_components=3, overwrite=True))
+    assert metrics["n_train"] == _marker(out)["n_train"] == 300
+    assert pca.run(_cfg(embeddings=emb, output=out, n_components=3))["n_train"] == 300  # kept now
+    # a shard more in the test split is another input too
+    _write_split(str(tmp_path / "more"), "test", _low_rank(10, seed=6), n_files=1, prefix="more")
+    os.replace(tmp_path / "more" / "test" / "test-00000-of-00001.parquet",
+               os.path.join(emb, "test", "extra.parquet"))
+    with pytest.raises(config.ConfigError, match=r"\(test/extra\.parquet added;"):
+        pca.run(_cfg(embeddings=emb, output=out, n_components=3))
+
+
+def test_rewritten_embeddings_on_s3_are_refused(s3_prefix):
+    emb = storage.join(s3_prefix, "emb")
+    _write_split(emb, "train", _low_rank(120, seed=2))
+    _write_split(emb, "test", _low_rank(40, seed=3), n_files=1)
+    out = storage.join(s3_prefix, "pca")
+    pca.run(_cfg(embeddings=emb, output=out, n_components=4))
+    assert pca.run(_cfg(embeddings=emb, output=out, n_components=4))["n_test"] == 40  # unchanged: kept
+    _write_split(emb, "test", _low_rank(40, seed=4), n_files=1)  # the same size, other values
+    with pytest.raises(config.ConfigError, match=r"\(test/test-00000-of-00001\.parquet rewritten;"):
+        pca.run(_cfg(embeddings=emb, output=out, n_components=4))
+
+
+def test_an_artifact_without_recorded_stamps_is_kept(emb, tmp_path, caplog):
+    """One written before the stamps were recorded cannot be checked: kept, said in the log."""
+    out = str(tmp_path / "pca")
+    pca.run(_cfg(embeddings=emb, output=out, n_components=3))
+    os.remove(os.path.join(out, "inputs.json"))
+    _write_split(emb, "train", _low_rank(300, seed=5), n_files=2, prefix="new")
+    with caplog.at_level("INFO", logger="galaxysae.pca"):
+        assert pca.run(_cfg(embeddings=emb, output=out, n_components=3))["n_train"] == 400
+    assert "records no stamps of its embeddings" in caplog.text
+
+
+def test_a_refit_killed_half_way_is_not_taken_for_finished(emb, tmp_path, monkeypatch):
+    """--overwrite removes the completion marker before writing: a refit that dies after writing
+    new weights and metrics leaves no cfg.json, so the plain rerun refits instead of skipping."""
+    out = str(tmp_path / "pca")
+    pca.run(_cfg(embeddings=emb, output=out, n_components=3))
+    _write_split(emb, "train", _low_rank(300, seed=5), n_files=2, prefix="new")
+
+    def killed(*args, **kwargs):  # the job dies writing the plot, after weights and metrics
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(pca, "plot", killed)
+    with pytest.raises(OSError, match="No space left"):
+        pca.run(_cfg(embeddings=emb, output=out, n_components=3, overwrite=True))
+    assert json.loads(open(os.path.join(out, "metrics.json")).read())["n_train"] == 300  # new files...
+    assert not os.path.exists(os.path.join(out, "cfg.json"))  # ...under no marker
+    monkeypatch.undo()
+    assert pca.run(_cfg(embeddings=emb, output=out, n_components=3))["n_train"] == 300
+    assert _marker(out)["n_train"] == 300
