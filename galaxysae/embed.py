@@ -8,8 +8,10 @@
 #   shard_writer (driver)      -> {output}/{split}/{shard}.parquet + {output}/_failures/...,
 #                                  each written atomically once every row of its shard is back
 #
-# A shard's output file is its completion marker: a rerun skips shards whose file exists, and a
-# run killed at any moment leaves only whole files, so a rerun ends with the same row set.
+# A shard's output file is its completion marker: a rerun skips shards whose file exists (made
+# from the same input shard, else it stops), and a run killed at any moment leaves only whole
+# files, so a rerun ends with the same row set. Files of the run's splits that are no output of
+# its shards stop it too (--overwrite removes them).
 """`galaxysae embed`: Zoobot embeddings of every galaxy, streamed with Ray Data."""
 
 from __future__ import annotations
@@ -268,12 +270,26 @@ def _run(cfg: Config, claim) -> int:
         "source": config.redact(cfg.dataset),
         "source_revision": sources.dataset_revision(shards),
     })
+    # Files of these splits that no shard of this run writes (an earlier run on other input)
+    # would be read beside its output: --overwrite removes them (below, once every check has
+    # passed), otherwise they are an error before any work.
+    strays = writer.strays(shards, cfg.splits)
+    if strays and not cfg.overwrite:
+        shown = ", ".join(strays[:10]) + (f" (and {len(strays) - 10} more)" if len(strays) > 10 else "")
+        raise ValueError(
+            f"{cfg.output} holds {len(strays)} files that are no output of the shards of "
+            f"{config.redact(cfg.dataset)} (config {cfg.dataset_config!r}, splits "
+            f"{', '.join(cfg.splits)}), left by a run on other input: {shown}. Train would read "
+            f"them beside this run's. Rerun with --overwrite to remove them and redo every shard, "
+            f"or write to another --output")
     pending = [s for s in shards if cfg.overwrite or not writer.done(s)]
     skipped = len(shards) - len(pending)
-    writer.check_done([s for s in shards if s not in pending])
     # Every shard of a split is scanned (done ones too): a duplicate id_str anywhere in a split
-    # is an error before any work starts.
-    expected = scan_shards(shards, pending, required=(cfg.image_column,))
+    # is an error before any work starts, and a done shard's ids tell whether its output was
+    # made from this very input shard.
+    ids = scan_shards(shards, pending, required=(cfg.image_column,))
+    writer.check_done([s for s in shards if s not in pending], ids)
+    expected = {s: ids[s] for s in pending}
     log.info("%d shards (%d to embed, %d already done), %d rows to embed", len(shards),
              len(pending), skipped, sum(len(v) for v in expected.values()))
 
@@ -291,6 +307,11 @@ def _run(cfg: Config, claim) -> int:
     log.info("plan: device=%s precision=%s encoders=%d x (%.3g CPU, %d threads) batch=%d "
              "decode=%d tasks x %.3g CPU", cfg.device, cfg.precision, cfg.num_encoders,
              cfg.encoder_cpus, cfg.encoder_threads, cfg.batch_size, cfg.decode_tasks, cfg.decode_cpus)
+
+    if strays:
+        log.warning("--overwrite: removing %d files of an earlier run on other input from %s",
+                    len(strays), cfg.output)
+        writer.remove_strays(strays)
 
     todo = [s for s in pending if expected[s]]
     stats = writer.stats

@@ -13,7 +13,9 @@ fixed_size_list<float32>[D]; provenance in the parquet file metadata.
 from __future__ import annotations
 
 import collections
+import hashlib
 import logging
+import posixpath
 import re
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -27,7 +29,7 @@ from galaxysae.sources import Shard
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ShardWriter", "scan_shards", "Stats"]
+__all__ = ["ShardWriter", "scan_shards", "Stats", "ids_digest", "input_conflicts"]
 
 
 def _read_ids(shard: Shard, required: tuple[str, ...] = ()) -> list:
@@ -57,7 +59,8 @@ def scan_shards(shards: list[Shard], pending: list[Shard],
 
     ``pending`` shards must also hold the ``required`` columns (the image column): a shard
     without them is an error naming it before any work starts, not a failure deep in a task.
-    Returns the ids of the ``pending`` shards (their rows, in input order).
+    Returns the ids of every shard (their rows, in input order): a pending shard's rows to
+    embed, a done shard's identity to compare with what its output was made from.
     """
     todo = set(pending)
     with ThreadPoolExecutor(max_workers=8) as pool:
@@ -74,7 +77,16 @@ def scan_shards(shards: list[Shard], pending: list[Shard],
             more = f" (and {len(dups) - 10} more)" if len(dups) > 10 else ""
             raise ValueError(f"duplicate id_str in split {split!r}: {len(dups)} ids appear more "
                              f"than once: {shown}{more}")
-    return {s: ids[s] for s in pending}
+    return ids
+
+
+def ids_digest(ids: list[str]) -> str:
+    """sha256 of a shard's id_str column in input order: what identifies an input shard's content
+    where there is no dataset commit (a local directory, an s3:// copy), read by the scan anyway."""
+    h = hashlib.sha256()
+    for i in ids:
+        h.update(i.encode("utf-8", "surrogatepass") + b"\0")
+    return h.hexdigest()
 
 
 @dataclass
@@ -114,6 +126,44 @@ def provenance_conflicts(theirs: dict[str, str], ours: dict[str, str]) -> list[s
     return out
 
 
+def _input_rows(meta: dict[str, str]) -> str:
+    """The input rows a finished shard was made from: recorded, or (older files) rows + failed."""
+    if meta.get("source_rows"):
+        return meta["source_rows"]
+    if meta.get("rows", "").isdigit() and meta.get("failed", "").isdigit():
+        return str(int(meta["rows"]) + int(meta["failed"]))
+    return ""
+
+
+def input_conflicts(theirs: dict[str, str], ours: dict[str, str]) -> list[str]:
+    """What makes a finished shard's output made from another input shard than the one this run
+    reads ("key: theirs -> ours"): its path in the dataset (config folder included), its row
+    count, the digest of its ids. Not where the dataset lies (a staged or s3:// copy, the offline
+    Hub: the same shard), nor a key either side lacks (a file from before it was recorded). The
+    dataset commit, where both sides have one, is compared by :func:`provenance_conflicts`."""
+    out = []
+    if theirs.get("source_shard") and ours.get("source_shard") and \
+            theirs["source_shard"] != ours["source_shard"]:
+        out.append(f"input shard: {theirs['source_shard']} -> {ours['source_shard']}")
+    rows = _input_rows(theirs)
+    if rows and ours.get("source_rows") and rows != ours["source_rows"]:
+        out.append(f"input rows: {rows} -> {ours['source_rows']}")
+    elif theirs.get("source_ids") and ours.get("source_ids") and theirs["source_ids"] != ours["source_ids"]:
+        short = [d.removeprefix("sorted:")[:12] for d in (theirs["source_ids"], ours["source_ids"])]
+        out.append(f"input ids (sha256): {short[0]}... -> {short[1]}...")
+    return out
+
+
+def _made_from(meta: dict[str, str]) -> str:
+    """"{dataset}/{shard}[ @commit]" as recorded in a file's metadata (or this run's)."""
+    where = meta.get("source", "")
+    if meta.get("source_shard"):
+        where = f"{where.rstrip('/')}/{meta['source_shard']}" if where else meta["source_shard"]
+    if meta.get("source_revision"):
+        where += f" @ {meta['source_revision']}"
+    return where or "(not recorded)"
+
+
 def _failure_schema():
     import pyarrow as pa
 
@@ -151,11 +201,18 @@ class ShardWriter:
     def done(self, shard: Shard) -> bool:
         return storage.exists(self.embeddings_url(shard))
 
-    def check_done(self, shards: list[Shard]) -> None:
+    def input_of(self, shard: Shard, ids: list[str]) -> dict[str, str]:
+        """What identifies the input shard an output file is made from (its file metadata)."""
+        return {"source_shard": shard.rel, "source_rows": str(len(ids)),
+                "source_ids": ids_digest(ids)}
+
+    def check_done(self, shards: list[Shard], ids: dict[Shard, list[str]]) -> None:
         """Read the metadata of finished shards' files: count their rows into ``stats`` (the
         failure fraction is the whole output's, not this run's), and refuse, naming the file and
-        what differs, when one was written with other encoder weights, image size, strict_jpeg
-        or dataset commit than this run's: skipping it would mix two runs in one output."""
+        what differs, when one was made from another input shard (another dataset, another
+        config: see :func:`input_conflicts`; ``ids`` are each shard's id_str from the scan) or
+        written with other encoder weights, image size, strict_jpeg or dataset commit than this
+        run's: skipping it would mix two runs in one output."""
         import pyarrow.parquet as pq
 
         def meta(shard: Shard) -> dict[str, str]:
@@ -167,19 +224,69 @@ class ShardWriter:
                 raise ValueError(f"finished shard {url}: unreadable parquet "
                                  f"({type(exc).__name__}: {exc}); remove it or rerun with "
                                  f"--overwrite") from None
-            return {k.decode(): v.decode("utf-8", "replace") for k, v in raw.items()}
+            out = {k.decode(): v.decode("utf-8", "replace") for k, v in raw.items()}
+            if not out.get("source_ids"):
+                # A file from before the digest was recorded: the ids it holds (embedded and
+                # failed), as a sorted digest; compared with this input's below.
+                made = self._ids_in(url, fs, path) + self._ids_in(self.failures_url(shard))
+                out["source_ids"] = "sorted:" + ids_digest(sorted(made))
+            return out
 
         with ThreadPoolExecutor(max_workers=8) as pool:
             metas = list(pool.map(meta, shards))
         for shard, theirs in zip(shards, metas):
-            conflicts = provenance_conflicts(theirs, self.provenance)
+            ours = {**self.provenance, **self.input_of(shard, ids[shard])}
+            if theirs["source_ids"].startswith("sorted:"):
+                ours["source_ids"] = "sorted:" + ids_digest(sorted(ids[shard]))
+            conflicts = input_conflicts(theirs, ours) + provenance_conflicts(theirs, ours)
             if conflicts:
                 raise ValueError(
-                    f"{self.embeddings_url(shard)} was written by another run ({'; '.join(conflicts)}): "
+                    f"{self.embeddings_url(shard)} was written by another run ({'; '.join(conflicts)}; "
+                    f"made from {_made_from(theirs)}, this run reads {_made_from(ours)}): "
                     f"skipping it would mix two runs in {self.output}. Rerun with --overwrite to "
                     f"redo every shard, or write to another --output")
             self.stats.done_embedded += int(theirs.get("rows", 0))
             self.stats.done_failed += int(theirs.get("failed", 0))
+
+    @staticmethod
+    def _ids_in(url: str, fs=None, path: str = "") -> list[str]:
+        """id_str of an output or failures file ([] when there is none)."""
+        import pyarrow.parquet as pq
+
+        if fs is None:
+            if not storage.exists(url):
+                return []
+            fs, path = storage.arrow_fs(url)
+        try:
+            return [str(i) for i in pq.read_table(path, filesystem=fs, columns=["id_str"])
+                    .column("id_str").to_pylist()]
+        except Exception as exc:  # noqa: BLE001 - name the file that is at fault
+            raise ValueError(f"finished shard {url}: unreadable parquet ({type(exc).__name__}: "
+                             f"{exc}); remove it or rerun with --overwrite") from None
+
+    def strays(self, shards: list[Shard], splits: list[str]) -> list[str]:
+        """Parquet files under ``{output}/{split}/`` and ``{output}/_failures/{split}/`` of the
+        run's ``splits`` that are no output of its ``shards``: left by a run on other input (more
+        shards, other names), they would be read beside this run's. Hidden files (a write in
+        progress) and other splits are not looked at."""
+        names = {(s.split, s.name) for s in shards}
+        found = []
+        for split in splits:
+            for folder in (storage.join(self.output, split),
+                           storage.join(self.output, "_failures", split)):
+                found += [u for u in storage.listdir(folder, suffix=".parquet")
+                          if (split, posixpath.basename(u)) not in names]
+        return found
+
+    def remove_strays(self, urls: list[str]) -> None:
+        """Remove what :meth:`strays` found (``--overwrite``), embeddings before failure records,
+        while this run still holds the output."""
+        why = self.before_commit() if self.before_commit else ""
+        if why:
+            raise RuntimeError(f"not removing files of an earlier run from {self.output}: {why}")
+        for url in sorted(urls, key=lambda u: "/_failures/" in u):
+            storage.remove(url)
+            log.info("removed %s (no output of this run's shards)", url)
 
     # -- streaming
     def expect(self, shards: list[Shard], ids: dict[Shard, list[str]]) -> None:
@@ -261,7 +368,7 @@ class ShardWriter:
             "embedding": pa.FixedSizeListArray.from_arrays(flat, width),
         })
         meta = {**self.provenance, "code_version": galaxysae.__version__,
-                "source_shard": shard.rel, "split": shard.split,
+                **self.input_of(shard, buf.ids), "split": shard.split,
                 "rows": str(int(ok.sum())), "failed": str(len(failures))}
         table = table.replace_schema_metadata({k: str(v) for k, v in meta.items()})
         storage.write_parquet(table, self.embeddings_url(shard))
