@@ -4,6 +4,8 @@ Data flow::
 
     {results}/{name}/dictionary.json, activations/{split}/*.parquet, compare.parquet, grids/*.jpg
     {results}/compare/*.png, summary.json (chance level and shares per dictionary)
+    (the dictionaries are those of the last compare, when it has run; grids and compare results
+    must come from the current activations, activations/{split}/_SUCCESS, or they are refused)
     --> {output}/index.html               dictionaries, metrics, FVU against L0, comparison plots
         {output}/answers.html             per Galaxy Zoo answer, each dictionary's best feature
         {output}/{name}/index.html        sortable, filterable feature table
@@ -29,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from galaxysae import activations, compare, config, storage
+from galaxysae import activations, compare, config, render, storage
 
 log = logging.getLogger(__name__)
 
@@ -267,13 +269,21 @@ def load_entry(results: str, name: str, cfg: Config, chance: dict | None = None)
     stats = _read_parquet(storage.join(acts, "features.parquet")).to_pylist()
     cmp_url = storage.join(folder, "compare.parquet")
     rendered_url = storage.join(folder, "grids", "_rendered.json")
+    made_from = {}  # what was made from which activations: {what: (identity, job to rerun)}
     if storage.exists(rendered_url):
         inputs = json.loads(storage.read_bytes(rendered_url)).get("inputs", {}).get("activations", {})
         _check_same_data(folder, doc, "its grids were rendered", inputs, "render")
+        made_from["its grids (grids/_rendered.json)"] = (inputs, "render")
+    table = None
     if storage.exists(cmp_url):
         table = _read_parquet(cmp_url)
         meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
         _check_same_data(folder, doc, "compare.parquet was computed", meta, "compare")
+        made_from["compare.parquet"] = (json.loads(meta.get("activations") or "null"), "compare")
+    if chance:
+        made_from["compare's summary.json and answers.json"] = (chance.get("activations"), "compare")
+    _check_same_activations(folder, acts, made_from)
+    if table is not None:
         cmp = {r["feature"]: r for r in table.to_pylist()}
         for r in stats:
             c = cmp.get(r["feature"], {})
@@ -313,6 +323,36 @@ def _check_same_data(folder: str, doc: dict, what: str, inputs: dict, job: str) 
                 f"{folder}: {what} from {key} {theirs!r}, but the last render/compare run into it "
                 f"used {ours!r} (dictionary.json): run render and compare on the same {key} "
                 f"(or run {job} again with --{key} {ours})")
+
+
+def _check_same_activations(folder: str, acts: str, made_from: dict) -> None:
+    """The statistics, histograms and top galaxies the pages show are read from the current
+    activations (``acts``); grids or compare results made from earlier ones (the dictionary
+    retrained in place, or the embeddings rewritten, then only render or only compare run again)
+    would show another dictionary's galaxies and votes beside them: refused, naming what is stale
+    and the job to run again. Results that recorded no identity (an older render or compare)
+    cannot be checked: a warning says so."""
+    current = render.activations_identity(acts)
+    if current is None:  # no _SUCCESS: nothing to hold them to
+        return
+    stale, jobs, change = [], [], ""
+    for what, (theirs, job) in made_from.items():
+        if not theirs or not theirs.get("stamps"):
+            log.warning("%s: %s recorded no activations to check against %s (an older %s): run "
+                        "`galaxysae %s` again if the dictionary or embeddings changed since",
+                        folder, what, acts, job, job)
+        elif {k: theirs.get(k) for k in render.ACTIVATION_KEYS} != current:
+            stale.append(what)
+            jobs.append(job)
+            change = change or render.activations_change(theirs, current)
+    if stale:
+        again = " and ".join(f"`galaxysae {j}`" for j in dict.fromkeys(jobs))
+        raise ValueError(
+            f"{folder}: {', '.join(stale[:-1]) + ' and ' if len(stale) > 1 else ''}{stale[-1]} "
+            f"{'was' if stale == ['compare.parquet'] else 'were'} made from other "
+            f"activations than the current ones in {acts} ({change}; a later render or compare "
+            f"recomputed them): run {again} again for this dictionary (same config), or the pages "
+            f"would show one set of activations' numbers beside another's galaxies")
 
 
 def compare_summary(results: str) -> dict:
@@ -653,6 +693,17 @@ def run(cfg: Config) -> str:
     storage.check_writable(out)  # wrong credentials / unreachable store: fail first
     names = [n for n in _subdirs(cfg.results) if not n.startswith(("_", ".")) and n != "compare"]
     chance = compare_summary(cfg.results)
+    compared = [n for n in chance if not n.startswith("_")]
+    if compared:
+        # the dictionaries of the last compare: a folder it did not cover (an earlier run's, or one
+        # rendered since) has no chance level and no answers in compare/summary.json, answers.json
+        left = [n for n in names if n not in compared]
+        if left:
+            log.warning("atlas: leaving out %s: the last compare (%s, covering %s) did not cover "
+                        "them; run `galaxysae compare` with them among its dictionaries to show them",
+                        ", ".join(left), storage.join(cfg.results, "compare", "summary.json"),
+                        ", ".join(compared))
+        names = [n for n in names if n in compared]
     entries = [e for e in (load_entry(cfg.results, n, cfg, chance.get(n)) for n in names) if e is not None]
     if not entries:
         raise FileNotFoundError(f"{cfg.results}: no dictionary results found (run `galaxysae render` "

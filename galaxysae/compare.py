@@ -8,7 +8,8 @@ Data flow::
     --> chance baseline: the same best z with the labels shuffled over the galaxies
     --> per answer: the feature of each dictionary that tracks it best, and its own chance level
     --> {results}/{name}/compare.parquet + .csv, {results}/compare/ (summary.json/.csv,
-        answers.json/.csv, plots)
+        answers.json/.csv, plots); compare.parquet's metadata and summary.json record the
+        activations used (their _SUCCESS identity), so atlas and render can tell stale results
 
 Vote counts. A fraction from 2 votes is 0, 0.5 or 1: noise, not a measurement. A galaxy's fractions
 of a question count only where at least ``min_votes`` volunteers answered it (its
@@ -57,7 +58,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from galaxysae import config, schema, storage
-from galaxysae.render import DictionaryInputs, activations_for, folder_names, write_summary
+from galaxysae.render import (DictionaryInputs, activations_for, activations_identity, folder_names,
+                              write_summary)
 
 log = logging.getLogger(__name__)
 
@@ -803,13 +805,17 @@ def run(cfg: Config) -> dict:
              "chance_abs_rho": [chance_rho(p95, n) if n else None for n in res["n_valid"]],
              "above_null": [bool(p95 is not None and v > p95) for v in res["z"]]}
         table = pa.table({k: v for k, v in t.items() if k != "family"})
-        table = table.replace_schema_metadata({"split": cfg.split, "embeddings": cfg.embeddings})
+        # the activations it was computed from: the atlas refuses it beside grids or statistics
+        # of activations recomputed since (a dictionary retrained in place, embeddings rewritten)
+        ident = activations_identity(acts.url)
+        table = table.replace_schema_metadata({"split": cfg.split, "embeddings": cfg.embeddings,
+                                               "activations": json.dumps(ident)})
         storage.write_parquet(table, storage.join(folder, "compare.parquet"))
         storage.write_bytes(storage.join(folder, "compare.csv"), table_csv(table))
         tables[name] = t
         summary[name] = {"kind": d.kind, "family": d.family, "n_latents": d.n_latents,
                          "l0": (d.metrics or {}).get("l0"), "n_galaxies": len(enc_ids), **chance,
-                         "levels": level_summary(t, d.levels, p95)}
+                         "levels": level_summary(t, d.levels, p95), "activations": ident}
         best = int(np.argmax(np.nan_to_num(res["z"], nan=-1)))
         log.info("%s: %d galaxies; best aligned feature %d: %s (Spearman %.2f), median novelty %.2f; "
                  "chance level (p95 of the best z, shuffled) %.2f, %.0f%% of active features above it",

@@ -120,13 +120,37 @@ def write_summary(d, folder_url: str, split: str, n_galaxies: int, embeddings: s
         storage.copy_if_newer(url, storage.join(folder_url, "plots", url.rstrip("/").rsplit("/", 1)[-1]))
 
 
+# what identifies a set of activations (activations/{split}/_SUCCESS): a dictionary retrained in
+# place or embeddings rewritten at the same URLs change the stamps of its weights and files
+ACTIVATION_KEYS = ("dictionary", "embeddings", "split", "stamps")
+
+
+def activations_identity(activations_url: str) -> dict | None:
+    """The identity of the activations at ``activations_url`` (see ACTIVATION_KEYS), None when
+    none were computed there. Render records it in ``grids/_rendered.json``, compare in
+    ``compare.parquet``'s metadata and ``compare/summary.json``: the atlas (and select =
+    'aligned') refuse results of activations that have been recomputed since."""
+    url = storage.join(activations_url, "_SUCCESS")
+    if not storage.exists(url):
+        return None
+    marker = json.loads(storage.read_bytes(url))
+    return {k: marker.get(k) for k in ACTIVATION_KEYS}
+
+
+def activations_change(old: dict, new: dict) -> str:
+    """What differs between two activation identities, in words."""
+    for key in ("dictionary", "embeddings", "split"):
+        if old.get(key) != new.get(key):
+            return f"{key} {old.get(key)!r}, now {new.get(key)!r}"
+    return "the dictionary's weights or the embedding files were rewritten since"
+
+
 def start_grids(folder: str, name: str, activations_url: str, chosen: list[int], cfg) -> None:
     """Before drawing: grids drawn from other inputs (activations of another dictionary or
     embeddings, another top_n, layout or decode) are removed, so a rerun redraws them instead of
     keeping pictures that no longer match the tables; then ``grids/_rendered.json`` records this
     run's inputs (a killed run's rerun, with the same inputs, keeps the grids it finished)."""
-    marker = json.loads(storage.read_bytes(storage.join(activations_url, "_SUCCESS")))
-    inputs = {"activations": {k: marker.get(k) for k in ("dictionary", "embeddings", "split", "stamps")},
+    inputs = {"activations": activations_identity(activations_url),
               "top_n": cfg.top_n, "columns": cfg.columns, "tile": cfg.tile,
               "strict_jpeg": cfg.strict_jpeg}
     url = storage.join(folder, "grids", "_rendered.json")
@@ -285,15 +309,27 @@ def _grids_task(jobs: list[dict], thumbs: dict, failures: dict, top_n: int, colu
     return done
 
 
-def aligned_features(results: str, name: str) -> list[int]:
+def aligned_features(results: str, name: str, activations_url: str | None = None) -> list[int]:
     """Each Galaxy Zoo answer's best feature of dictionary ``name`` from compare's answers.json,
     those above chance first: the features the atlas's "by answer" page links to. Before compare
-    has run there are none (a warning says so; the most frequent features fill the grids)."""
+    has run there are none (a warning says so; the most frequent features fill the grids), nor
+    when compare ran on other activations than those at ``activations_url`` (the dictionary
+    retrained, the embeddings rewritten, since): its feature ids would name other features."""
     url = storage.join(results, "compare", "answers.json")
     if not storage.exists(url):
         log.warning("select = 'aligned': %s does not exist yet, so %s gets the most frequent features; "
                     "run `galaxysae compare`, then render again to add the grids its answers link to",
                     url, name)
+        return []
+    summary_url = storage.join(results, "compare", "summary.json")
+    current = activations_identity(activations_url) if activations_url else None
+    theirs = (json.loads(storage.read_bytes(summary_url)).get(name) or {}).get("activations") \
+        if current and storage.exists(summary_url) else None
+    if theirs and theirs != current:  # an older compare recorded none: its answers are used
+        log.warning("select = 'aligned': compare's answers for %s (%s) were computed from other "
+                    "activations than the current ones (%s: %s), so %s gets the most frequent features; "
+                    "run `galaxysae compare`, then render again to add the grids its answers link to",
+                    name, url, activations_url, activations_change(theirs, current), name)
         return []
     rows = json.loads(storage.read_bytes(url)).get(name, [])
     rows = sorted(rows, key=lambda r: not r.get("above_null"))  # stable: answer order otherwise
@@ -356,7 +392,8 @@ def run(cfg: Config) -> dict:
         acts = activations_for(d, folder, cfg)
         write_summary(d, folder, cfg.split, acts.n_galaxies, cfg.embeddings)
         stats = acts.features.to_pylist()
-        aligned = aligned_features(cfg.results, name) if cfg.select == "aligned" and not cfg.features else None
+        aligned = (aligned_features(cfg.results, name, acts.url)
+                   if cfg.select == "aligned" and not cfg.features else None)
         chosen = select_features(acts.features, d.kind, cfg, aligned)
         start_grids(folder, name, acts.url, chosen, cfg)
         grids = grid_jobs(d, folder, chosen, stats, cfg.top_n)

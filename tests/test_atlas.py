@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import re
 import subprocess
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from galaxysae import atlas, compare, config, render, schema
+from galaxysae import activations, atlas, compare, config, render, schema
 from tests import atlas_chain
 from tests.chromium import CHROMIUM, Browser
 
@@ -365,3 +366,166 @@ def test_an_older_compare_s_chance_level_is_shown_in_its_own_units():
     new = atlas.Entry("sae", doc, [], set(), {}, [], {"null_best_z_p95": 3.2, "share_above_null": 0.25})
     assert "(z &gt; 3.2)" in atlas._alignment_rows(new)
     assert "z 3.2" in atlas._chance_line(new) and "|ρ| 0.18 over all 300 galaxies" in atlas._chance_line(new)
+
+
+class _Records(logging.Handler):
+    """The galaxysae log records of a block (its logger may not propagate to pytest's caplog)."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.messages: list[str] = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+    def __enter__(self):
+        logging.getLogger("galaxysae").addHandler(self)
+        self._level = logging.getLogger("galaxysae").level
+        logging.getLogger("galaxysae").setLevel(logging.INFO)
+        return self
+
+    def __exit__(self, *exc):
+        logging.getLogger("galaxysae").removeHandler(self)
+        logging.getLogger("galaxysae").setLevel(self._level)
+
+
+def test_dictionaries_the_last_compare_did_not_cover_are_left_out_and_named(small_site, tmp_path):
+    """compare run on fewer dictionaries rewrites summary.json and answers.json without the
+    others: a folder it did not cover has no chance level and no answers, so the atlas shows the
+    last compare's dictionaries and names the one it leaves out."""
+    import shutil
+
+    results = tmp_path / "results"
+    shutil.copytree(small_site[0].parent / "results", results)
+    for f in ("summary.json", "answers.json"):
+        doc = json.loads((results / "compare" / f).read_text())
+        (results / "compare" / f).write_text(json.dumps({"pca": doc["pca"]}))
+    out = tmp_path / "site"
+    with _Records() as logs:
+        atlas.run(config.from_dict(atlas.Config, {"results": str(results), "output": str(out)}))
+    index = (out / "index.html").read_text()
+    assert 'href="pca/index.html"' in index and 'href="sae/index.html"' not in index
+    assert not (out / "sae").exists()
+    assert "sae/f/" not in (out / "answers.html").read_text()
+    assert any("leaving out sae: the last compare" in m and "`galaxysae compare`" in m
+               for m in logs.messages), logs.messages
+
+
+def test_results_of_other_activations_are_refused_naming_what_to_rerun(small_site, tmp_path):
+    """activations/{split}/_SUCCESS identifies the current activations (the stamps of the
+    dictionary's weights and of the embedding files); grids (_rendered.json) or compare results
+    that recorded other ones are refused with the job to run again; results that recorded none
+    (an older compare) are shown, with a warning."""
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    results = tmp_path / "results"
+    shutil.copytree(small_site[0].parent / "results", results)
+    cfg = config.from_dict(atlas.Config, {"results": str(results), "output": str(tmp_path / "site")})
+    acts = results / "sae" / "activations" / "test"
+    current = {"dictionary": "/d/sae", "embeddings": "/e", "split": "test", "stamps": ["10:1.0", "20:2.0"]}
+    (acts / "_SUCCESS").write_text(json.dumps({**current, "files": ["/e/test/a.parquet"], "top_n": 30,
+                                                "n_galaxies": 300}))
+    old = {**current, "stamps": ["10:0.5", "20:2.0"]}  # the dictionary retrained in place since
+    (results / "sae" / "grids").mkdir()
+    rendered = results / "sae" / "grids" / "_rendered.json"
+
+    def write(grids: dict | None, table: dict | None, summary: dict | None):
+        rendered.write_text(json.dumps({"inputs": {"activations": grids}, "features": []}))
+        t = pq.read_table(results / "sae" / "compare.parquet")
+        meta = {"split": "test"} if table is None else {"split": "test", "activations": json.dumps(table)}
+        pq.write_table(t.replace_schema_metadata(meta), results / "sae" / "compare.parquet")
+        doc = json.loads((results / "compare" / "summary.json").read_text())
+        doc["sae"].pop("activations", None)
+        if summary is not None:
+            doc["sae"]["activations"] = summary
+        (results / "compare" / "summary.json").write_text(json.dumps(doc))
+
+    write(current, current, current)
+    atlas.run(cfg)
+    # compare ran after the retrain, render did not: the grids show the old top galaxies
+    write(old, current, current)
+    with pytest.raises(ValueError, match=r"results/sae: its grids \(grids/_rendered.json\) were made from other "
+                                         r"activations than the current ones in .*activations/test \(the "
+                                         r"dictionary's weights or the embedding files were rewritten since.*"
+                                         r"run `galaxysae render` again for this dictionary") as err:
+        atlas.run(cfg)
+    assert "compare" not in str(err.value).split("run ")[-1]
+    # render ran, compare did not: its table and answers are of the old activations
+    write(current, old, old)
+    with pytest.raises(ValueError, match=r"results/sae: compare.parquet and compare's summary.json and answers.json "
+                                         r"were made from .*run `galaxysae compare` again"):
+        atlas.run(cfg)
+    # a compare interrupted before summary.json: that alone is named
+    write(current, current, {**current, "dictionary": "/d/other"})
+    with pytest.raises(ValueError, match=r"sae: compare's summary.json and answers.json were made from "
+                                         r".*dictionary '/d/other', now '/d/sae'.*`galaxysae compare`"):
+        atlas.run(cfg)
+    # both stale: both jobs named
+    write(old, old, old)
+    with pytest.raises(ValueError, match=r"run `galaxysae render` and `galaxysae compare` again"):
+        atlas.run(cfg)
+    # an older compare recorded no activations: it cannot be checked, and the log says so
+    write(current, None, None)
+    with _Records() as logs:
+        atlas.run(cfg)
+    assert any("compare.parquet recorded no activations to check" in m for m in logs.messages), logs.messages
+
+
+@pytest.mark.slow
+def test_a_retrained_dictionary_s_old_grids_or_compare_are_refused(ray_cluster, offline_hub, session_root,
+                                                                    tmp_path):
+    """The reviewer's case on the real jobs: a dictionary retrained into the same folder, then
+    compare alone run again (it recomputes the activations): the grids still show the old top
+    galaxies, so the atlas refuses and names render; after render it builds. The mirror case,
+    render alone after a retrain, names compare. compare records the activations it used in
+    compare.parquet's metadata and summary.json, as render does in _rendered.json."""
+    import shutil
+
+    import pyarrow.parquet as pq
+    from safetensors.numpy import load_file, save_file
+
+    from galaxysae import dictionary
+
+    chain = atlas_chain.build(session_root)
+    pca_copy = tmp_path / "pca"
+    shutil.copytree(chain.pca, pca_copy)
+    results = tmp_path / "results"
+    common = {"dictionaries": [str(pca_copy)], "embeddings": str(chain.embeddings),
+              "dataset": str(chain.dataset), "results": str(results)}
+    rcfg = config.from_dict(render.Config, {**common, "n_features": 2, "top_n": 4, "columns": 2, "tile": 32,
+                                            "select": "aligned"})
+    ccfg = config.from_dict(compare.Config, {**common, "min_valid": 20, "null_samples": 100})
+    acfg = config.from_dict(atlas.Config, {"results": str(results), "output": str(tmp_path / "site")})
+    acts = results / "pca" / "activations" / "test"
+
+    def retrain():  # the same URL, other weights: each component's other end
+        t = load_file(pca_copy / dictionary.PCA_WEIGHTS)
+        t["components"] = -t["components"]
+        save_file(t, pca_copy / dictionary.PCA_WEIGHTS)
+
+    compare.run(ccfg)
+    render.run(rcfg)
+    atlas.run(acfg)
+    ident = render.activations_identity(str(acts))
+    assert ident["stamps"] and json.loads(pq.read_schema(results / "pca" / "compare.parquet")
+                                          .metadata[b"activations"]) == ident
+    assert json.loads((results / "compare" / "summary.json").read_text())["pca"]["activations"] == ident
+
+    retrain()
+    compare.run(ccfg)
+    assert render.activations_identity(str(acts)) != ident  # recomputed by compare
+    with pytest.raises(ValueError, match=r"pca: its grids \(grids/_rendered.json\) were made from other "
+                                         r"activations .*rewritten since.*run `galaxysae render` again"):
+        atlas.run(acfg)
+    render.run(rcfg)
+    atlas.run(acfg)
+    top = activations.load_features(str(acts)).column("top_ids").to_pylist()[0]
+    assert all(f"<code>{i}</code>" in (tmp_path / "site" / "pca" / "f" / "0.html").read_text() for i in top)
+
+    retrain()
+    render.run(rcfg)
+    with pytest.raises(ValueError, match=r"pca: compare.parquet and compare's summary.json and answers.json "
+                                         r"were made from other activations .*run `galaxysae compare` again"):
+        atlas.run(acfg)

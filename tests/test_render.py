@@ -246,3 +246,37 @@ def test_a_grid_task_is_sent_its_own_galaxies_images_only():
     failures = {"c": "OSError: truncated", "f": "OSError: broken"}
     mine, bad = render._chunk_images(jobs, thumbs, failures)
     assert mine == {"a": b"aaa", "b": b"bbb"} and bad == {"c": "OSError: truncated"}
+
+
+def test_aligned_selection_ignores_answers_of_other_activations(tmp_path):
+    """compare/summary.json records the activations compare used (their _SUCCESS stamps): after
+    the dictionary was retrained (new activations), its answers.json's feature ids name other
+    features, so select = 'aligned' draws the most frequent (and warns) until compare runs again.
+    An older compare recorded none: its answers are used."""
+    import json
+    import logging
+
+    acts = tmp_path / "sae" / "activations" / "test"
+    acts.mkdir(parents=True)
+    current = {"dictionary": "/d/sae", "embeddings": "/e", "split": "test", "stamps": ["10:2.0", "20:2.0"]}
+    (acts / "_SUCCESS").write_text(json.dumps({**current, "files": ["/e/test/a.parquet"], "top_n": 30,
+                                                "n_galaxies": 6}))
+    (tmp_path / "compare").mkdir()
+    (tmp_path / "compare" / "answers.json").write_text(json.dumps({"sae": [
+        {"feature": 4, "above_null": True}, {"feature": 1, "above_null": False}]}))
+    summary = tmp_path / "compare" / "summary.json"
+    summary.write_text(json.dumps({"sae": {"activations": current}}))
+    assert render.aligned_features(str(tmp_path), "sae", str(acts)) == [4, 1]
+    summary.write_text(json.dumps({"sae": {"activations": {**current, "stamps": ["10:1.0", "20:2.0"]}}}))
+    seen: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda r: seen.append(r.getMessage())
+    logging.getLogger("galaxysae").addHandler(handler)
+    try:
+        assert render.aligned_features(str(tmp_path), "sae", str(acts)) == []
+    finally:
+        logging.getLogger("galaxysae").removeHandler(handler)
+    assert any("other activations than the current ones" in m and "run `galaxysae compare`" in m
+               for m in seen), seen
+    summary.write_text(json.dumps({"sae": {"null_best_z_p95": 3.0}}))  # an older compare's
+    assert render.aligned_features(str(tmp_path), "sae", str(acts)) == [4, 1]
