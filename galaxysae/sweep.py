@@ -5,25 +5,29 @@ Data flow:
   per-epoch train MSE, among trials of the same k and dictionary size) -> one trial = one
   function trainable that builds its own TorchTrainer (Train V2) under a unique run name,
   training into {output}/trials/{trial}/ (checkpoints, artifact, metrics.json on the test
-  split) -> results.csv + fvu_vs_l0.png in {output}.
+  split) -> results.csv (its `pareto` column: the trials on the front of test L0 and FVU) +
+  fvu_vs_l0.png in {output}.
 
 The sweep's driver reads the embeddings once and puts them in Ray's object store: every trial
 (its driver and its Train workers) takes them from its node's store, so a node holds one copy
 however many trials run there, and only the sweep's driver needs to see the files (unless
 ``data_loading = "stream"``).
 
-Resources are explicit so a 2-CPU machine cannot deadlock: a trial's driver asks for 0.01 CPU,
-its Train workers ask for ``cpus_per_worker`` each, the workers take the split from the object
-store (``data_loading = "memory"``: no Ray Data tasks competing for CPUs), and at most
-``max_concurrent_trials`` run at once (0: as many as the cluster's nodes hold). A rerun
-restores the experiment (``Tuner.restore``): finished trials are kept, unfinished ones resume
-from their checkpoints, failed ones are retried.
+Resources are explicit so a 2-CPU machine cannot deadlock: a trial's driver asks for a little
+memory and no CPU (TRIAL_DRIVER), its Train workers ask for ``cpus_per_worker`` each, the
+workers take the split from the object store (``data_loading = "memory"``: no Ray Data tasks
+competing for CPUs), and at most ``max_concurrent_trials`` run at once (0: as many as the
+cluster's nodes hold). A trial that fails (its driver lost with its node) is restarted up to
+``max_failures`` times and resumes from its checkpoints. A rerun restores the experiment
+(``Tuner.restore``): finished trials are kept, unfinished ones resume from their checkpoints,
+failed ones are retried.
 """
 
 from __future__ import annotations
 
 import copy
 import csv
+import dataclasses
 import io
 import json
 import logging
@@ -82,6 +86,9 @@ class Config:
     epochs: int = field(default=0, metadata={"help": "epochs per trial; 0 = the base config's"})
     max_concurrent_trials: int = field(default=0, metadata={
         "help": "trials running at once; 0: as many as the cluster's nodes hold now"})
+    max_failures: int = field(default=2, metadata={"help": (
+        "times a failed trial is restarted (its driver lost with a node, say) before it counts "
+        "as failed; it resumes from its checkpoints")})
     num_workers: int = field(default=1, metadata={"help": "Train workers per trial"})
     cpus_per_worker: int = 1
     use_gpu: bool = False
@@ -99,6 +106,8 @@ class Config:
         if self.max_concurrent_trials < 0 or self.num_samples <= 0:
             raise ValueError("'max_concurrent_trials' must be >= 0 (0: as many as fit) and "
                              "'num_samples' positive")
+        if self.max_failures < 0:
+            raise ValueError("'max_failures' must be >= 0 (0: a failed trial is not restarted)")
         if self.use_gpu:
             train_job.check_gpu_share(self.gpus_per_worker, self.num_workers)
         if not _axes(self):
@@ -211,7 +220,13 @@ def _trial(params: dict, base: dict, sweep_output: str, shared: train_job.Shared
     cli.setup_worker()
     for key, value in (credentials or {}).items():
         os.environ.setdefault(key, value)
-    torch.set_num_threads(1)  # the driver holds no CPU: its evaluation stays light
+    # The driver holds no CPU of its own, but its workers' CPUs are the trial's for the whole
+    # trial: the sweep runs no more trials at once than their workers fit (concurrent_trials,
+    # with max_concurrent_trials = 0). While the workers train, this process only waits on them
+    # (no torch work); before they start (init_stats) and once they have ended (the evaluation
+    # of the test split, in train_job.run after the Train run, on the CPU on GPU trials too)
+    # those CPUs are idle, and the driver's torch takes them instead of one thread.
+    torch.set_num_threads(eval_threads(base, _node_cpus()))
     ctx = tune.get_context()
     name = ctx.get_trial_id()
     out = storage.join(sweep_output, "trials", name)
@@ -225,7 +240,24 @@ def _trial(params: dict, base: dict, sweep_output: str, shared: train_job.Shared
     # (a checkpoint from before 'last' was recorded gives a resumed run no train MSE: the test's)
     tune.report({"epoch": cfg.epochs, "mse": metrics["train"].get("mse", metrics["levels"][-1]["mse"]),
                  "test_mse": metrics["levels"][-1]["mse"], "fvu": metrics["fvu"],
-                 "l0": metrics["l0"], "dead": metrics["dead_fraction"], "done": True})
+                 "l0": metrics["l0"], "dead": metrics["dead_fraction"],
+                 "eval_threads": torch.get_num_threads(), "done": True})
+
+
+def eval_threads(base: dict, node_cpus: float) -> int:
+    """Torch threads for a trial's driver (its evaluation): the CPUs its Train workers hold,
+    num_workers x cpus_per_worker of the ``base`` train config, at most its node's
+    ``node_cpus`` (the workers may have trained on a larger node), at least 1."""
+    held = base.get("num_workers", 1) * base.get("cpus_per_worker", 1)
+    return max(1, min(int(held), int(node_cpus)))
+
+
+def _node_cpus() -> float:
+    """The CPUs Ray counts on the node this process runs on."""
+    import ray
+
+    here = ray.get_runtime_context().get_node_id()
+    return next((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["NodeID"] == here), 1)
 
 
 def trial_number(trial_id: str) -> int:
@@ -287,17 +319,45 @@ def tune_config(cfg: Config, at_once: int, epochs: int):
         scheduler=scheduler(cfg, epochs))
 
 
+# What a trial's driver (the Tune trial that starts its Train run) reserves: no CPU, which the
+# Train workers need whole (any CPU at all, even 0.01, leaves one trial fewer on a node whose CPUs
+# are its GPUs x cpus_per_worker: that GPU idles for the whole sweep), and, as Tune refuses an
+# empty request, a little memory (logical, about what the driver process takes). How many
+# drivers run is bounded by max_concurrent_trials (the search algorithm's limit), not by CPUs.
+TRIAL_DRIVER = {"memory": float(256 * 2**20)}
+
+
 def concurrent_trials(cfg: Config, nodes: list[dict], n_trials: int) -> int:
     """How many trials the cluster's ``nodes`` hold at once (each its Train workers and its
-    driver's sliver of CPU), at least 1 and at most ``n_trials``: a sweep fills the cluster."""
+    driver's TRIAL_DRIVER), at least 1 and at most ``n_trials``: a sweep fills the cluster."""
     from galaxysae import cluster
 
     trial = (train_job.worker_bundles(cfg.num_workers, cfg.cpus_per_worker, train_job.gpu_share(cfg))
-             + [{"CPU": 0.01}])
+             + [TRIAL_DRIVER])
     n = 1
     while n < n_trials and cluster.fits(trial * (n + 1), nodes):
         n += 1
     return n
+
+
+def idle_gpus_warning(cfg: Config, nodes: list[dict], at_once: int, n_trials: int) -> str:
+    """A warning when ``at_once`` trials leave GPUs of the cluster's ``nodes`` idle while
+    trials wait (and what would use them), else ''."""
+    per_trial = cfg.num_workers * train_job.gpu_share(cfg)
+    gpus = sum(n.get("GPU", 0) for n in nodes)
+    if not per_trial or at_once >= n_trials or at_once * per_trial >= gpus - 1e-9:
+        return ""
+    said = (f"sweep: {at_once} trial(s) at once use {at_once * per_trial:g} of the cluster's {gpus:g} "
+            f"GPUs: the others stay idle while trials wait")
+    if cfg.max_concurrent_trials:
+        return said + f" (max_concurrent_trials = {cfg.max_concurrent_trials}; 0 runs as many as fit)"
+    for cpus in range(cfg.cpus_per_worker - 1, 0, -1):
+        more = concurrent_trials(dataclasses.replace(cfg, cpus_per_worker=cpus), nodes, n_trials)
+        if more > at_once:
+            return said + (f": the nodes' CPUs hold no more workers of cpus_per_worker = "
+                           f"{cfg.cpus_per_worker}; cpus_per_worker = {cpus} runs {more} at once")
+    return said + (f": the GPUs do not divide into more trials of num_workers = {cfg.num_workers} x "
+                   f"gpus_per_worker = {cfg.gpus_per_worker:g}")
 
 
 def check_space(cfg: Config, base: dict) -> None:
@@ -335,6 +395,9 @@ def run(cfg: Config) -> dict:
         log.warning("the cluster has %g GPUs, but use_gpu = false: the trials train on CPUs", gpus)
     n_trials = cfg.num_samples * (math.prod(map(len, _axes(cfg))) if cfg.search == "grid" else 1)
     at_once = cfg.max_concurrent_trials or concurrent_trials(cfg, nodes, n_trials)
+    idle = idle_gpus_warning(cfg, nodes, at_once, n_trials)
+    if idle:
+        log.warning(idle)
     log.info("sweep: %d trials, up to %d at once, each %d worker(s) x {CPU %d%s}", n_trials, at_once,
              cfg.num_workers, cfg.cpus_per_worker, f", GPU {cfg.gpus_per_worker:g}" if cfg.use_gpu else "")
     # read once, here: the trials take the rows from the object store (SharedSplits)
@@ -348,11 +411,9 @@ def run(cfg: Config) -> dict:
     fs, path = storage.arrow_fs(storage.join(cfg.output, "tune"))
     exp_path = f"{path.rstrip('/')}/sweep"
     trainable = tune.with_resources(
-        # Tune refuses an empty request; a sliver of CPU keeps the drivers from competing with
-        # the Train workers they start (which ask for whole CPUs of their own).
         tune.with_parameters(_trial, base=base, sweep_output=cfg.output, shared=shared,
                              credentials=_credentials_for_trials()),
-        {"CPU": 0.01})
+        TRIAL_DRIVER)
     if tune.Tuner.can_restore(exp_path, storage_filesystem=fs):
         log.info("restoring the sweep from %s", storage.join(cfg.output, "tune", "sweep"))
         tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_errored=True,
@@ -362,11 +423,14 @@ def run(cfg: Config) -> dict:
             trainable,
             param_space=_space(cfg),
             tune_config=tune_config(cfg, at_once, epochs),
-            run_config=tune.RunConfig(name="sweep", storage_path=path, storage_filesystem=fs),
+            # a trial restarted after a failure resumes from its checkpoints (train_job.run)
+            run_config=tune.RunConfig(name="sweep", storage_path=path, storage_filesystem=fs,
+                                      failure_config=tune.FailureConfig(max_failures=cfg.max_failures)),
         )
     grid = tuner.fit()
     rows = collect(cfg, grid)
     write_results(cfg.output, rows)
+    log_front(rows)
     done = sum(r["status"] == "finished" for r in rows)
     failed = [r for r in rows if r["status"] == "error"]
     log.info("sweep: %d trials (%d finished, %d stopped early, %d failed) -> %s", len(rows), done,
@@ -380,7 +444,7 @@ def run(cfg: Config) -> dict:
 
 
 COLUMNS = ["trial", "status", "seed", "k", "n_latents", "lr", "matryoshka_groups", "epochs", "train_mse",
-           "fvu", "mse", "l0", "dead_fraction", "pca_fvu", "output", "error"]
+           "fvu", "mse", "l0", "dead_fraction", "pca_fvu", "pareto", "output", "error"]
 
 
 def collect(cfg: Config, grid) -> list[dict]:
@@ -411,7 +475,33 @@ def collect(cfg: Config, grid) -> list[dict]:
             rows[-1]["n_latents"] = m["n_latents"]
         if m and rows[-1]["k"] == "":
             rows[-1]["k"] = m["k"]
+    mark_pareto(rows)
     return sorted(rows, key=lambda r: r["trial"])
+
+
+def mark_pareto(rows: list[dict]) -> None:
+    """Sets each row's ``pareto``: a finished trial that no other finished one beats, with a
+    test L0 and FVU each no higher and one of them lower (trials at the same point are all on
+    the front). Unfinished trials are not on it."""
+    done = [r for r in rows if r.get("fvu", "") != "" and r.get("l0", "") != ""]
+    finished = {id(r) for r in done}
+    for r in rows:
+        r["pareto"] = id(r) in finished and not any(
+            o["l0"] <= r["l0"] and o["fvu"] <= r["fvu"] and (o["l0"], o["fvu"]) != (r["l0"], r["fvu"])
+            for o in done)
+
+
+def log_front(rows: list[dict]) -> None:
+    """Logs the trials on the Pareto front (by L0), with the output each one trained into (an
+    SAE for render, compare or train --eval-only)."""
+    front = sorted((r for r in rows if r.get("pareto")), key=lambda r: (r["l0"], r["fvu"]))
+    if not front:
+        return
+    log.info("sweep: %d trial(s) on the Pareto front of test L0 and FVU (no other finished trial "
+             "is lower in one and no higher in the other), by L0:", len(front))
+    for r in front:
+        log.info("  %s  L0 %.1f  FVU %.4f  (k %s, %s latents, lr %s) -> %s", r["trial"], r["l0"],
+                 r["fvu"], r["k"], r["n_latents"], r["lr"] or "base", r["output"])
 
 
 def _trial_id_from_path(path: str | None) -> str:

@@ -203,6 +203,9 @@ def test_asha_compares_a_trial_only_with_trials_of_its_own_shape():
     assert sweep_job.shape_of({"k": 2, "lr": 1e-5}) == sweep_job.shape_of({"lr": 1e-3, "k": 2})
 
 
+MEM = {"memory": 8e9}  # a node's memory, as alive_nodes() lists it (the trials' drivers ask for some)
+
+
 def test_a_sweep_runs_as_many_trials_at_once_as_the_cluster_holds():
     def at_once(nodes, n_trials=100, **kw):
         cfg = config.from_dict(sweep_job.Config, {
@@ -210,15 +213,19 @@ def test_a_sweep_runs_as_many_trials_at_once_as_the_cluster_holds():
             "space": {"k": [2]}, **kw})
         return sweep_job.concurrent_trials(cfg, nodes, n_trials)
 
-    gpu_nodes = [{"CPU": 16.0, "GPU": 4.0}] * 2
-    # 4 CPUs a worker: one node's 16 CPUs hold 4 workers and no driver; the drivers go next door
-    assert at_once(gpu_nodes, use_gpu=True, cpus_per_worker=4) == 7
+    gpu_nodes = [{"CPU": 16.0, "GPU": 4.0, **MEM}] * 2
+    # 4 CPUs a worker: each node's 16 CPUs hold 4 workers, one on every GPU (the trials' drivers
+    # take no CPU: a sliver each once kept the last trial of a node off its GPU)
+    assert at_once(gpu_nodes, use_gpu=True, cpus_per_worker=4) == 8
     assert at_once(gpu_nodes, use_gpu=True, cpus_per_worker=3) == 8  # every GPU
+    assert at_once(gpu_nodes, use_gpu=True, cpus_per_worker=5) == 6  # 3 a node: CPUs run out
     assert at_once(gpu_nodes, use_gpu=True, cpus_per_worker=3, num_workers=2) == 4
     assert at_once(gpu_nodes, use_gpu=True, cpus_per_worker=3, n_trials=5) == 5  # no more than trials
-    assert at_once([{"CPU": 2.0}]) == 1  # each driver's sliver of CPU counts too: 2 x 1.01 > 2
-    assert at_once([{"CPU": 4.0}]) == 3
-    assert at_once([{"CPU": 1.0}], cpus_per_worker=4) == 1  # never 0 (require_resources says why)
+    assert at_once([{"CPU": 2.0, **MEM}]) == 2
+    assert at_once([{"CPU": 4.0, **MEM}]) == 4
+    assert at_once([{"CPU": 1.0, **MEM}], cpus_per_worker=4) == 1  # never 0 (require_resources says why)
+    # the drivers' memory counts: a node with room for one driver runs one trial
+    assert at_once([{"CPU": 4.0, "memory": 1.5 * sweep_job.TRIAL_DRIVER["memory"]}]) == 1
     # the limit is the search algorithm's: Tune ignores max_concurrent_trials beside one passed in
     cfg = config.from_dict(sweep_job.Config, {
         "train_config": "configs/demo/train_topk.toml", "embeddings": "e", "output": "o",
@@ -226,10 +233,11 @@ def test_a_sweep_runs_as_many_trials_at_once_as_the_cluster_holds():
     tc = sweep_job.tune_config(cfg, at_once=3, epochs=5)
     assert tc.max_concurrent_trials is None and tc.search_alg.max_concurrent == 3
     # trials that share a GPU: four quarters on one GPU, CPUs allowing
-    one_gpu = [{"CPU": 16.0, "GPU": 1.0}]
+    one_gpu = [{"CPU": 16.0, "GPU": 1.0, **MEM}]
     assert at_once(one_gpu, use_gpu=True, cpus_per_worker=3) == 1
     assert at_once(one_gpu, use_gpu=True, cpus_per_worker=3, gpus_per_worker=0.25) == 4
-    assert at_once(one_gpu, use_gpu=True, cpus_per_worker=4, gpus_per_worker=0.25) == 3  # + drivers
+    assert at_once(one_gpu, use_gpu=True, cpus_per_worker=4, gpus_per_worker=0.25) == 4
+    assert at_once(one_gpu, use_gpu=True, cpus_per_worker=5, gpus_per_worker=0.25) == 3
     cfg = config.from_dict(sweep_job.Config, {
         "train_config": str(REPO / "configs/demo/train_topk.toml"), "embeddings": "e", "output": "o",
         "use_gpu": True, "gpus_per_worker": 0.25, "space": {"k": [2]}})
@@ -239,3 +247,176 @@ def test_a_sweep_runs_as_many_trials_at_once_as_the_cluster_holds():
         config.from_dict(sweep_job.Config, {"train_config": "t", "embeddings": "e", "output": "o",
                                             "use_gpu": True, "gpus_per_worker": 0.5, "num_workers": 2,
                                             "space": {"k": [2]}})
+
+
+def test_a_sweep_says_when_its_trials_leave_gpus_idle():
+    """The README's `make submit-sweep NODES=2 GPUS=4` with too few CPUs a node for configs/sweep.toml's
+    cpus_per_worker: the trials that fit leave GPUs idle for the whole sweep, and the log says so."""
+    def warning(nodes, n_trials=18, **kw):
+        cfg = config.from_dict(sweep_job.Config, {
+            "train_config": "configs/demo/train_topk.toml", "embeddings": "e", "output": "o",
+            "space": {"k": [2]}, "use_gpu": True, "cpus_per_worker": 4, **kw})
+        at_once = cfg.max_concurrent_trials or sweep_job.concurrent_trials(cfg, nodes, n_trials)
+        return sweep_job.idle_gpus_warning(cfg, nodes, at_once, n_trials)
+
+    eight_cpus, sixteen = [{"CPU": 8.0, "GPU": 4.0, **MEM}] * 2, [{"CPU": 16.0, "GPU": 4.0, **MEM}] * 2
+    said = warning(eight_cpus)
+    assert "4 trial(s) at once use 4 of the cluster's 8 GPUs" in said
+    assert "cpus_per_worker = 2 runs 8 at once" in said
+    assert warning(sixteen) == ""  # a trial on every GPU
+    assert warning(eight_cpus, n_trials=4) == ""  # no trial waits: nothing to run on them
+    one_gpu = [{"CPU": 16.0, "GPU": 1.0, **MEM}]
+    assert warning(one_gpu, gpus_per_worker=0.25) == ""  # four quarters: the GPU is in use
+    assert "use 0.5 of the cluster's 1 GPUs" in warning(one_gpu, cpus_per_worker=8, gpus_per_worker=0.25)
+    assert "max_concurrent_trials = 3" in warning(sixteen, max_concurrent_trials=3)
+    assert "do not divide" in warning([{"CPU": 64.0, "GPU": 4.0, **MEM}], num_workers=3, cpus_per_worker=1)
+    assert warning([{"CPU": 64.0, **MEM}], use_gpu=False) == ""
+
+
+def test_results_mark_the_trials_on_the_pareto_front(tmp_path, caplog):
+    """Lower L0 and lower FVU are both better: a trial is on the front unless another finished
+    trial is at least as good in both and better in one."""
+    def row(trial, l0, fvu, status="finished"):
+        return {"trial": trial, "status": status, "seed": 0, "k": 4, "n_latents": 32, "lr": "",
+                "matryoshka_groups": "", "epochs": 3, "train_mse": 0.1, "fvu": fvu, "mse": 0.1,
+                "l0": l0, "dead_fraction": 0.0, "pca_fvu": 0.9, "output": f"{tmp_path}/trials/{trial}",
+                "error": ""}
+
+    rows = [row("a", 2.0, 0.5), row("b", 4.0, 0.3), row("c", 4.0, 0.4),  # c: b beats it on FVU
+            row("d", 8.0, 0.3),  # b's FVU at a higher L0
+            row("e", 8.0, 0.1), row("f", 16.0, 0.2),  # f: e is better in both
+            row("g", 2.0, 0.5),  # a's twin: neither beats the other
+            row("h", "", "", status="error"), row("i", "", "", status="stopped")]
+    sweep_job.mark_pareto(rows)
+    assert {r["trial"] for r in rows if r["pareto"]} == {"a", "b", "e", "g"}
+    with caplog.at_level("INFO", logger="galaxysae.sweep"):
+        sweep_job.write_results(str(tmp_path), rows)
+        sweep_job.log_front(rows)
+    written = list(csv.DictReader(io.StringIO((tmp_path / "results.csv").read_text())))
+    assert {r["trial"]: r["pareto"] for r in written} == {
+        "a": "True", "b": "True", "c": "False", "d": "False", "e": "True", "f": "False", "g": "True",
+        "h": "False", "i": "False"}
+    front = [m for m in caplog.messages if "/trials/" in m]
+    assert len(front) == 4 and front[-1].split()[0] == "e"  # by L0
+    assert all(m.endswith(f"{tmp_path}/trials/{m.split()[0]}") for m in front), front
+
+
+def _npy_sweep(tmp_path, n: int, **kw) -> sweep_job.Config:
+    """A sweep on ``n`` planted rows in a .npy file (the test split held out from them)."""
+    import numpy as np
+
+    x, _ = embeddings.planted(n, 16, 32, 2)
+    np.save(tmp_path / "embeddings.npy", x)
+    np.save(tmp_path / "ids.npy", np.array([f"id{i}" for i in range(n)]))
+    return config.from_dict(sweep_job.Config, {
+        "train_config": str(REPO / "configs/demo/train_topk.toml"), "embeddings": str(tmp_path / "embeddings.npy"),
+        "output": str(tmp_path / "sweep"), **kw})
+
+
+def _trial_results(out: Path) -> dict[str, dict]:
+    """Each trial's last result as Tune recorded it ({output}/tune/sweep/<trial dir>/result.json)."""
+    last = {}
+    for f in (out / "tune" / "sweep").glob("*/result.json"):
+        lines = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+        last[lines[-1]["trial_id"]] = lines[-1]
+    return last
+
+
+@pytest.mark.slow
+def test_trials_fill_the_cluster_and_evaluate_on_their_workers_cpus(ray_cluster, tmp_path):
+    """The test cluster's 4 CPUs hold two trials of one 2-CPU worker each: their drivers take no
+    CPU, so both train at once, and each evaluates with its worker's 2 CPUs once it has trained."""
+    import threading
+
+    from galaxysae import cluster
+
+    cfg = _npy_sweep(tmp_path, 2000, epochs=6, train_config=str(_checkpointed_every_epoch(tmp_path)),
+                     cpus_per_worker=2, space={"k": [2, 4], "n_latents": [32]})
+    cluster.connect()
+    assert sweep_job.concurrent_trials(cfg, cluster.alive_nodes(), 2) == 2
+    # a trial's Train worker checkpoints every epoch while it trains (and only then) and writes
+    # train_state.json as it ends; the older checkpoints go as it trains (or once it is done),
+    # so the earliest one each trial has is recorded while the sweep runs
+    trials, started, over = tmp_path / "sweep" / "trials", {}, threading.Event()
+
+    def watch():
+        while not over.wait(0.05):
+            for p in trials.glob("*/checkpoints/epoch-*.pt"):
+                try:
+                    t = p.stat().st_mtime_ns
+                except FileNotFoundError:
+                    continue
+                started[p.parents[1].name] = min(t, started.get(p.parents[1].name, t))
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        assert sweep_job.run(cfg) == {"trials": 2, "finished": 2}
+    finally:
+        over.set()
+        watcher.join(30)
+    rows = list(csv.DictReader(io.StringIO((tmp_path / "sweep" / "results.csv").read_text())))
+    assert [r["status"] for r in rows] == ["finished", "finished"]
+    assert set(started) == {r["trial"] for r in rows}
+    ended = {r["trial"]: Path(r["output"], "train_state.json").stat().st_mtime_ns for r in rows}
+    # each trial's worker was training before the other's had ended
+    assert max(started.values()) < min(ended.values()), (started, ended)
+    results = _trial_results(tmp_path / "sweep")
+    assert {t: r["eval_threads"] for t, r in results.items()} == {r["trial"]: 2 for r in rows}
+    # two finished trials: at least one is on the front (no trial beats every other)
+    assert "True" in {r["pareto"] for r in rows}
+
+
+def _checkpointed_every_epoch(tmp_path) -> Path:
+    """The demo's TopK train config, checkpointed after every epoch."""
+    train = tmp_path / "train.toml"
+    train.write_text((REPO / "configs/demo/train_topk.toml").read_text().replace(
+        "checkpoint_every = 10", "checkpoint_every = 1"))
+    return train
+
+
+@pytest.mark.slow
+def test_a_trial_whose_driver_dies_is_restarted_and_resumes(ray_cluster, tmp_path):
+    """A trial's driver killed mid-training (as when its node is lost): Tune restarts the trial,
+    which resumes from its checkpoints, and the sweep finishes."""
+    import signal
+    import threading
+    import time
+
+    from ray.util.state import list_actors
+
+    cfg = _npy_sweep(tmp_path, 4000, epochs=10, train_config=str(_checkpointed_every_epoch(tmp_path)),
+                     space={"k": [2], "n_latents": [32]})
+    trials = tmp_path / "sweep" / "trials"
+    killed, seen = [], set()
+
+    def kill_the_trial_once_it_has_a_checkpoint():
+        deadline = time.time() + 300  # the sweep's own end stops this too
+        while time.time() < deadline and not killed:
+            if any(trials.glob("*/checkpoints/epoch-*.pt")):
+                actors = list_actors(address=ray_cluster.dashboard_url, filters=[("state", "=", "ALIVE")],
+                                     detail=True, raise_on_missing_output=False)
+                seen.update(a.class_name for a in actors)
+                for a in actors:
+                    if "ImplicitFunc" in (a.class_name or "") and a.pid:
+                        done = any(trials.glob("*/metrics.json"))
+                        os.kill(a.pid, signal.SIGKILL)  # the trial's driver, on this node
+                        killed.append((a.pid, done))
+            time.sleep(0.1)
+
+    killer = threading.Thread(target=kill_the_trial_once_it_has_a_checkpoint, daemon=True)
+    killer.start()
+    try:
+        result = sweep_job.run(cfg)
+    finally:
+        killed.append(None)  # stops the killer if the sweep ended first
+        killer.join(30)
+    assert killed[0] is not None, f"the trial's driver was never found alive mid-run; actors: {seen}"
+    assert killed[0][1] is False, "the kill must land before the trial finished"
+    assert result == {"trials": 1, "finished": 1}
+    (row,) = csv.DictReader(io.StringIO((tmp_path / "sweep" / "results.csv").read_text()))
+    assert row["status"] == "finished" and os.path.isfile(os.path.join(row["output"], "sae.safetensors"))
+    # the restarted trial's Train worker took up where the killed one had checkpointed
+    resumed = f"resuming from {row['output']}/checkpoints/epoch-".encode()
+    logs = [p for p in Path(ray_cluster.temp_dir).glob("session_*/logs/worker-*") if p.is_file()]
+    assert any(resumed in p.read_bytes() for p in logs)
