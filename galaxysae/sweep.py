@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from galaxysae import config, storage
+from galaxysae import config, embeddings, storage
 from galaxysae import train as train_job
 
 log = logging.getLogger("galaxysae.sweep")
@@ -369,6 +369,61 @@ def check_space(cfg: Config, base: dict) -> None:
             "its groups fix: search sizes with 'space.matryoshka_groups' instead of 'space.n_latents'")
 
 
+# What a sweep's trials are (recorded under {output}/tune/ when it starts, compared when a rerun
+# restores it): the search, and the base train config less the resources, which may change
+# between runs (a rerun on other nodes) as they may for train.
+EXPERIMENT = "experiment.json"
+RESOURCE_KEYS = ("mode", "num_workers", "cpus_per_worker", "use_gpu", "gpus_per_worker", "device",
+                 "data_loading", "output")
+
+
+def experiment(cfg: Config, base: dict) -> dict:
+    """What defines the sweep's trials: search, samples, seed, space, ASHA and the base train
+    config (with the sweep's overrides; secrets in URLs redacted, as written to the file)."""
+    return config.redact({
+        "search": cfg.search, "num_samples": cfg.num_samples, "seed": cfg.seed,
+        "space": dataclasses.asdict(cfg.space), "asha": dataclasses.asdict(cfg.asha),
+        "train": {k: v for k, v in base.items() if k not in RESOURCE_KEYS}})
+
+
+def experiment_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two :func:`experiment` records ("key: old ->
+    new"); paths compared as train compares them (a trailing slash is the same input)."""
+    out = []
+    for key in sorted(set(old) | set(new), key=str):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += experiment_changes(a, b, f"{prefix}{key}.")
+        elif a != b and not (isinstance(a, str) and embeddings.same_input(a, b)):
+            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return out
+
+
+def check_same_experiment(cfg: Config, base: dict, fs, exp_path: str) -> bool:
+    """-> whether a rerun restores the sweep under {output}/tune/; refused, naming what differs,
+    when it was started with another search, space, seed or base train config: Tune would
+    restore the old trials and ignore the new settings (a 'k = [4, 8, 16]' rerun of a
+    'k = [4]' sweep reports the one old trial). A sweep from before the record was kept is
+    restored as it is, said in the log."""
+    from ray import tune
+
+    url = storage.join(cfg.output, "tune", EXPERIMENT)
+    if not tune.Tuner.can_restore(exp_path, storage_filesystem=fs):
+        return False
+    if not storage.exists(url):
+        log.info("%s records no settings (an earlier version): restoring it as it is", url)
+        return True
+    changes = experiment_changes(json.loads(storage.read_bytes(url)), experiment(cfg, base))
+    if changes:
+        shown = "; ".join(changes[:10]) + (f" (and {len(changes) - 10} more)" if len(changes) > 10 else "")
+        raise config.ConfigError(
+            f"{cfg.output} holds a sweep started with other settings ({shown}; recorded in {url}): "
+            f"a rerun restores that sweep and would run none of the new settings. Rerun with its "
+            f"settings to resume it, write to another --output, or remove "
+            f"{storage.join(cfg.output, 'tune')} to start over")
+    return True
+
+
 class SweepError(RuntimeError):
     """Trials of a sweep failed: the job fails too, after writing results.csv."""
 
@@ -382,6 +437,9 @@ def run(cfg: Config) -> dict:
     base = base_train_config(cfg)
     check_space(cfg, base)
     epochs = base.get("epochs", 200)
+    fs, path = storage.arrow_fs(storage.join(cfg.output, "tune"))
+    exp_path = f"{path.rstrip('/')}/sweep"
+    restoring = check_same_experiment(cfg, base, fs, exp_path)  # before the data is read
     cluster.connect()
     # trials (each a driver of its own Train run) run on any node and write their output there;
     # they read the embeddings only to stream them (Ray Data's read tasks, on any node too)
@@ -408,17 +466,17 @@ def run(cfg: Config) -> dict:
     log.info("sweep: %d train and %d test rows of width %d from %s, read once: every trial takes "
              "them from Ray's object store", len(train), len(test), train.x.shape[1], train.source)
     del train, test
-    fs, path = storage.arrow_fs(storage.join(cfg.output, "tune"))
-    exp_path = f"{path.rstrip('/')}/sweep"
     trainable = tune.with_resources(
         tune.with_parameters(_trial, base=base, sweep_output=cfg.output, shared=shared,
                              credentials=_credentials_for_trials()),
         TRIAL_DRIVER)
-    if tune.Tuner.can_restore(exp_path, storage_filesystem=fs):
+    if restoring:
         log.info("restoring the sweep from %s", storage.join(cfg.output, "tune", "sweep"))
         tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_errored=True,
                                    storage_filesystem=fs)
     else:
+        storage.write_bytes(storage.join(cfg.output, "tune", EXPERIMENT),
+                            json.dumps(experiment(cfg, base), indent=1, sort_keys=True).encode())
         tuner = tune.Tuner(
             trainable,
             param_space=_space(cfg),

@@ -121,7 +121,8 @@ def test_space_searches_every_key_given():
 
 
 @pytest.mark.slow
-def test_sweep_runs_its_trials_end_to_end(ray_cluster, s3_server, s3_prefix, tmp_path, monkeypatch):
+def test_sweep_runs_its_trials_end_to_end(ray_cluster, s3_server, s3_prefix, tmp_path, monkeypatch,
+                                         capsys):
     # two trials that train (a trial is ~25 s of Ray Train start-up here) and two that fail at
     # once (k > n_latents); the grid's crossing of keys is Tune's, checked above. Relative
     # paths: the trials run in directories of their own.
@@ -168,6 +169,15 @@ def test_sweep_runs_its_trials_end_to_end(ray_cluster, s3_server, s3_prefix, tmp
     for r in again:
         if r["status"] == "finished":
             assert os.path.getmtime(os.path.join(r["output"], "sae.safetensors")) == before[r["trial"]]
+    # a rerun with another search is refused before any work: restoring would run none of it
+    recorded = storage.read_bytes(f"{out}/tune/experiment.json")
+    changed = [a if a != "2,4,64,128" else "2,4,8" for a in args] + ["--max_concurrent_trials", "1"]
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["sweep", *changed])
+    assert exit_.value.code == 2
+    said = capsys.readouterr().err
+    assert "holds a sweep started with other settings (space.k: [2, 4, 64, 128] -> [2, 4, 8]" in said, said
+    assert storage.read_bytes(f"{out}/tune/experiment.json") == recorded
     # Tune would have put the S3 secret in each trial's runtime_env, which Ray's runtime_env agent
     # logs in clear: the trials got it through the object store instead
     secret = os.environ["AWS_SECRET_ACCESS_KEY"].encode()
