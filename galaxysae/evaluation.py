@@ -4,6 +4,13 @@ next to PCA with as many components as the SAE's L0.
 All errors are measured in the SAE's standardised space (per-dimension z-scores with the train
 statistics stored in the artifact), where the SAE was trained and where the PCA baseline of the
 research code works; FVU = sum of squared errors / total sum of squares around the test mean.
+
+The codes are k-sparse, so nothing here holds a dense code [b, M]: a chunk's active latents
+(``_active``: rows, latents, values) are decoded by ``embedding_bag`` in float64, b*k*D work
+instead of the b*M*D of a dense decode, a Matryoshka level summing only the entries of its group.
+The train sample only says which latents ever fire, which most of its rows settle without the
+full encode (``_mark_fired``). The metrics are those of the dense evaluation this replaced, to
+float64 rounding (tests/test_evaluation.py; bench/evaluation.py times both).
 """
 
 from __future__ import annotations
@@ -21,13 +28,77 @@ log = logging.getLogger(__name__)
 __all__ = ["evaluate", "write", "plot"]
 
 
-def _codes(model, x: np.ndarray, batch: int):
-    """Yield dense codes [b, M] chunk by chunk (never the whole [N, M] at once)."""
+def _active(model, x):
+    """The non-zero entries of ``model.encode(x)`` for raw x[b, D], without the dense code:
+    (rows [n] ascending, latents [n], values [n] > 0). TopK: a row's k largest pre-activations
+    that are positive; BatchTopK: those above the threshold, a variable number per row."""
     import torch
 
-    with torch.no_grad():
-        for i in range(0, len(x), batch):
-            yield model.encode(as_tensor(x[i:i + batch]))
+    pre = model.pre_acts(x)  # [b, M]
+    if model.cfg.activation == "batchtopk":
+        rows, cols = (pre > model.threshold.clamp_min(0)).nonzero().unbind(1)
+        return rows, cols, pre[rows, cols]
+    vals, cols = pre.topk(model.cfg.k, dim=-1)  # the same call as encode: the same ties
+    keep = vals > 0
+    rows = torch.arange(len(pre)).unsqueeze(1).expand_as(cols)
+    return rows[keep], cols[keep], vals[keep]
+
+
+def _bag_sum(rows, cols, vals, w, n_rows: int):
+    """sum_j vals[j] * w[cols[j]] per row of the entries (rows ascending) -> [n_rows, D] in w's
+    dtype: rows without an entry are 0."""
+    import torch
+    import torch.nn.functional as F
+
+    offsets = torch.zeros(n_rows + 1, dtype=torch.long)
+    offsets[1:] = torch.bincount(rows, minlength=n_rows).cumsum(0)
+    return F.embedding_bag(cols, w, offsets, mode="sum", per_sample_weights=vals.to(w.dtype),
+                           include_last_offset=True)
+
+
+def _mark_fired(model, x: np.ndarray, fired, popular, batch: int) -> None:
+    """Mark in fired[M] (in place) every latent that fires on some row of raw x[N, D];
+    ``popular``: latents, the most frequent first.
+
+    Only the latents not yet marked (C) matter, and one fires on a row only if its pre-activation
+    passes the row's cutoff: BatchTopK's threshold (and 0); TopK's k-th largest pre-activation
+    of the row (and 0), at least the k-th largest over S, the most popular marked latents. So a
+    chunk costs a [b, |C|] matmul, and [b', |S|] for the b' rows with a latent of C above 0, not
+    the full [b, M]; only rows where a latent of C comes within rounding of the cutoff's bound
+    are encoded in full (``_active``). A trained SAE leaves few latents unmarked by the test rows.
+    """
+    import torch
+
+    cfg = model.cfg
+    M, k = cfg.n_latents, cfg.k
+    n_ref = max(4 * k, M // 16)
+    # b + z.w computed in float32 is off by at most about (D + 1) eps (|b| + |z||w|) (Cauchy-
+    # Schwarz), whatever the order of summation: 4x that on each side is ample, so no row that
+    # fires a latent of C in the full encode is passed over here
+    tol = 4 * (cfg.d_in + 1) * torch.finfo(model.W_enc.dtype).eps
+    w_norm, b_abs = model.W_enc.norm(dim=1), model.b_enc.abs()
+    floor = model.threshold.clamp_min(0) if cfg.activation == "batchtopk" else torch.zeros(())
+    for i in range(0, len(x), batch):
+        unfired = (~fired).nonzero().squeeze(1)
+        if not len(unfired):
+            return
+        xb = as_tensor(x[i:i + batch])
+        ref = popular[fired[popular]][:n_ref] if cfg.activation == "topk" else popular[:0]
+        if len(unfired) + len(ref) > M // 2 or (cfg.activation == "topk" and len(ref) < k):
+            fired[_active(model, xb)[1]] = True  # the shortcut would cost about as much
+            continue
+        zc = model.standardize(xb) - model.b_pre
+        z_norm = zc.norm(dim=1, keepdim=True)  # [b, 1]
+        pre = torch.addmm(model.b_enc[unfired], zc, model.W_enc[unfired].t())  # [b, |C|]
+        reach = pre + tol * (z_norm * w_norm[unfired] + b_abs[unfired])  # >= the exact value
+        near = (reach >= floor).any(1).nonzero().squeeze(1)
+        if cfg.activation == "topk" and len(near):
+            pre_s = torch.addmm(model.b_enc[ref], zc[near], model.W_enc[ref].t())  # [b', |S|]
+            bound = pre_s.topk(k, dim=1).values[:, -1:]
+            bound = bound - tol * (z_norm[near] * w_norm[ref].max() + b_abs[ref].max())
+            near = near[(reach[near] >= bound).any(1)]
+        if len(near):
+            fired[_active(model, xb[near])[1]] = True
 
 
 def evaluate(model, test_x: np.ndarray, train_x: np.ndarray, batch: int = 4096,
@@ -46,22 +117,23 @@ def evaluate(model, test_x: np.ndarray, train_x: np.ndarray, batch: int = 4096,
         ends = cfg.level_ends
         sse = np.zeros(len(ends))
         l0 = np.zeros(len(ends))
-        fired = torch.zeros(cfg.n_latents, dtype=torch.bool)
+        counts = torch.zeros(cfg.n_latents, dtype=torch.long)  # firings per latent on test
         W = model.W_dec.double()
         b = model.b_pre.double()
-        for i, codes in enumerate(_codes(model, test_x, batch)):
-            codes = codes.double()
-            zb = z[i * batch:(i + 1) * batch]
-            fired |= (codes > 0).any(0)
+        for i in range(0, len(test_x), batch):
+            rows, cols, vals = _active(model, as_tensor(test_x[i:i + batch]))
+            zb = z[i:i + batch]
+            counts += torch.bincount(cols, minlength=cfg.n_latents)
             x_hat = b.expand_as(zb).clone()
             start = 0
-            for j, end in enumerate(ends):
-                x_hat = x_hat + codes[:, start:end] @ W[start:end]
+            for j, end in enumerate(ends):  # level j adds the latents start..end-1
+                sel = (cols >= start) & (cols < end)
+                x_hat += _bag_sum(rows[sel], cols[sel], vals[sel], W, len(zb))
                 sse[j] += (zb - x_hat).pow(2).sum().item()
-                l0[j] += (codes[:, :end] > 0).sum().item()
+                l0[j] += (cols < end).sum().item()
                 start = end
-        for codes in _codes(model, train_x, batch):
-            fired |= (codes > 0).any(0)
+        fired = counts > 0
+        _mark_fired(model, train_x, fired, counts.argsort(descending=True), batch)
     n, d = z.shape
     fvu = sse / max(total, 1e-12)
     l0 = l0 / n
@@ -88,12 +160,15 @@ def _pca_fvu(model, train_x: np.ndarray, test_x: np.ndarray, n_components: list[
         ztr = model.standardize(as_tensor(train_x)).double().numpy()
         zte = model.standardize(as_tensor(test_x)).double().numpy()
     mean = ztr.mean(0)
-    # Principal axes from the SVD of the centred train data: Vt[:n] spans the best n-dim subspace.
-    _, _, vt = np.linalg.svd(ztr - mean, full_matrices=False)
+    # Principal axes: eigenvectors of the centred train data's Gram matrix [D, D], largest first,
+    # the right singular vectors of its SVD (same subspaces to ~1e-15 in float64) at a tenth of
+    # the cost: vt[:n] spans the best n-dim subspace.
+    ztr -= mean
+    vt = np.linalg.eigh(ztr.T @ ztr)[1][:, ::-1].T
     total = ((zte - zte.mean(0)) ** 2).sum()
     out = []
     for c in n_components:
-        c = max(0, min(c, vt.shape[0]))
+        c = max(0, min(c, len(ztr), vt.shape[0]))
         proj = (zte - mean) @ vt[:c].T @ vt[:c] + mean
         out.append(float(((zte - proj) ** 2).sum() / max(total, 1e-12)))
     return out
