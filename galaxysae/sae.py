@@ -10,7 +10,8 @@ measured in the standardised space, where every embedding dimension weighs the s
 Training path (``forward``) is sparse end to end:
 - the encoder pre-activations ``pre[B, M]`` are one dense matmul without autograd; the latents
   chosen (top-k, the 4k of the multi-k loss, the aux-k dead latents; BatchTopK by an exact
-  sampled threshold on CPU, ``_batch_topk``) enter autograd through ``_SparseEncode``, whose
+  sampled threshold on CPU, ``_batch_topk``, and under data parallelism by the cutoff over all
+  workers' rows, ``_global_batch_topk``) enter autograd through ``_SparseEncode``, whose
   backward touches only the chosen entries (bag sums over the entries grouped by latent instead
   of a dense ``[M, B] @ [B, D]``);
 - decoding is ``embedding_bag`` over the chosen latents (``B*k*D`` work instead of ``B*M*D``);
@@ -373,6 +374,10 @@ class SparseAutoencoder(nn.Module):
         B, M = x.shape[0], cfg.n_latents
         z = self.standardize(x)
         dev = z.device
+        # workers training together (DDP): BatchTopK selects on, and the state counts, the batch
+        # of all of them; outside training a forward is one process's own (no collective)
+        world = _data_parallel_world() if self.training else 1
+        cutoff = None  # BatchTopK's cutoff over all workers' rows (world > 1)
         with torch.no_grad():
             zc = z - self.b_pre
             pre_ng = torch.addmm(self.b_enc, zc, self.W_enc.t())  # [B, M]
@@ -383,8 +388,11 @@ class SparseAutoencoder(nn.Module):
                 top_v, top_i = pre_ng.topk(kk, dim=-1)  # sorted: the first k are the top-k
                 rows, cols = _regular(top_i)
                 sel_ng = top_v.reshape(-1)
-            else:
+            elif world == 1:
                 flat_i, sel_ng = _batch_topk(pre_ng, cfg.k * B)
+                rows, cols = flat_i // M, flat_i % M
+            else:
+                flat_i, sel_ng, cutoff = _global_batch_topk(pre_ng, cfg.k * B, world)
                 rows, cols = flat_i // M, flat_i % M
             aux_k = self._aux_k_now() if cfg.aux_k else 0
             if aux_k:
@@ -396,9 +404,10 @@ class SparseAutoencoder(nn.Module):
             pre = torch.addmm(self.b_enc, z - self.b_pre, self.W_enc.t())
 
         def gather(vals_ng, rows_, cols_, corder=None, cptr=None):
-            """relu of the chosen pre-activations, differentiable w.r.t. the encoder."""
+            """relu of the chosen pre-activations, differentiable w.r.t. the encoder. An entry
+            handed in as 0 stays 0 (``_global_batch_topk``'s padding on accelerators)."""
             if dense:
-                return F.relu(pre[rows_, cols_])
+                return F.relu(pre[rows_, cols_]) * (vals_ng > 0)
             if corder is None:
                 corder, cptr = _column_order(cols_, M)
             return F.relu(_SparseEncode.apply(vals_ng, zc, self.b_pre, self.W_enc, self.b_enc,
@@ -476,7 +485,9 @@ class SparseAutoencoder(nn.Module):
 
         l0 = (vals > 0).sum().to(torch.float32) / B
         if self.training:
-            self._update_state(cols, vals, pre_ng if cfg.activation == "batchtopk" else None)
+            if cfg.activation == "batchtopk" and cutoff is None:  # one process: its own batch's
+                cutoff = _positive_min(vals.detach())
+            self._update_state(cols, vals, world, cutoff)
         return Output(loss, recon, level_mse, multik, aux, l1, l0, x_hat)
 
     def _aux_k_now(self) -> int:
@@ -509,15 +520,15 @@ class SparseAutoencoder(nn.Module):
                                    *_column_order(flat_cols, self.cfg.n_latents))
 
     @torch.no_grad()
-    def _update_state(self, cols, vals, pre=None) -> None:
+    def _update_state(self, cols, vals, world: int, cutoff: Optional[Tensor] = None) -> None:
         """Dead-latent counters and the BatchTopK threshold from this step's batch: under data
-        parallelism the batch of all workers together (a latent that fired on any of them is
-        alive; the threshold is the cutoff of the top k*B of all their rows), so every worker
-        holds the same state, as one process on the whole batch would. ``cols``/``vals``: the
-        chosen entries; ``pre`` [B, M]: the pre-activations (BatchTopK only)."""
+        parallelism (``world`` workers) the batch of all workers together (a latent that fired
+        on any of them is alive; the threshold follows the cutoff of the top k*B of all their
+        rows, which selected the entries), so every worker holds the same state, as one process
+        on the whole batch would. ``cols``/``vals``: the chosen entries; ``cutoff``: the
+        smallest value selected (BatchTopK only; inf when nothing was)."""
         # vals >= 0: a latent fired when its values sum above zero (no boolean indexing: no sync)
         fired = _counts(cols, self.cfg.n_latents, vals.detach()) > 0
-        world = _data_parallel_world()
         if world > 1:  # one MIN all-reduce of -fired: fired on any worker
             import torch.distributed as dist
 
@@ -525,10 +536,8 @@ class SparseAutoencoder(nn.Module):
             dist.all_reduce(packed, op=dist.ReduceOp.MIN)
             fired = packed < 0
         self.steps_since_active.add_(1).masked_fill_(fired, 0)
-        if pre is None:
+        if cutoff is None:
             return
-        n = self.cfg.k * pre.shape[0]
-        cutoff = _positive_min(vals.detach()) if world == 1 else _global_cutoff(pre, n, world)
         cutoff = torch.where(torch.isfinite(cutoff), cutoff, self.threshold)
         d = self.cfg.threshold_decay
         first = self.threshold_updates == 0
@@ -670,32 +679,45 @@ def _positive_min(v: Tensor) -> Tensor:
     return torch.where(v > 0, v, torch.full_like(v, math.inf)).min()
 
 
-def _top_values(pre: Tensor, n: int) -> Tensor:
-    """The n largest values of pre (any shape) [n], unordered; on CPU from ``_batch_topk``'s
-    sampled selection (zeros where fewer than n are positive: they never count as a cutoff)."""
-    if not _host_paths(pre):
-        return pre.reshape(-1).topk(n, sorted=False).values
-    vals = _batch_topk(pre, n)[1]
-    if vals.numel() > n:  # exact ties at the n-th value
-        return vals.topk(n, sorted=False).values
-    return F.pad(vals, (0, n - vals.numel()))
+def _global_batch_topk(pre: Tensor, n: int, world: int) -> tuple[Tensor, Tensor, Tensor]:
+    """BatchTopK under data parallelism: this worker's share of what one process selecting the
+    top n*world entries of the batch of all ``world`` workers would choose (each worker with
+    ``pre`` [B, M] and ``n`` = k*B; the workers step with equal batches), as (flat indices
+    ascending, values, cutoff). A worker selecting its own top k*B instead would give its rows
+    k latents a sample on average whatever they hold, and train on other codes than the
+    threshold (the cutoff over all rows) gives at inference.
 
-
-def _global_cutoff(pre: Tensor, n: int, world: int) -> Tensor:
-    """BatchTopK's cutoff over the batch of all ``world`` workers (each with ``pre`` [B, M] and
-    ``n`` = k*B; the workers step with equal batches): the smallest positive value among the
-    top n*world of all their pre-activations, what one process selecting on the whole batch
-    finds. A worker holds at most n*world of them, so each sends its top n*world values (one
-    all_gather, no host read). The minimum of the workers' own cutoffs would be lower: inference
-    would fire more than k latents a sample, far more when the workers' rows differ."""
+    The cutoff is the smallest positive value among the top n*world of all the workers' values:
+    a worker holds at most n*world of them, so each sends its top n*world values (one
+    all_gather, no host read) and keeps its entries at or above the cutoff (exact ties all
+    kept, values <= 0 never, as ``_batch_topk``). On CPU its candidates come from
+    ``_batch_topk`` and the kept ones are returned. On accelerators the count kept is not read
+    back: the n*world local top entries are returned, those below the cutoff with value 0 (they
+    decode to nothing and take no gradient), ties as its ``topk`` breaks them; a worker's sparse
+    work (the bag sums over the entries) then scales with the whole batch's k*B*world entries,
+    not its own k*B.
+    """
     import torch.distributed as dist
 
-    total = n * world
-    local = _top_values(pre, min(total, pre.numel())).contiguous()
-    gathered = [torch.empty_like(local) for _ in range(world)]
-    dist.all_gather(gathered, local)
+    flat = pre.reshape(-1)
+    total = min(n * world, flat.numel())  # a worker's share of the selection, at most
+    host = _host_paths(flat)
+    if host:
+        idx, vals = _batch_topk(pre, total)  # ascending; ties at its cutoff may exceed total
+        top = vals.topk(total, sorted=False).values if vals.numel() > total else vals
+        top = F.pad(top, (0, total - top.numel()))  # zeros: never a cutoff
+    else:
+        top, idx = flat.topk(total, sorted=False)
+    gathered = [torch.empty_like(top) for _ in range(world)]
+    dist.all_gather(gathered, top.contiguous())
     every = torch.cat(gathered)
-    return _positive_min(every.topk(min(total, every.numel()), sorted=False).values)
+    cutoff = _positive_min(every.topk(min(n * world, every.numel()), sorted=False).values)
+    if host:
+        keep = vals >= cutoff
+        return idx[keep], vals[keep], cutoff
+    idx = idx.sort().values
+    vals = flat[idx]
+    return idx, torch.where(vals >= cutoff, vals, torch.zeros_like(vals)), cutoff
 
 
 def _regular(idx: Tensor) -> tuple[Tensor, Tensor]:

@@ -5,9 +5,10 @@ Data flow:
     -> standardisation stats + input-bias init from a train sample (driver)
     -> training loop (plain local loop, or Ray Train TorchTrainer workers that take their rows
        of the driver's split from the object store, or stream the parquet through
-       ``get_dataset_shard``), checkpoints under {output}/checkpoints/ every epoch
+       ``get_dataset_shard``), checkpoints under {output}/checkpoints/ every checkpoint_every epochs
     -> SAE artifact {output}/: sae.safetensors, cfg.json, config.toml
     -> evaluation on the test split: metrics.json (written last: the completion marker) + eval.png
+    -> the checkpoints deleted (nothing resumes a finished run)
 
 A rerun with the same output resumes from the last checkpoint, or does nothing when
 metrics.json already exists. ``--eval-only`` re-evaluates an existing artifact.
@@ -104,7 +105,8 @@ class Config:
         "(sweep trials) share a GPU, one worker each")})
     data_loading: Literal["stream", "memory"] = field(default="memory", metadata={"help": (
         "ray mode: memory: the driver's copy of the split goes to the object store once (one "
-        "copy per node), each worker trains on its block of it, shuffled every epoch; stream: Ray "
+        "copy per node), each epoch every worker trains on its share of one seeded permutation "
+        "of all its rows (a GPU too small for the split: its own block, shuffled); stream: Ray "
         "Data re-reads the parquet every epoch, its files in a seeded order new each epoch, rows "
         "shuffled within a buffer")})
     device: str = field(default="auto", metadata={"help": (
@@ -333,6 +335,15 @@ def save_checkpoint(cfg: Config, state: dict, epoch: int) -> str:
     for u in old[: max(0, len(old) - cfg.keep_checkpoints)]:
         storage.remove(u)
     return url
+
+
+def remove_checkpoints(output: str) -> None:
+    """Delete the checkpoints of a finished run: weights plus AdamW state, ~250 MB each at 16,384
+    latents of 640-d, and nothing resumes from them once metrics.json is written (a rerun
+    skips the run; one with other settings is refused on the finished SAE alone)."""
+    for url in storage.listdir(checkpoint_dir(output), suffix=".pt"):
+        if _CKPT.match(os.path.basename(url)):
+            storage.remove(url)
 
 
 # What decides the trained weights: the model and its optimisation, and the rows it trains on
@@ -577,11 +588,9 @@ def run_local(cfg: Config, train_x, init: dict, checkpoints: bool = True):
     state = {"epoch": 0, "step": 0}
     if checkpoints:
         _resume(cfg, model, opt, sched, state)
-    gen = torch.Generator(device="cpu")
 
     def batches(epoch: int):
-        gen.manual_seed(cfg.seed * 100003 + epoch)  # a resumed epoch sees the same order
-        perm = torch.randperm(n, generator=gen).to(device)
+        perm = epoch_rows(n, 0, 1, cfg.seed, epoch).to(device)  # a resumed epoch: the same order
         for i in range(per_epoch):
             yield x_all[perm[i * bs:(i + 1) * bs]]
 
@@ -595,15 +604,68 @@ def run_local(cfg: Config, train_x, init: dict, checkpoints: bool = True):
     return model.cpu().eval(), last
 
 
-def worker_rows(x, rank: int, world: int, device):
-    """Rank ``rank``'s block of the rows of ``x`` [N, D] (the object store's read-only array) as
-    a tensor on ``device``. A contiguous block: on the CPU it is a view of the store's memory,
-    not a copy, so a node holds the split once however many workers and trials train from it
-    (the steps only gather batches from it, never write)."""
+def epoch_rows(n: int, rank: int, world: int, seed: int, epoch: int):
+    """The rows (indices into n) worker ``rank`` of ``world`` trains on in ``epoch``, in batch
+    order: its strided share ``perm[rank::world]`` of one permutation of all n rows seeded by
+    (seed, epoch), the same on every rank. The shares of an epoch are disjoint and cover every
+    row; they change every epoch, so no worker keeps a block of rows (one sky region, one
+    brightness range when rows come in shard order) for the whole run; a resumed epoch gets
+    the same rows. ``world`` = 1: the local loop's shuffle."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed * 100003 + epoch)
+    return torch.randperm(n, generator=gen)[rank::world]
+
+
+# The split goes whole onto a worker's GPU when it takes at most this share of the free memory.
+DEVICE_DATA_SHARE = 0.5
+
+
+def worker_rows(x, rank: int, world: int, device, free_bytes: int | None = None):
+    """The rows of ``x`` [N, D] (the object store's read-only array) worker ``rank`` of ``world``
+    gathers its batches from, as (tensor on ``device``, own block or not).
+
+    All rows (``False``): the workers take their shares of each epoch from them (``epoch_rows``).
+    On the CPU the tensor is a view of the store's memory, not a copy, so a node holds the split
+    once however many workers and trials train from it (the steps only gather batches from it,
+    never write); on a GPU a copy of the whole split when it takes at most DEVICE_DATA_SHARE of
+    the memory free there (``free_bytes``; default: torch's count on a CUDA device). Else only
+    the rank's contiguous block is copied (``True``): the worker draws from its block alone,
+    shuffled each epoch, which is said in the log (rows stored in a meaningful order then bias
+    each worker's batches)."""
+    import torch
+
     from galaxysae import embeddings
 
     n = x.shape[0]
-    return embeddings.as_tensor(x[rank * n // world:(rank + 1) * n // world]).to(device)
+    if free_bytes is None and torch.device(device).type == "cuda":
+        free_bytes = torch.cuda.mem_get_info(torch.device(device))[0]
+    if free_bytes is not None and x.nbytes > DEVICE_DATA_SHARE * free_bytes:
+        lo, hi = rank * n // world, (rank + 1) * n // world
+        log.warning("the split (%.1f GB) does not fit on %s (%.1f GB free): worker %d takes its "
+                    "block of rows %d:%d alone, shuffled every epoch, not a share of all rows",
+                    x.nbytes / 1e9, device, free_bytes / 1e9, rank, lo, hi)
+        return embeddings.as_tensor(x[lo:hi]).to(device), True
+    return embeddings.as_tensor(x).to(device), False
+
+
+def memory_batches(x, rank: int, world: int, device, seed: int, batch_size: int, steps: int,
+                   free_bytes: int | None = None):
+    """Memory mode's batches for worker ``rank`` of ``world`` from the store's array ``x`` [N, D]:
+    (``batches(epoch)``, which yields ``steps`` tensors [batch_size, D] on ``device``, and the
+    number of rows it draws them from an epoch). Its share of each epoch's permutation of all
+    rows (``epoch_rows``), or of its own block when only that is on the device (``worker_rows``;
+    ``free_bytes`` as there)."""
+    x_all, own = worker_rows(x, rank, world, device, free_bytes)
+    n = x_all.shape[0]
+    who, of = (0, 1) if own else (rank, world)  # its own block: all of it, shuffled
+
+    def batches(epoch: int):
+        mine = epoch_rows(n, who, of, seed, epoch).to(device)
+        for i in range(steps):
+            yield x_all[mine[i * batch_size:(i + 1) * batch_size]]
+
+    return batches, len(range(who, n, of))
 
 
 def ray_train_loop(loop_cfg: dict) -> None:
@@ -641,7 +703,7 @@ def ray_train_loop(loop_cfg: dict) -> None:
     ddp = ray.train.torch.prepare_model(model, move_to_device=False, parallel_strategy_kwargs={
         "broadcast_buffers": False}) if world > 1 else model
 
-    rows = None  # this worker's rows, when it holds them (memory mode)
+    rows = None  # the rows this worker trains on an epoch (memory mode)
     if cfg.data_loading == "stream":
         shard = ray.train.get_dataset_shard("train")
 
@@ -656,15 +718,8 @@ def ray_train_loop(loop_cfg: dict) -> None:
     else:
         # the driver's split from this node's object store (read-only shared memory, one copy a
         # node); nothing reads the embeddings files again
-        x_all = worker_rows(ray.get(loop_cfg["train_x"]), rank, world, device)
-        rows = x_all.shape[0]
-        gen = torch.Generator()
-
-        def batches(epoch: int):
-            gen.manual_seed(cfg.seed * 100003 + epoch)
-            perm = torch.randperm(x_all.shape[0], generator=gen).to(device)
-            for i in range(per_epoch):
-                yield x_all[perm[i * bs:(i + 1) * bs]]
+        batches, rows = memory_batches(ray.get(loop_cfg["train_x"]), rank, world, device,
+                                       cfg.seed, bs, per_epoch)
 
     def on_epoch_end(epoch: int, metrics: dict) -> None:
         if rank == 0 and (epoch % cfg.checkpoint_every == 0 or epoch == cfg.epochs):
@@ -908,6 +963,7 @@ def run(cfg: Config, callbacks=None, shared: SharedSplits | None = None) -> dict
     check_same_settings(cfg, finished)
     if finished:
         log.info("%s already holds a trained SAE (metrics.json): nothing to do", cfg.output)
+        remove_checkpoints(cfg.output)  # left by a run stopped after its metrics.json
         return _read_json(metrics_url)
     log.info("training on %d x %d embeddings from %s; test %d rows", len(train), train.x.shape[1],
              train.source, len(test))
@@ -929,6 +985,7 @@ def run(cfg: Config, callbacks=None, shared: SharedSplits | None = None) -> dict
     metrics["train"] = {**last, "wall_s": wall, "mode": "ray" if use_ray(cfg) else "local",
                         "n_train": len(train), "n_test": len(test)}
     evaluation.write(metrics, model, cfg.output)
+    remove_checkpoints(cfg.output)
     log.info("test FVU %.4f (PCA with %d components: %.4f), L0 %.1f, dead %.3f -> %s",
              metrics["fvu"], metrics["pca"]["n_components"], metrics["pca"]["fvu"], metrics["l0"],
              metrics["dead_fraction"], cfg.output)

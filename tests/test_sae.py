@@ -396,3 +396,77 @@ def test_data_parallel_workers_count_a_latent_alive_if_it_fired_on_any_of_them(t
             assert ranks[0]["reads"] == ranks[1]["reads"] == [], ranks[0]["reads"]
         else:  # the recording saw the CPU variant's host reads: it works inside a collective step
             assert ranks[0]["reads"]
+
+
+# BatchTopK on rows whose halves differ strongly: the first half's spread tripled after the
+# standardisation stats were taken, so most of the batch's top k*B entries fall in its rows
+BATCHTOPK_DP = {"plain": dict(), "matryoshka": dict(matryoshka_groups=[16, 16, 64], l1_coeff=1e-3)}
+
+
+def _split_batch(kw):
+    model, x = make(activation="batchtopk", **kw)
+    x = x.clone()
+    x[:32] = (x[:32] - model.mean) * 3 + model.mean
+    return model.double(), x.double()
+
+
+def _batchtopk_worker(rank: int, world: int, port: int, out: str) -> None:
+    """A training forward and backward of the same model on this rank's half of the split batch
+    (gloo, CPU), by the CPU's selection and then by the accelerators' (a process of its own)."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        for variant in ("cpu", "accelerator"):
+            if variant == "accelerator":
+                sae._host_paths = lambda t: False
+            for name, kw in BATCHTOPK_DP.items():
+                model, x = _split_batch(kw)
+                B = len(x) // world
+                mine = x[rank * B:(rank + 1) * B]
+                model.train()
+                res = model(mine)
+                res.loss.backward()
+                # the entries this rank's selection keeps, as flat indices of the whole batch
+                idx, vals, _ = sae._global_batch_topk(model.pre_acts(mine).detach(), model.cfg.k * B,
+                                                     world)
+                torch.save({"x_hat": res.x_hat.detach(), "l0": res.l0, "threshold": model.threshold,
+                            "entries": idx[vals > 0] + rank * B * model.n_latents,
+                            "grads": {n: p.grad for n, p in model.named_parameters()}},
+                           f"{out}/{variant}-{name}-{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_data_parallel_batchtopk_selects_what_one_process_selects_on_the_whole_batch(tmp_path):
+    """Under DDP, BatchTopK (plain and Matryoshka) keeps the top k*B of ALL workers' rows: the
+    union of the workers' entries is one process's selection on the concatenated batch, and so
+    are the reconstructions, L0, the threshold and the averaged gradients, not a top k*B/world
+    forced into each worker's rows whatever they hold."""
+    import torch.multiprocessing as mp
+
+    from tests.services.ports import free_block
+
+    world = 2
+    mp.spawn(_batchtopk_worker, args=(world, free_block(1), str(tmp_path)), nprocs=world, join=True)
+    for name, kw in BATCHTOPK_DP.items():
+        whole, x = _split_batch(kw)
+        whole.train()
+        ref = whole(x)
+        ref.loss.backward()
+        ref_idx, _ = _batch_topk(whole.pre_acts(x).detach(), whole.cfg.k * len(x))
+        per_row = torch.bincount(ref_idx // whole.n_latents, minlength=len(x))
+        first, second = int(per_row[:32].sum()), int(per_row[32:].sum())
+        assert first > 2 * second, (first, second)  # the halves differ strongly
+        for variant in ("cpu", "accelerator"):
+            ranks = [torch.load(tmp_path / f"{variant}-{name}-{r}.pt") for r in range(world)]
+            union = torch.cat([r["entries"] for r in ranks]).sort().values
+            assert torch.equal(union, ref_idx), (variant, name)
+            torch.testing.assert_close(torch.cat([r["x_hat"] for r in ranks]), ref.x_hat.detach())
+            assert float(sum(r["l0"] for r in ranks) / world) == pytest.approx(float(ref.l0))
+            for r in ranks:
+                torch.testing.assert_close(r["threshold"], whole.threshold)
+            for p_name, p in whole.named_parameters():  # DDP's mean of the workers' gradients
+                mean = sum(r["grads"][p_name] for r in ranks) / world
+                torch.testing.assert_close(mean, p.grad, rtol=1e-9, atol=1e-12,
+                                           msg=f"{variant} {name} {p_name}")

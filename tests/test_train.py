@@ -36,7 +36,24 @@ def run_cli(*args) -> int:
     return cli.main(["train", *args])
 
 
-def test_local_mode_writes_a_complete_artifact_and_rerun_skips(tmp_path, caplog, capsys):
+def checkpoints(out) -> list[str]:
+    return storage.listdir(f"{out}/checkpoints", ".pt")
+
+
+def run_crashing(monkeypatch, *args) -> None:
+    """A run that stops after its last checkpoint, before its metrics.json (a crash there)."""
+    from galaxysae import evaluation
+
+    def crash(*a, **kw):
+        raise RuntimeError("crashed before metrics.json")
+
+    with monkeypatch.context() as m:
+        m.setattr(evaluation, "write", crash)
+        with pytest.raises(RuntimeError, match="crashed before metrics.json"):
+            run_cli(*args)
+
+
+def test_local_mode_writes_a_complete_artifact_and_rerun_skips(tmp_path, caplog, capsys, monkeypatch):
     make_embeddings(str(tmp_path / "emb"))
     out = tmp_path / "sae"
     assert run_cli("--embeddings", str(tmp_path / "emb"), "--output", str(out), "--mode", "local",
@@ -53,10 +70,15 @@ def test_local_mode_writes_a_complete_artifact_and_rerun_skips(tmp_path, caplog,
     assert model.encode(torch.randn(3, 32)).shape == (3, 64)
     saved = (out / "config.toml").read_text()
     assert "n_latents = 64" in saved
+    # finished: its checkpoints (weights + optimiser state, ~250 MB each at full scale) are gone
+    assert (out / "checkpoints").is_dir() and not checkpoints(out)
     mtime = (out / "sae.safetensors").stat().st_mtime_ns
+    # one left by a run stopped between its metrics.json and the clean-up goes on the rerun
+    (out / "checkpoints" / "epoch-000006.pt").write_bytes(b"left over")
     assert run_cli("--embeddings", str(tmp_path / "emb"), "--output", str(out), "--mode", "local",
                    *SMALL) == 0
     assert (out / "sae.safetensors").stat().st_mtime_ns == mtime  # done: nothing rewritten
+    assert not checkpoints(out)
     # --eval-only re-evaluates the artifact without training
     (out / "metrics.json").unlink()
     assert run_cli("--embeddings", str(tmp_path / "emb"), "--output", str(out), "--eval-only",
@@ -69,20 +91,25 @@ def test_local_mode_writes_a_complete_artifact_and_rerun_skips(tmp_path, caplog,
     with pytest.raises(SystemExit, match="2"):
         run_cli(*common, "--model.k", "8")
     assert "a trained SAE with other settings (model.k: 4 -> 8)" in capsys.readouterr().err
-    for name in ("metrics.json", "sae.safetensors"):
-        (out / name).unlink()
+    # the same run crashing after its last checkpoint, before metrics.json: its checkpoints stay
+    crashed = tmp_path / "crashed"
+    common = ("--embeddings", str(tmp_path / "emb"), "--output", str(crashed), "--mode", "local", *SMALL)
+    run_crashing(monkeypatch, *common)
+    assert checkpoints(crashed) and not (crashed / "metrics.json").exists()
+    mtime = (crashed / "sae.safetensors").stat().st_mtime_ns
     with pytest.raises(SystemExit, match="2"):
         run_cli(*common, "--optim.lr", "1e-3", "--epochs", "8")
     err = capsys.readouterr().err
     assert "checkpoints of a training with other settings (epochs: 6 -> 8; optim.lr: 0.003 -> 0.001)" in err
-    assert "sae.safetensors" not in {p.name for p in out.iterdir()}
+    assert (crashed / "sae.safetensors").stat().st_mtime_ns == mtime and checkpoints(crashed)
     # the same settings on another device, logging more often: resumed (from the last epoch's checkpoint)
     with caplog.at_level(logging.INFO, logger="galaxysae"):
         assert run_cli(*common, "--device", "cpu", "--log_every", "5") == 0
     assert any("resuming from" in r.getMessage() for r in caplog.records)
     # resumed after its last epoch: that epoch's train metrics come back from the checkpoint
-    resumed = json.loads((out / "metrics.json").read_text())["train"]
+    resumed = json.loads((crashed / "metrics.json").read_text())["train"]
     assert (resumed["epoch"], resumed["mse"]) == (6, pytest.approx(metrics["train"]["mse"]))
+    assert not checkpoints(crashed)  # finished now
 
 
 def test_other_inputs_or_step_limit_neither_keep_nor_resume_an_output(tmp_path, capsys, monkeypatch):
@@ -94,16 +121,8 @@ def test_other_inputs_or_step_limit_neither_keep_nor_resume_an_output(tmp_path, 
     make_embeddings(other, seed=1)
     out = tmp_path / "sae"
     common = ("--output", str(out), "--mode", "local", *SMALL, "--epochs", "2")
-    assert run_cli("--embeddings", emb, *common, "--max_steps", "3") == 0  # a smoke run
-    capsys.readouterr()
-    with pytest.raises(SystemExit, match="2"):
-        run_cli("--embeddings", emb, *common)  # the full run: not "nothing to do"
-    assert "a trained SAE with other settings (max_steps: 3 -> 0)" in capsys.readouterr().err
-    with pytest.raises(SystemExit, match="2"):
-        run_cli("--embeddings", other, *common, "--max_steps", "3")
-    assert f"a trained SAE with other settings (embeddings: {emb!r} -> {other!r})" in capsys.readouterr().err
-    for name in ("metrics.json", "sae.safetensors"):  # a crash after the checkpoint
-        (out / name).unlink()
+    run_crashing(monkeypatch, "--embeddings", emb, *common, "--max_steps", "3")  # a smoke run
+    capsys.readouterr()  # crashed after the checkpoint written at max_steps
     with pytest.raises(SystemExit, match="2"):
         run_cli("--embeddings", other, *common, "--max_steps", "3", "--split_seed", "4")
     err = capsys.readouterr().err  # parquet input holds out no rows: split_seed is not compared
@@ -112,6 +131,13 @@ def test_other_inputs_or_step_limit_neither_keep_nor_resume_an_output(tmp_path, 
     monkeypatch.chdir(tmp_path)
     assert run_cli("--embeddings", "emb/", *common, "--max_steps", "3") == 0  # relative, a slash
     assert json.loads((out / "metrics.json").read_text())["train"]["steps"] == 3
+    assert not checkpoints(out)  # finished: no checkpoint left to compare with
+    with pytest.raises(SystemExit, match="2"):
+        run_cli("--embeddings", emb, *common)  # the full run: not "nothing to do"
+    assert "a trained SAE with other settings (max_steps: 3 -> 0)" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="2"):
+        run_cli("--embeddings", other, *common, "--max_steps", "3")
+    assert f"a trained SAE with other settings (embeddings: {emb!r} -> {other!r})" in capsys.readouterr().err
 
 
 def test_settings_compare_inputs_as_paths_and_old_configs_by_the_seed_they_held_out_with():
@@ -204,7 +230,7 @@ def test_s3_input_and_output(s3_prefix):
     metrics = json.loads(storage.read_bytes(f"{out}/metrics.json"))
     assert metrics["n_test"] == 64
     assert SparseAutoencoder.load(out).n_latents == 64
-    assert storage.listdir(f"{out}/checkpoints", ".pt")
+    assert not checkpoints(out)  # deleted once finished
 
 
 def test_original_matryoshka_toml_is_accepted_as_is():
@@ -271,16 +297,69 @@ def test_bad_embeddings_are_named(tmp_path):
         load(root, "train", "valid")
 
 
+def _store_rows(n: int, d: int = 3) -> np.ndarray:
+    """x[n, d] whose first column is the row number, read-only as ray.get returns it."""
+    x = np.repeat(np.arange(n, dtype=np.float32)[:, None], d, 1)
+    x.flags.writeable = False
+    return x
+
+
 def test_ray_workers_train_from_views_of_the_object_store_split():
-    # memory mode: each worker's rows are a block of the store's read-only array; on the CPU a
-    # view of it (a node holds the split once, whatever its workers and trials), never written
-    x = np.arange(7 * 3, dtype=np.float32).reshape(7, 3)
-    x.flags.writeable = False  # as ray.get returns it
-    blocks = [train_job.worker_rows(x, rank, 3, "cpu") for rank in range(3)]
-    assert [b.shape[0] for b in blocks] == [2, 2, 3]
-    assert torch.equal(torch.cat(blocks), torch.from_numpy(x.copy()))  # every row once, in order
+    # memory mode: each worker gathers its batches from the store's read-only array; on the CPU a
+    # view of all of it (a node holds the split once, whatever its workers and trials), never written
+    x = _store_rows(7)
     base = x.ctypes.data
-    assert [b.data_ptr() - base for b in blocks] == [0, 2 * 12, 4 * 12], "a worker copied its rows"
+    for rank in range(3):
+        rows, own = train_job.worker_rows(x, rank, 3, "cpu")
+        assert not own and torch.equal(rows, torch.from_numpy(x.copy()))
+        assert rows.data_ptr() == base, "a worker copied its rows"
+
+
+def test_ray_workers_take_a_new_share_of_all_rows_every_epoch():
+    """Memory mode: each epoch the workers split one seeded permutation of all rows between
+    them, so rows stored in a meaningful order (shard by shard: a sky region, a brightness
+    range) do not give a worker the same biased block for the whole run. A resumed worker
+    (built afresh at epoch e) draws what the uninterrupted one drew."""
+    n, world, bs, steps = 120, 2, 10, 6  # 6 steps of 10 rows a worker: every row each epoch
+    x = _store_rows(n)
+
+    def seen(rank: int, epoch: int, batches=None) -> list[list[int]]:
+        """The row numbers of each batch rank draws in epoch, from the real batch builder."""
+        if batches is None:
+            batches, rows = train_job.memory_batches(x, rank, world, "cpu", 5, bs, steps)
+            assert rows == n // world
+        return [b[:, 0].long().tolist() for b in batches(epoch)]
+
+    runs = [train_job.memory_batches(x, r, world, "cpu", 5, bs, steps)[0] for r in range(world)]
+    shares = []  # [epoch][rank]: the set of rows
+    for epoch in range(4):
+        got = [seen(r, epoch, runs[r]) for r in range(world)]
+        assert all(len(b) == bs for r in got for b in r)
+        flat = [sum(r, []) for r in got]
+        assert not set(flat[0]) & set(flat[1])  # disjoint
+        assert sorted(flat[0] + flat[1]) == list(range(n))  # every row once
+        # neither half of the rows: a share of all of them
+        assert all(0 < sum(i < n // 2 for i in f) < n // 2 for f in flat), flat
+        shares.append([set(f) for f in flat])
+        assert seen(0, epoch) == got[0] and seen(1, epoch) == got[1]  # resumed at this epoch
+    for rank in range(world):
+        assert len({frozenset(s[rank]) for s in shares}) == 4  # a new share every epoch
+    # an odd count: the strided shares of one epoch still cover every row once
+    odd = [train_job.epoch_rows(101, r, 3, 5, 2) for r in range(3)]
+    assert sorted(torch.cat(odd).tolist()) == list(range(101)) and [len(o) for o in odd] == [34, 34, 33]
+
+
+def test_a_worker_whose_device_cannot_hold_the_split_takes_its_block(caplog):
+    """Where the split would take more than DEVICE_DATA_SHARE of the device's free memory, the
+    worker copies only its block there and draws from it alone, shuffled each epoch, and says so."""
+    x = _store_rows(30)
+    with caplog.at_level(logging.WARNING, logger="galaxysae"):
+        batches, rows = train_job.memory_batches(x, 1, 3, "cpu", 0, 5, 2, free_bytes=x.nbytes)
+    assert rows == 10 and "worker 1 takes its block of rows 10:20 alone" in caplog.text
+    epochs = [[i for b in batches(e) for i in b[:, 0].long().tolist()] for e in range(3)]
+    assert all(set(e) <= set(range(10, 20)) and len(set(e)) == 10 for e in epochs)
+    assert epochs[0] != epochs[1]  # shuffled anew
+    assert not train_job.worker_rows(x, 1, 3, "cpu", free_bytes=3 * x.nbytes)[1]  # room: all rows
 
 
 # A run SIGKILLed after a checkpoint resumes to the uninterrupted run's weights:
@@ -301,7 +380,7 @@ def test_ray_train_mode_streams_parquet_from_s3(ray_cluster, s3_prefix):
     # the global batch of 64 is split over the 2 workers: 512 rows / 64 steps an epoch, 3 epochs
     assert t["batch_size"] == 64 and t["steps"] == 3 * (512 // 64)
     assert metrics["l0"] == pytest.approx(4.0) and metrics["fvu"] < 1
-    assert storage.listdir(f"{out}/checkpoints", ".pt")
+    assert not checkpoints(out)  # deleted once finished
 
 
 def test_streamed_embeddings_come_in_another_file_order_each_epoch(ray_cluster, tmp_path):
