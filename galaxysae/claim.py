@@ -18,10 +18,12 @@ next commit).
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import logging
 import os
+import signal
 import socket
 import threading
 import time
@@ -31,9 +33,26 @@ from galaxysae import storage
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Claim", "ClaimError"]
+__all__ = ["Claim", "ClaimError", "sigterm_unwinds"]
 
 NAME = "_claim.json"
+
+
+@contextlib.contextmanager
+def sigterm_unwinds():
+    """Inside the block SIGTERM (scancel, a Slurm time limit, a pod eviction) raises SystemExit
+    like an exception, so ``finally`` blocks run (a claim is released and the rerun starts at
+    once) instead of the process dying where it stands. Only the main thread can set it."""
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        def _term(signum, frame):
+            raise SystemExit(128 + signum)
+        previous = signal.signal(signal.SIGTERM, _term)
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 class ClaimError(RuntimeError):

@@ -223,10 +223,7 @@ def build_dataset(cfg: Config, shards: list[sources.Shard], min_blocks: int = 1,
 
 def run(cfg: Config) -> int:
     """Embed, holding the output's claim (two runs on one output: the second exits 4)."""
-    import signal
-    import threading
-
-    from galaxysae.claim import Claim, ClaimError
+    from galaxysae.claim import Claim, ClaimError, sigterm_unwinds
 
     cfg = _absolute(cfg)
     storage.check_writable(cfg.output)  # wrong credentials: a clear error before any work
@@ -236,19 +233,13 @@ def run(cfg: Config) -> int:
     except ClaimError as exc:
         log.error("%s", exc)
         return 4
-    # SIGTERM (scancel, a Slurm time limit, a pod eviction) unwinds like an exception, so the
-    # claim is released and the rerun starts at once; written shards are whole files anyway.
-    previous = None
-    if threading.current_thread() is threading.main_thread():
-        def _term(signum, frame):
-            raise SystemExit(128 + signum)
-        previous = signal.signal(signal.SIGTERM, _term)
+    # SIGTERM unwinds like an exception, so the claim is released and the rerun starts at
+    # once; written shards are whole files anyway.
     try:
-        return _run(cfg, claim)
+        with sigterm_unwinds():
+            return _run(cfg, claim)
     finally:
         claim.release()
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
 
 
 def _run(cfg: Config, claim) -> int:

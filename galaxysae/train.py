@@ -350,11 +350,14 @@ def remove_checkpoints(output: str) -> None:
 # (the inputs, and for a .npy input without a test file, which rows are held out). Checkpoints
 # or a finished SAE written with other values are neither resumed nor kept; resources (workers,
 # device, mode) may differ: a resumed job may run on other hardware. input_dim is left out: it
-# only checks the width (check_width refuses a mismatch before any step).
+# only checks the width (check_width refuses a mismatch before any step). The test split and
+# its files are in too: a finished SAE's metrics.json is measured on them. What the paths hold
+# is compared as well: INPUTS records the stamps of the files a run read (check_same_inputs).
 SETTINGS = ("model", "optim", "epochs", "batch_size", "max_steps", "seed", "embeddings", "ids",
-            "train_split", "test_embeddings", "test_fraction", "split_seed")
+            "train_split", "test_split", "test_embeddings", "test_ids", "test_fraction", "split_seed")
 HOLD_OUT = ("test_fraction", "split_seed")  # compared for a .npy input only: it may hold out rows
-PATHS = ("embeddings", "ids", "test_embeddings")  # compared as paths (see _same_path)
+PATHS = ("embeddings", "ids", "test_embeddings", "test_ids")  # compared as paths (see _same_path)
+INPUTS = "inputs.json"  # the fingerprint of the embedding files the output was trained and tested on
 
 
 def settings_changes(saved: dict, cfg: Config) -> list[str]:
@@ -388,11 +391,59 @@ def _is_npy(path: str) -> bool:
 
 
 def _same_path(a, b) -> bool:
-    """Two spellings of one input: a trailing slash, or two uploads of a `ray job submit`
-    working dir (``.../_ray_pkg_<hash>/``, a new hash for every upload of a changed checkout)."""
-    def norm(p):
-        return re.sub(r"/_ray_pkg_[0-9a-f]+/", "/_ray_pkg_/", p.rstrip("/")) if isinstance(p, str) else p
-    return norm(a) == norm(b)
+    """Two spellings of one input (:func:`galaxysae.embeddings.same_input`)."""
+    from galaxysae import embeddings
+
+    return embeddings.same_input(a, b)
+
+
+def input_fingerprint(cfg: Config) -> dict[str, str]:
+    """:func:`galaxysae.embeddings.fingerprint` of the files this config trains and tests on
+    (stamps only: one listing per split, one metadata request per file; nothing is read)."""
+    from galaxysae import embeddings
+
+    return embeddings.fingerprint(cfg.embeddings, (cfg.train_split, cfg.test_split), ids=cfg.ids,
+                                  test_path=cfg.test_embeddings, test_ids=cfg.test_ids)
+
+
+def input_changes(cfg: Config, stamps: dict[str, str]) -> list[str] | None:
+    """What changed in the embedding files since the output recorded their stamps (INPUTS):
+    [] when nothing did, None when the output records none (written by an earlier version)."""
+    from galaxysae import embeddings
+
+    url = storage.join(cfg.output, INPUTS)
+    if not storage.exists(url):
+        return None
+    return embeddings.fingerprint_changes(json.loads(storage.read_bytes(url))["files"], stamps)
+
+
+def _shown(changes: list[str]) -> str:
+    return "; ".join(changes[:10]) + (f" (and {len(changes) - 10} more)" if len(changes) > 10 else "")
+
+
+def check_same_inputs(cfg: Config, finished: bool, stamps: dict[str, str]) -> None:
+    """Refuse to keep a finished SAE, or resume checkpoints, trained on embedding files that
+    changed since (re-embedded in place: the same URLs, other rows or values), naming the files.
+    An output written before the stamps were recorded is kept or resumed, said in the log."""
+    if not (finished or latest_checkpoint(cfg.output)):
+        return
+    what = "a trained SAE" if finished else "checkpoints of a training"
+    changes = input_changes(cfg, stamps)
+    if changes is None:
+        log.info("%s records no stamps of its embeddings (written by an earlier version): cannot "
+                 "tell whether %s changed since; %s it (remove the output to retrain)", cfg.output,
+                 cfg.embeddings, "keeping" if finished else "resuming")
+        return
+    if changes:
+        raise config.ConfigError(
+            f"{cfg.output} holds {what} of other embeddings: {cfg.embeddings} changed since it "
+            f"was trained ({_shown(changes)}; stamps in {storage.join(cfg.output, INPUTS)}): "
+            f"write to another --output, or remove {cfg.output} to retrain there (train has no "
+            f"--overwrite)")
+
+
+def write_inputs(cfg: Config, stamps: dict[str, str]) -> None:
+    storage.write_bytes(storage.join(cfg.output, INPUTS), json.dumps({"files": stamps}, indent=1).encode())
 
 
 def check_same_settings(cfg: Config, finished: bool) -> None:
@@ -435,6 +486,22 @@ def check_same_hold_out(cfg: Config) -> None:
             f"{cfg.output}: --eval-only would test on other rows than were held out when it was "
             f"trained ({'; '.join(changes)}), some of them training rows: rerun with the settings in "
             f"{saved_url}")
+
+
+def check_eval_inputs(cfg: Config, stamps: dict[str, str]) -> None:
+    """--eval-only when the embedding files changed since the SAE was trained: on a .npy input
+    holding out rows of its file, the rows now held out may be training rows (refused, as in
+    check_same_hold_out); otherwise the SAE is evaluated on the files as they are now, said in
+    the log."""
+    changes = input_changes(cfg, stamps)
+    if not changes:
+        return
+    if _is_npy(cfg.embeddings) and "test_embeddings" not in stamps:  # a hold-out of its file
+        raise config.ConfigError(
+            f"{cfg.output}: --eval-only would test on rows held out of {cfg.embeddings}, which "
+            f"changed since the SAE was trained ({_shown(changes)}): some may be training rows")
+    log.warning("%s: the embeddings changed since the SAE was trained (%s): evaluating it on them "
+                "as they are now", cfg.output, _shown(changes))
 
 
 def load_checkpoint(url: str) -> dict:
@@ -934,21 +1001,63 @@ def check_width(cfg: Config, d_in: int, source: str) -> None:
                          f"{source} has embeddings of width {d_in}")
 
 
-def run(cfg: Config, callbacks=None, shared: SharedSplits | None = None) -> dict:
+# A run holds its output's claim ({output}/_claim.json, galaxysae.claim) from before its checks
+# until its metrics.json: two runs on one output cannot both pass the checks and write (resume)
+# one artifact. Stale after 2 min (a heartbeat every 30 s, from a thread of the driver process,
+# which only waits while Ray Train workers train): a rerun on another host (a sweep trial
+# restarted on another node, a new pod) waits at most that long for a crashed run's claim,
+# not embed's 10 min; on the same host a dead holder's claim is taken over at once.
+CLAIM_STALE_S = 120.0
+
+
+def run(cfg: Config, callbacks=None, shared: SharedSplits | None = None) -> dict | int:
     """Train (or with eval_only, evaluate) one SAE; ``callbacks``: Ray Train callbacks (sweeps);
-    ``shared``: the data already in the object store (a sweep's), instead of cfg's files."""
-    from galaxysae import evaluation
-    from galaxysae.sae import SparseAutoencoder
+    ``shared``: the data already in the object store (a sweep's), instead of cfg's files.
+    -> the metrics, or 4 when another run holds the output (logged, naming it; a sweep's trial,
+    with ``shared``, raises the ClaimError instead)."""
+    from galaxysae.claim import Claim, ClaimError, sigterm_unwinds
 
     cfg = config.absolute_paths(cfg, inputs=("embeddings", "ids", "test_embeddings", "test_ids"),
                                 outputs=("output",))  # Ray Train workers run elsewhere
-    metrics_url = storage.join(cfg.output, "metrics.json")
     check_device(cfg)
     storage.check_writable(cfg.output)  # wrong credentials / unreachable store: fail first
+    claim = Claim(cfg.output, stale_s=CLAIM_STALE_S, job="train")
+    try:
+        claim.acquire()
+    except ClaimError as exc:
+        if shared is not None:
+            raise
+        log.error("%s", exc)
+        return 4
+    try:
+        with sigterm_unwinds():  # scancel, a pod eviction: the claim is released
+            return _run(cfg, callbacks, shared, claim)
+    finally:
+        claim.release()
+
+
+def _check_claim(claim) -> None:
+    lost = claim.check()
+    if lost:
+        raise RuntimeError(f"{claim.output}: this run lost its claim on the output ({lost}): "
+                           "stopping before writing the artifact")
+
+
+def _run(cfg: Config, callbacks, shared, claim) -> dict:
+    """:func:`run` holding the output's claim: every check of what the output holds is made
+    under it."""
+    from galaxysae import evaluation
+    from galaxysae.sae import SparseAutoencoder
+
+    metrics_url = storage.join(cfg.output, "metrics.json")
+    # before the files are read (a sweep's trials: the files the sweep read into ``shared``):
+    # files rewritten while this run reads them then differ on the next rerun
+    stamps = input_fingerprint(cfg)
     train, test = shared.get() if shared is not None else load_data(cfg)
     check_width(cfg, train.x.shape[1], train.source)
     if cfg.eval_only:
         check_same_hold_out(cfg)
+        check_eval_inputs(cfg, stamps)
         model = SparseAutoencoder.load(cfg.output)
         if model.d_in != train.x.shape[1]:
             raise ValueError(f"{train.source}: embeddings are {train.x.shape[1]}-d but the SAE in "
@@ -961,13 +1070,19 @@ def run(cfg: Config, callbacks=None, shared: SharedSplits | None = None) -> dict
         return metrics
     finished = storage.exists(metrics_url) and storage.exists(storage.join(cfg.output, "sae.safetensors"))
     check_same_settings(cfg, finished)
+    check_same_inputs(cfg, finished, stamps)
     if finished:
         log.info("%s already holds a trained SAE (metrics.json): nothing to do", cfg.output)
         remove_checkpoints(cfg.output)  # left by a run stopped after its metrics.json
         return _read_json(metrics_url)
     log.info("training on %d x %d embeddings from %s; test %d rows", len(train), train.x.shape[1],
              train.source, len(test))
+    resuming = latest_checkpoint(cfg.output) is not None
     config.save(cfg, cfg.output)
+    # the stamps go with the output before its first checkpoint; checkpoints of an earlier
+    # version's run (no stamps: trained on files of unknown state) are resumed without them
+    if not resuming or input_changes(cfg, stamps) is not None:
+        write_inputs(cfg, stamps)
     import numpy as np
 
     rng = np.random.default_rng(cfg.seed)
@@ -979,11 +1094,13 @@ def run(cfg: Config, callbacks=None, shared: SharedSplits | None = None) -> dict
         model = SparseAutoencoder.load(cfg.output)
     else:
         model, last = run_local(cfg, train.x, init)
+        _check_claim(claim)
         model.save(cfg.output)
     wall = time.perf_counter() - t0
     metrics = evaluation.evaluate(model, test.x, train.x, cfg.eval_batch_size)
     metrics["train"] = {**last, "wall_s": wall, "mode": "ray" if use_ray(cfg) else "local",
                         "n_train": len(train), "n_test": len(test)}
+    _check_claim(claim)
     evaluation.write(metrics, model, cfg.output)
     remove_checkpoints(cfg.output)
     log.info("test FVU %.4f (PCA with %d components: %.4f), L0 %.1f, dead %.3f -> %s",

@@ -422,3 +422,110 @@ def test_a_cuda_device_this_machine_lacks_is_a_config_error_before_anything_is_w
     err = capsys.readouterr().err
     assert stop.value.code == 2 and "key 'device' is 'cuda'" in err and "--device auto" in err, err
     assert not (tmp_path / "sae").exists()
+
+
+def test_embeddings_remade_in_place_are_neither_kept_nor_resumed(tmp_path, capsys, caplog, monkeypatch):
+    """The same embeddings path re-embedded in place (other rows at the same URLs): the finished
+    SAE is not kept as trained on them, nor its checkpoints resumed; the refusal names the files.
+    An output from before the stamps were recorded (no inputs.json) is kept, said in the log."""
+    emb = str(tmp_path / "emb")
+    make_embeddings(emb)
+    out, crashed = tmp_path / "sae", tmp_path / "crashed"
+    common = ("--embeddings", emb, "--mode", "local", *SMALL, "--epochs", "1")
+    assert run_cli(*common, "--output", str(out)) == 0
+    assert set(json.loads((out / train_job.INPUTS).read_text())["files"]) == {
+        "train/part-00000.parquet", "train/part-00001.parquet", "test/part-00000.parquet"}
+    run_crashing(monkeypatch, *common, "--output", str(crashed))
+    assert (crashed / train_job.INPUTS).is_file() and checkpoints(crashed)
+    mtime = (out / "sae.safetensors").stat().st_mtime_ns
+    assert run_cli(*common, "--output", str(out)) == 0  # the same files: nothing to do
+    assert (out / "sae.safetensors").stat().st_mtime_ns == mtime
+    capsys.readouterr()
+    make_embeddings(emb, seed=1, n_train=400, n_test=100)  # re-embedded in place
+    with pytest.raises(SystemExit, match="2"):
+        run_cli(*common, "--output", str(out))
+    err = capsys.readouterr().err
+    assert f"{out} holds a trained SAE of other embeddings: {emb} changed" in err
+    assert "test/part-00000.parquet rewritten; train/part-00000.parquet rewritten" in err
+    assert "another --output" in err
+    assert (out / "sae.safetensors").stat().st_mtime_ns == mtime
+    with pytest.raises(SystemExit, match="2"):
+        run_cli(*common, "--output", str(crashed))
+    assert f"{crashed} holds checkpoints of a training of other embeddings" in capsys.readouterr().err
+    assert checkpoints(crashed) and not (crashed / "metrics.json").exists()
+    # --eval-only evaluates the SAE on the parquet files as they are now, with a warning
+    with caplog.at_level(logging.WARNING, logger="galaxysae"):
+        assert run_cli(*common, "--output", str(out), "--eval-only") == 0
+    assert any("changed since the SAE was trained" in r.getMessage() for r in caplog.records)
+    # written by an earlier version (no stamps): kept and resumed, as before
+    (out / train_job.INPUTS).unlink()
+    (crashed / train_job.INPUTS).unlink()
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="galaxysae"):
+        assert run_cli(*common, "--output", str(out)) == 0
+        assert run_cli(*common, "--output", str(crashed)) == 0
+    logged = [r.getMessage() for r in caplog.records]
+    assert any("records no stamps" in m and "keeping" in m for m in logged)
+    assert any("records no stamps" in m and "resuming" in m for m in logged)
+    assert any("resuming from" in m for m in logged)
+    assert (out / "sae.safetensors").stat().st_mtime_ns == mtime
+
+
+def test_a_finished_sae_is_not_kept_for_another_test_split(tmp_path, capsys):
+    """Its metrics.json measures the test split it was trained with: another one (or other test
+    ids of a .npy test file) is another artifact."""
+    emb = str(tmp_path / "emb")
+    x = make_embeddings(emb)
+    write_parquet(emb, "val", [f"v{i:05d}" for i in range(50)], x[:50])
+    out = tmp_path / "sae"
+    common = ("--embeddings", emb, "--output", str(out), "--mode", "local", *SMALL, "--epochs", "1")
+    assert run_cli(*common) == 0
+    with pytest.raises(SystemExit, match="2"):
+        run_cli(*common, "--test_split", "val")
+    assert "a trained SAE with other settings (test_split: 'test' -> 'val')" in capsys.readouterr().err
+
+    def cfg(**kw):
+        return config.from_dict(train_job.Config, {"output": "o", "embeddings": "/d/emb.npy", **kw})
+
+    assert train_job.settings_changes({"test_ids": "/d/ti.npy"}, cfg(test_ids="/d/ti.npy/")) == []
+    assert train_job.settings_changes({"test_ids": "/d/ti.npy"}, cfg(test_ids="/d/other.npy")) == [
+        "test_ids: '/d/ti.npy' -> '/d/other.npy'"]
+
+
+def test_two_runs_on_one_output_one_exits_4_naming_the_other_which_completes(tmp_path):
+    """Two train runs at once on one output (other k): the second finds the first's claim and
+    exits 4 naming it, writing nothing; the first finishes its own artifact and releases."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    repo = Path(__file__).resolve().parents[1]
+    emb = str(tmp_path / "emb")
+    make_embeddings(emb)
+    out = tmp_path / "sae"
+    args = [sys.executable, "-m", "galaxysae", "train", "--embeddings", emb, "--output", str(out),
+            "--mode", "local", *SMALL, "--epochs", "40"]
+    first = subprocess.Popen(args, cwd=repo, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120  # startup (torch import); not asserted on
+        while not (out / "config.toml").exists() and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert first.poll() is None, first.stderr.read()[-2000:]
+        # held still (training, after its checks) while the second run starts: they surely overlap
+        os.kill(first.pid, signal.SIGSTOP)
+        second = subprocess.run([*args, "--model.k", "8"], cwd=repo, capture_output=True, text=True,
+                                timeout=300)
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
+    _, err = first.communicate(timeout=300)
+    assert second.returncode == 4, second.stderr[-2000:]
+    assert f"output {out} is being written by another run" in second.stderr
+    assert f"pid {first.pid}" in second.stderr and "host " in second.stderr
+    assert first.returncode == 0, err[-2000:]
+    assert not (out / "_claim.json").exists(), "the winner releases its claim"
+    assert "k = 4\n" in (out / "config.toml").read_text()  # the first's settings, not the second's
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["l0"] == pytest.approx(4.0) and metrics["train"]["epoch"] == 40
+    assert not checkpoints(out)
