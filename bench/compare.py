@@ -129,14 +129,7 @@ def sort_per_pattern(csr, labels: np.ndarray, min_valid: int) -> np.ndarray:
     """compare.spearman's sparse path before sorting once: per missingness pattern, the rows of
     the galaxies asked (``csr[mask].tocsc()``) and a sort of all their non-zeros."""
     rho = np.full((csr.shape[1], labels.shape[1]), np.nan)
-    valid = ~np.isnan(labels)
-    patterns: dict[bytes, list[int]] = {}
-    for j in range(labels.shape[1]):
-        patterns.setdefault(np.packbits(valid[:, j]).tobytes(), []).append(j)
-    for cols in patterns.values():
-        mask = valid[:, cols[0]]
-        if mask.sum() < min_valid:
-            continue
+    for mask, cols in compare.vote_patterns(labels, min_valid):
         rl = compare._standardise(compare._ranks(labels[mask][:, cols]))
         block = _old_rank_products(csr[mask].tocsc(), np.nan_to_num(rl))
         block[:, np.isnan(rl[0])] = np.nan
@@ -148,14 +141,7 @@ def dense_ranks(codes: np.ndarray, labels: np.ndarray, min_valid: int) -> np.nda
     """compare.spearman as it ranked dense codes before sorting once: scipy's ``rankdata`` of the
     codes of the galaxies asked, per missingness pattern (and again for every shuffle)."""
     rho = np.full((codes.shape[1], labels.shape[1]), np.nan)
-    valid = ~np.isnan(labels)
-    patterns: dict[bytes, list[int]] = {}
-    for j in range(labels.shape[1]):
-        patterns.setdefault(np.packbits(valid[:, j]).tobytes(), []).append(j)
-    for cols in patterns.values():
-        mask = valid[:, cols[0]]
-        if mask.sum() < min_valid:
-            continue
+    for mask, cols in compare.vote_patterns(labels, min_valid):
         rl = compare._standardise(compare._ranks(labels[mask][:, cols]))
         rf = compare._standardise(compare._ranks(codes[mask]))  # a column of NaN: constant
         block = np.nan_to_num(rf).T @ np.nan_to_num(rl)

@@ -1,6 +1,6 @@
 """Evaluating an SAE: the original dense evaluation vs ``galaxysae.evaluation.evaluate``.
 
-The original (kept here verbatim as ``original_evaluate``) scattered each chunk's codes into a
+The original (kept here as ``original_evaluate``) scattered each chunk's codes into a
 dense [b, M] tensor, decoded it by a dense float64 ``codes @ W_dec`` (b*M*D work for b*k non-zeros),
 encoded the whole train sample only to see which latents ever fire, and fitted the PCA baseline
 by an SVD of the train sample. Ours decodes the active latents by ``embedding_bag`` in float64,
@@ -51,7 +51,8 @@ def _codes(model, x: np.ndarray, batch: int):
 
 def original_evaluate(model, test_x: np.ndarray, train_x: np.ndarray, batch: int = 4096,
                       max_train: int = 65536, seed: int = 0) -> dict:
-    """galaxysae.evaluation.evaluate before the sparse decode (verbatim)."""
+    """galaxysae.evaluation.evaluate before the sparse decode (its sums as they were; the metrics
+    dict from them by evaluation.summary, as ours)."""
     model = model.cpu().eval()
     cfg = model.cfg
     rng = np.random.default_rng(seed)
@@ -79,22 +80,9 @@ def original_evaluate(model, test_x: np.ndarray, train_x: np.ndarray, batch: int
                 start = end
         for codes in _codes(model, train_x, batch):
             fired |= (codes > 0).any(0)
-    n, d = z.shape
-    fvu = sse / max(total, 1e-12)
-    l0 = l0 / n
-    pca_fvu = _original_pca_fvu(model, train_x, test_x, [int(round(v)) for v in l0])
-    levels = [{"n_latents": int(e), "fvu": float(f), "mse": float(s / (n * d)), "l0": float(l),
-               "pca_fvu": float(p), "pca_components": int(round(l))}
-              for e, f, s, l, p in zip(ends, fvu, sse, l0, pca_fvu)]
-    top = levels[-1]
-    return {
-        "n_test": int(n), "d_in": int(d), "n_latents": int(cfg.n_latents), "k": int(cfg.k),
-        "activation": cfg.activation, "fvu": top["fvu"], "mse": top["mse"], "l0": top["l0"],
-        "dead_fraction": float(1 - fired.float().mean().item()),
-        "dead_fraction_train": float(model.dead_fraction().item()),
-        "pca": {"n_components": top["pca_components"], "fvu": top["pca_fvu"]},
-        "levels": levels,
-    }
+    # the same metrics dict from the same sums (the shared part is not what is compared)
+    return evaluation.summary(model, z.shape, total, sse, l0, fired,
+                              lambda components: _original_pca_fvu(model, train_x, test_x, components))
 
 
 def _original_pca_fvu(model, train_x, test_x, n_components: list[int]) -> list[float]:

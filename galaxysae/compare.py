@@ -354,6 +354,20 @@ def sparse_if_sparse(codes):
     return sparse.csr_matrix(codes)
 
 
+def vote_patterns(labels: np.ndarray, min_valid: int):
+    """The vote columns of labels[N, C] (NaN = not asked) grouped by missingness pattern (the
+    answers of one question): yields (mask [N] of the galaxies asked, their columns) for each
+    pattern asked of at least ``min_valid`` galaxies."""
+    valid = ~np.isnan(labels)
+    patterns: dict[bytes, list[int]] = {}
+    for j in range(labels.shape[1]):
+        patterns.setdefault(np.packbits(valid[:, j]).tobytes(), []).append(j)
+    for cols in patterns.values():
+        mask = valid[:, cols[0]]
+        if mask.sum() >= min_valid:
+            yield mask, cols
+
+
 def spearman(codes, labels: np.ndarray, min_valid: int) -> tuple[np.ndarray, np.ndarray]:
     """codes[N, M] (an array, scipy sparse, or :class:`SortedColumns`), labels[N, C] (NaN = not
     asked) -> (rho[M, C], n_valid[C]).
@@ -365,18 +379,9 @@ def spearman(codes, labels: np.ndarray, min_valid: int) -> tuple[np.ndarray, np.
     calls (the shuffles of :func:`shuffled`).
     """
     codes = sort_columns(codes)
-    n, m = codes.shape
-    c = labels.shape[1]
-    rho = np.full((m, c), np.nan)
-    valid = ~np.isnan(labels)
-    n_valid = valid.sum(0)
-    patterns: dict[bytes, list[int]] = {}
-    for j in range(c):
-        patterns.setdefault(np.packbits(valid[:, j]).tobytes(), []).append(j)
-    for cols in patterns.values():
-        mask = valid[:, cols[0]]
-        if mask.sum() < min_valid:
-            continue
+    rho = np.full((codes.shape[1], labels.shape[1]), np.nan)
+    n_valid = (~np.isnan(labels)).sum(0)
+    for mask, cols in vote_patterns(labels, min_valid):
         rl = _standardise(_ranks(labels[:, cols][mask]))  # [n, k]
         block = _sparse_rank_products(codes, mask, np.nan_to_num(rl))
         block[:, np.isnan(rl[0])] = np.nan

@@ -349,6 +349,14 @@ SECRET_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "AWS_SECRET_ACCESS_KEY", "AW
               "RAY_AUTH_TOKEN")
 
 
+def listed(items, sep: str = "; ", limit: int = 10) -> str:
+    """The first ``limit`` of ``items`` joined by ``sep``, and how many more there are: what an
+    error message quotes of a long list (changed files, stray shards)."""
+    items = [str(i) for i in items]
+    more = f" (and {len(items) - limit} more)" if len(items) > limit else ""
+    return sep.join(items[:limit]) + more
+
+
 def redact_text(text: str) -> str:
     """Free text (a log line, a traceback) with URL credentials and the values of the
     credential variables of :data:`SECRET_ENV` replaced by ``***``: what a library's exception

@@ -266,11 +266,10 @@ def _run(cfg: Config, claim) -> int:
     # passed), otherwise they are an error before any work.
     strays = writer.strays(shards, cfg.splits)
     if strays and not cfg.overwrite:
-        shown = ", ".join(strays[:10]) + (f" (and {len(strays) - 10} more)" if len(strays) > 10 else "")
         raise ValueError(
             f"{cfg.output} holds {len(strays)} files that are no output of the shards of "
             f"{config.redact(cfg.dataset)} (config {cfg.dataset_config!r}, splits "
-            f"{', '.join(cfg.splits)}), left by a run on other input: {shown}. Train would read "
+            f"{', '.join(cfg.splits)}), left by a run on other input: {config.listed(strays, ', ')}. Train would read "
             f"them beside this run's. Rerun with --overwrite to remove them and redo every shard, "
             f"or write to another --output")
     pending = [s for s in shards if cfg.overwrite or not writer.done(s)]

@@ -16,6 +16,7 @@ column is an ``EmbeddingsError`` naming the file and the ids at fault. Nothing i
 from __future__ import annotations
 
 import io
+import json
 import logging
 import posixpath
 from dataclasses import dataclass
@@ -27,7 +28,8 @@ from galaxysae import storage
 log = logging.getLogger(__name__)
 
 __all__ = ["EmbeddingsError", "Split", "load_split", "load_npy", "parquet_files", "check_rows",
-           "is_npy", "ray_dataset", "as_tensor", "fingerprint", "fingerprint_changes", "same_input"]
+           "is_npy", "ray_dataset", "as_tensor", "fingerprint", "fingerprint_changes", "same_input",
+           "INPUTS", "record_fingerprint", "recorded_changes"]
 
 
 class EmbeddingsError(ValueError):
@@ -298,6 +300,24 @@ def fingerprint_changes(old: dict[str, str], new: dict[str, str]) -> list[str]:
         elif old[name] != new[name]:
             out.append(f"{name} rewritten")
     return out
+
+
+# beside an output made from embeddings: the fingerprint of the files it read (pca, train)
+INPUTS = "inputs.json"
+
+
+def record_fingerprint(output: str, stamps: dict[str, str]) -> None:
+    """Write ``stamps`` (a :func:`fingerprint`) as ``{output}/inputs.json``."""
+    storage.write_bytes(storage.join(output, INPUTS), json.dumps({"files": stamps}, indent=1).encode())
+
+
+def recorded_changes(output: str, stamps: dict[str, str]) -> list[str] | None:
+    """:func:`fingerprint_changes` from the stamps ``{output}/inputs.json`` records to ``stamps``:
+    [] when the files are unchanged, None when the output records none (an earlier version's)."""
+    url = storage.join(output, INPUTS)
+    if not storage.exists(url):
+        return None
+    return fingerprint_changes(json.loads(storage.read_bytes(url))["files"], stamps)
 
 
 def same_input(a, b) -> bool:

@@ -134,13 +134,23 @@ def evaluate(model, test_x: np.ndarray, train_x: np.ndarray, batch: int = 4096,
                 start = end
         fired = counts > 0
         _mark_fired(model, train_x, fired, counts.argsort(descending=True), batch)
-    n, d = z.shape
+    return summary(model, z.shape, total, sse, l0, fired,
+                   lambda components: _pca_fvu(model, train_x, test_x, components))
+
+
+def summary(model, shape: tuple[int, int], total: float, sse: np.ndarray, l0: np.ndarray, fired,
+            pca_fvu) -> dict:
+    """The metrics dict from the sums over the test rows (shape [n, d]; per nested level:
+    squared errors ``sse`` and active latents ``l0``; ``total`` sum of squares about the mean),
+    ``fired`` [M] (latents seen firing) and ``pca_fvu`` (numbers of components -> their FVU)."""
+    cfg = model.cfg
+    n, d = shape
     fvu = sse / max(total, 1e-12)
     l0 = l0 / n
-    pca_fvu = _pca_fvu(model, train_x, test_x, [int(round(v)) for v in l0])
+    pca = pca_fvu([int(round(v)) for v in l0])
     levels = [{"n_latents": int(e), "fvu": float(f), "mse": float(s / (n * d)), "l0": float(l),
                "pca_fvu": float(p), "pca_components": int(round(l))}
-              for e, f, s, l, p in zip(ends, fvu, sse, l0, pca_fvu)]
+              for e, f, s, l, p in zip(cfg.level_ends, fvu, sse, l0, pca)]
     top = levels[-1]
     return {
         "n_test": int(n), "d_in": int(d), "n_latents": int(cfg.n_latents), "k": int(cfg.k),

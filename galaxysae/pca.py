@@ -191,7 +191,6 @@ SETTINGS = ("embeddings", "ids", "test_embeddings", "test_ids", "test_fraction",
             "train_split", "test_split", "n_components")
 NPY_ONLY = ("ids", "test_embeddings", "test_ids", "test_fraction", "split_seed")  # unused for parquet
 PATHS = ("embeddings", "ids", "test_embeddings", "test_ids")  # compared as paths
-INPUTS = "inputs.json"  # the fingerprint of the embedding files the artifact was fitted on
 
 
 def input_fingerprint(cfg: Config) -> dict[str, str]:
@@ -229,19 +228,16 @@ def check_same_inputs(cfg: Config, out: str, stamps: dict[str, str]) -> None:
     """Refuse to keep a finished artifact whose embedding files changed since it was fitted
     (re-embedded in place: the same URLs, other rows or values), naming the files. An artifact
     written before the stamps were recorded is kept, said in the log."""
-    url = storage.join(out, INPUTS)
-    if not storage.exists(url):
+    changes = embeddings.recorded_changes(out, stamps)
+    if changes is None:
         log.info("%s records no stamps of its embeddings (written by an earlier version): cannot "
                  "tell whether %s changed since the fit; keeping it (--overwrite to refit)",
                  out, cfg.embeddings)
-        return
-    changes = embeddings.fingerprint_changes(json.loads(storage.read_bytes(url))["files"], stamps)
-    if changes:
-        shown = "; ".join(changes[:10]) + (f" (and {len(changes) - 10} more)" if len(changes) > 10 else "")
+    elif changes:
         raise config.ConfigError(
             f"{out} holds a PCA fit of other embeddings: {cfg.embeddings} changed since it was "
-            f"fitted ({shown}; stamps in {url}): rerun with --overwrite to refit it, or write to "
-            f"another --output")
+            f"fitted ({config.listed(changes)}; stamps in {storage.join(out, embeddings.INPUTS)}): "
+            f"rerun with --overwrite to refit it, or write to another --output")
 
 
 def run(cfg: Config) -> dict:
@@ -288,7 +284,7 @@ def run(cfg: Config) -> dict:
     storage.write_bytes(storage.join(out, "metrics.json"), json.dumps(metrics, indent=1).encode())
     plot(pca, test_fvu, storage.join(out, "explained_variance.png"))
     config.save(cfg, out)
-    storage.write_bytes(storage.join(out, INPUTS), json.dumps({"files": stamps}, indent=1).encode())
+    embeddings.record_fingerprint(out, stamps)
     storage.write_bytes(cfg_url, json.dumps({
         "kind": "pca", "d_in": pca.d_in, "n_latents": m, "standardise": True,
         "weights": PCA_WEIGHTS, "fit_split": cfg.train_split, "n_train": n_train,

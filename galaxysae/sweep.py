@@ -415,9 +415,9 @@ def check_same_experiment(cfg: Config, base: dict, fs, exp_path: str) -> bool:
         return True
     changes = experiment_changes(json.loads(storage.read_bytes(url)), experiment(cfg, base))
     if changes:
-        shown = "; ".join(changes[:10]) + (f" (and {len(changes) - 10} more)" if len(changes) > 10 else "")
         raise config.ConfigError(
-            f"{cfg.output} holds a sweep started with other settings ({shown}; recorded in {url}): "
+            f"{cfg.output} holds a sweep started with other settings ({config.listed(changes)}; "
+            f"recorded in {url}): "
             f"a rerun restores that sweep and would run none of the new settings. Rerun with its "
             f"settings to resume it, write to another --output, or remove "
             f"{storage.join(cfg.output, 'tune')} to start over")

@@ -357,7 +357,6 @@ SETTINGS = ("model", "optim", "epochs", "batch_size", "max_steps", "seed", "embe
             "train_split", "test_split", "test_embeddings", "test_ids", "test_fraction", "split_seed")
 HOLD_OUT = ("test_fraction", "split_seed")  # compared for a .npy input only: it may hold out rows
 PATHS = ("embeddings", "ids", "test_embeddings", "test_ids")  # compared as paths (see _same_path)
-INPUTS = "inputs.json"  # the fingerprint of the embedding files the output was trained and tested on
 
 
 def settings_changes(saved: dict, cfg: Config) -> list[str]:
@@ -406,29 +405,16 @@ def input_fingerprint(cfg: Config) -> dict[str, str]:
                                   test_path=cfg.test_embeddings, test_ids=cfg.test_ids)
 
 
-def input_changes(cfg: Config, stamps: dict[str, str]) -> list[str] | None:
-    """What changed in the embedding files since the output recorded their stamps (INPUTS):
-    [] when nothing did, None when the output records none (written by an earlier version)."""
-    from galaxysae import embeddings
-
-    url = storage.join(cfg.output, INPUTS)
-    if not storage.exists(url):
-        return None
-    return embeddings.fingerprint_changes(json.loads(storage.read_bytes(url))["files"], stamps)
-
-
-def _shown(changes: list[str]) -> str:
-    return "; ".join(changes[:10]) + (f" (and {len(changes) - 10} more)" if len(changes) > 10 else "")
-
-
 def check_same_inputs(cfg: Config, finished: bool, stamps: dict[str, str]) -> None:
     """Refuse to keep a finished SAE, or resume checkpoints, trained on embedding files that
     changed since (re-embedded in place: the same URLs, other rows or values), naming the files.
     An output written before the stamps were recorded is kept or resumed, said in the log."""
     if not (finished or latest_checkpoint(cfg.output)):
         return
+    from galaxysae import embeddings
+
     what = "a trained SAE" if finished else "checkpoints of a training"
-    changes = input_changes(cfg, stamps)
+    changes = embeddings.recorded_changes(cfg.output, stamps)
     if changes is None:
         log.info("%s records no stamps of its embeddings (written by an earlier version): cannot "
                  "tell whether %s changed since; %s it (remove the output to retrain)", cfg.output,
@@ -437,13 +423,10 @@ def check_same_inputs(cfg: Config, finished: bool, stamps: dict[str, str]) -> No
     if changes:
         raise config.ConfigError(
             f"{cfg.output} holds {what} of other embeddings: {cfg.embeddings} changed since it "
-            f"was trained ({_shown(changes)}; stamps in {storage.join(cfg.output, INPUTS)}): "
+            f"was trained ({config.listed(changes)}; stamps in "
+            f"{storage.join(cfg.output, embeddings.INPUTS)}): "
             f"write to another --output, or remove {cfg.output} to retrain there (train has no "
             f"--overwrite)")
-
-
-def write_inputs(cfg: Config, stamps: dict[str, str]) -> None:
-    storage.write_bytes(storage.join(cfg.output, INPUTS), json.dumps({"files": stamps}, indent=1).encode())
 
 
 def check_same_settings(cfg: Config, finished: bool) -> None:
@@ -493,15 +476,17 @@ def check_eval_inputs(cfg: Config, stamps: dict[str, str]) -> None:
     holding out rows of its file, the rows now held out may be training rows (refused, as in
     check_same_hold_out); otherwise the SAE is evaluated on the files as they are now, said in
     the log."""
-    changes = input_changes(cfg, stamps)
+    from galaxysae import embeddings
+
+    changes = embeddings.recorded_changes(cfg.output, stamps)
     if not changes:
         return
     if _is_npy(cfg.embeddings) and "test_embeddings" not in stamps:  # a hold-out of its file
         raise config.ConfigError(
             f"{cfg.output}: --eval-only would test on rows held out of {cfg.embeddings}, which "
-            f"changed since the SAE was trained ({_shown(changes)}): some may be training rows")
+            f"changed since the SAE was trained ({config.listed(changes)}): some may be training rows")
     log.warning("%s: the embeddings changed since the SAE was trained (%s): evaluating it on them "
-                "as they are now", cfg.output, _shown(changes))
+                "as they are now", cfg.output, config.listed(changes))
 
 
 def load_checkpoint(url: str) -> dict:
@@ -1046,7 +1031,7 @@ def _check_claim(claim) -> None:
 def _run(cfg: Config, callbacks, shared, claim) -> dict:
     """:func:`run` holding the output's claim: every check of what the output holds is made
     under it."""
-    from galaxysae import evaluation
+    from galaxysae import embeddings, evaluation
     from galaxysae.sae import SparseAutoencoder
 
     metrics_url = storage.join(cfg.output, "metrics.json")
@@ -1081,8 +1066,8 @@ def _run(cfg: Config, callbacks, shared, claim) -> dict:
     config.save(cfg, cfg.output)
     # the stamps go with the output before its first checkpoint; checkpoints of an earlier
     # version's run (no stamps: trained on files of unknown state) are resumed without them
-    if not resuming or input_changes(cfg, stamps) is not None:
-        write_inputs(cfg, stamps)
+    if not resuming or embeddings.recorded_changes(cfg.output, stamps) is not None:
+        embeddings.record_fingerprint(cfg.output, stamps)
     import numpy as np
 
     rng = np.random.default_rng(cfg.seed)

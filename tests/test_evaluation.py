@@ -1,6 +1,6 @@
 """evaluation.evaluate: the sparse decode gives the metrics of the original dense evaluation.
 
-The reference is the original dense implementation, kept verbatim in bench/evaluation.py as
+The reference is the original dense implementation, kept in bench/evaluation.py as
 ``original_evaluate`` (the bench times it against ours). "Equal": every float within 1e-9
 relative (float64 sums in another order: ~1e-15 seen), every count, L0 and dead fraction exactly.
 """

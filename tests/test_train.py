@@ -433,10 +433,10 @@ def test_embeddings_remade_in_place_are_neither_kept_nor_resumed(tmp_path, capsy
     out, crashed = tmp_path / "sae", tmp_path / "crashed"
     common = ("--embeddings", emb, "--mode", "local", *SMALL, "--epochs", "1")
     assert run_cli(*common, "--output", str(out)) == 0
-    assert set(json.loads((out / train_job.INPUTS).read_text())["files"]) == {
+    assert set(json.loads((out / embeddings.INPUTS).read_text())["files"]) == {
         "train/part-00000.parquet", "train/part-00001.parquet", "test/part-00000.parquet"}
     run_crashing(monkeypatch, *common, "--output", str(crashed))
-    assert (crashed / train_job.INPUTS).is_file() and checkpoints(crashed)
+    assert (crashed / embeddings.INPUTS).is_file() and checkpoints(crashed)
     mtime = (out / "sae.safetensors").stat().st_mtime_ns
     assert run_cli(*common, "--output", str(out)) == 0  # the same files: nothing to do
     assert (out / "sae.safetensors").stat().st_mtime_ns == mtime
@@ -458,8 +458,8 @@ def test_embeddings_remade_in_place_are_neither_kept_nor_resumed(tmp_path, capsy
         assert run_cli(*common, "--output", str(out), "--eval-only") == 0
     assert any("changed since the SAE was trained" in r.getMessage() for r in caplog.records)
     # written by an earlier version (no stamps): kept and resumed, as before
-    (out / train_job.INPUTS).unlink()
-    (crashed / train_job.INPUTS).unlink()
+    (out / embeddings.INPUTS).unlink()
+    (crashed / embeddings.INPUTS).unlink()
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="galaxysae"):
         assert run_cli(*common, "--output", str(out)) == 0
