@@ -7,12 +7,13 @@ its own process (a private local Ray instance for ours) while this process sampl
 - original: ``datasets`` + torch DataLoader (4 workers, batch 64), PIL Resize((S, S)) +
   ToTensor, a forward hook on ``head``, fp32 (DESIGN.md §2);
 - ours fp32 and ours bf16 (``galaxysae embed``), and ours fp32 on 1/8 of the images (memory);
-- model only: forward passes on ready tensors, fp32 and bf16, at the batch size, thread
-  count and allocator settings (``galaxysae.allocator``) of our pipeline's encoder actor on this
-  machine (and at the original's batch 64, and with glibc's default allocator, for reference):
-  the ceiling without decoding (target ``pipeline_vs_model_only``: decode, transfer and writing
-  hidden behind encoding, compared once the pipeline is up: rows after the first batch came
-  back, over the time since, as the embed summary reports it).
+- model only: forward passes on ready 8-bit pixels, fp32 and bf16, in as many processes at
+  once as our pipeline runs encoder actors on this machine, each at their batch size, thread
+  count and allocator settings (``galaxysae.allocator``); for reference also one process with
+  every thread, and glibc's default allocator: the ceiling without decoding (target
+  ``pipeline_vs_model_only``: decode, transfer and writing hidden behind encoding, compared
+  once the pipeline is up: rows after the first batch came back, over the time since, as the
+  embed summary reports it).
 
 The encoder is a randomly initialised convnext_nano (the Zoobot architecture; weights do not
 change the cost). Throughput counts each variant from its start, with Ray already imported
@@ -114,9 +115,30 @@ def variant_ours(data: str, size: int, out: str, precision: str) -> dict:
             "startup_s": float(m.group(2))}
 
 
-def variant_model(size: int, precision: str, n: int, batch: int, threads: int) -> dict:
-    """The encoder as our actor runs it (``encoder.embed``; the parent gives this process the
-    actor's allocator settings), on ready float pixels: no decoding, no Ray."""
+def variant_model(size: int, precision: str, n: int, batch: int, threads: int,
+                  encoders: int = 1) -> dict:
+    """The encoder as our actors run it (``encoder.embed``; the parent gives this process the
+    actors' allocator settings), on ready pixels: no decoding, no Ray. ``encoders`` processes at
+    once, as the pipeline's encoder actors share a node, each with ``threads`` torch threads and
+    a share of the ``n`` images; the rate is all their images over the time from their common
+    start to the last one's end."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")  # each loads torch itself, as an actor does
+    start, done = ctx.Barrier(encoders), ctx.Queue()
+    share = -(-n // encoders)
+    procs = [ctx.Process(target=_model_loop, args=(size, precision, share, batch, threads, start, done))
+             for _ in range(encoders)]
+    for p in procs:
+        p.start()
+    spans = [done.get() for _ in procs]
+    for p in procs:
+        p.join()
+    images = sum(s[0] for s in spans)
+    return {"images": images, "seconds": max(s[2] for s in spans) - min(s[1] for s in spans)}
+
+
+def _model_loop(size, precision, n, batch, threads, start, done) -> None:
     import numpy as np
     import timm
     import torch
@@ -126,14 +148,15 @@ def variant_model(size: int, precision: str, n: int, batch: int, threads: int) -
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     model = timm.create_model(ENCODER, pretrained=False, num_classes=0).eval()
-    x = np.random.default_rng(0).random((batch, 3, size, size), dtype=np.float32)
-    encoder.embed(model, x[:8], "cpu", precision)  # warm-up
-    t0 = time.perf_counter()
-    done = 0
-    while done < n:
+    x = (np.random.default_rng(0).random((batch, 3, size, size)) * 255).astype(np.uint8)
+    encoder.embed(model, x, "cpu", precision)  # warm-up at the timed shape
+    start.wait()
+    t0 = time.time()
+    images = 0
+    while images < n:
         encoder.embed(model, x, "cpu", precision)
-        done += len(x)
-    return {"images": done, "seconds": time.perf_counter() - t0}
+        images += len(x)
+    done.put((images, t0, time.time()))
 
 
 # ----------------------------------------------------------------------------- the parent
@@ -155,7 +178,7 @@ def measure(args: list[str], label: str, env_extra: dict | None = None) -> dict:
     out["rate"] = out["images"] / out["seconds"]
     steady = (f"  ({out['steady_rate']:.2f} img/s after {out['startup_s']:.1f} s of start-up)"
               if "steady_rate" in out else "")
-    print(f"  {label:<42} {out['images']:>6} img {out['seconds']:>8.1f} s {out['rate']:>8.2f} img/s "
+    print(f"  {label:<56} {out['images']:>6} img {out['seconds']:>8.1f} s {out['rate']:>8.2f} img/s "
           f"peak {out['peak_mib']:>8.0f} MiB{steady}", flush=True)
     return out
 
@@ -202,7 +225,7 @@ def main() -> int:
             res = variant_ours(params[0], int(params[1]), params[2], params[3])
         else:
             res = variant_model(int(params[0]), params[1], int(params[2]), int(params[3]),
-                                int(params[4]))
+                                int(params[4]), int(params[5]))
         Path(a.child).write_text(json.dumps(res))
         return 0
 
@@ -221,28 +244,31 @@ def main() -> int:
 
     from galaxysae import allocator, embed
 
-    planned = embed.plan(embed.Config(), [{"CPU": float(os.cpu_count() or 1)}])
-    batch, threads = planned.batch_size, planned.encoder_threads
-    actor_env = allocator.worker_env()  # what the pipeline's encoder actor runs with
-    print(f"{'variant':<44} images   seconds    img/s   peak memory (PSS)")
+    cpus = os.cpu_count() or 1
+    planned = embed.plan(embed.Config(), [{"CPU": float(cpus)}])
+    batch, threads, actors = planned.batch_size, planned.encoder_threads, planned.num_encoders
+    actor_env = allocator.worker_env()  # what the pipeline's encoder actors run with
+
+    def model(precision, threads=threads, actors=actors, env=actor_env, note=""):
+        label = f"model only {precision}, {actors} x {threads} threads, batch {batch}{note}"
+        return measure(["model", str(a.size), precision, str(min(a.images, 512)), str(batch),
+                        str(threads), str(actors)], label, env)
+
+    print(f"{'variant':<58} images   seconds    img/s   peak memory (PSS)")
     r = {}
     r["original"] = measure(["original", full, str(a.size), out("original")], "original fp32")
     r["ours"] = measure(["ours", full, str(a.size), out("ours"), "fp32"], "ours fp32")
     if bf16:
         r["ours_bf16"] = measure(["ours", full, str(a.size), out("ours_bf16"), "bf16"], "ours bf16")
     r["ours_eighth"] = measure(["ours", eighth, str(a.size), out("eighth"), "fp32"], "ours fp32, 1/8 input")
-    n_model = min(a.images, 512)
-    r["model"] = measure(["model", str(a.size), "fp32", str(n_model), str(batch), str(threads)],
-                         f"model only fp32, batch {batch}", actor_env)
+    r["model"] = model("fp32")
     if bf16:
-        r["model_bf16"] = measure(["model", str(a.size), "bf16", str(n_model), str(batch),
-                                   str(threads)], f"model only bf16, batch {batch}", actor_env)
-    if batch != 64:
-        measure(["model", str(a.size), "fp32", str(n_model), "64", str(threads)],
-                "model only fp32, batch 64", actor_env)
-    # the same forward pass with glibc's default allocator settings: what allocator.py buys
-    measure(["model", str(a.size), "fp32", str(n_model), str(batch), str(threads)],
-            f"model only fp32, batch {batch}, default malloc")
+        r["model_bf16"] = model("bf16")
+    # for reference: one process with every thread (what a barrier-bound encoder gets alone),
+    # and the same forward pass with glibc's default allocator settings (what allocator.py buys)
+    if actors > 1:
+        model("fp32", threads=cpus, actors=1)
+    model("fp32", env=None, note=", default malloc")
 
     base = r["original"]["rate"]
     print()

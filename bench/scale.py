@@ -2,8 +2,9 @@
 
 Measured here, in one run:
 - per-image JPEG decode + resize cost (``galaxysae.decode``, one CPU), at the survey's image size;
-- per-image encode cost of a CPU encoder actor (``galaxysae.encoder``, stand-in convnext_nano
-  weights: the same FLOPs as Zoobot's), with the threads the embed job gives it;
+- per-image encode cost of the CPU encoder actors (``galaxysae.encoder``, stand-in
+  convnext_nano weights: the same FLOPs as Zoobot's), as many at once and with the threads the
+  embed job gives them;
 - parquet write rate of embedding rows, and the S3 read rate of dataset shards, both against a
   local SeaweedFS started by this script (``tests/services/s3.py``);
 - embedding storage per galaxy (float32 vs float16, parquet bytes written);
@@ -12,9 +13,10 @@ then the model is checked against two real ``galaxysae embed`` runs here (Ray, S
 
 The model of one node: images/s = min(encoder rate, decode CPUs / decode s per image,
 S3 bandwidth / bytes per image, parquet write rate). Here the 2 CPUs are shared by decode and
-the encoder actor, so the stages cannot overlap: s per image = decode + encode + read + write.
+the encoder actors, so the stages cannot overlap: s per image = decode + encode + read + write.
 The measured time is the job's own pipeline time (logged after Ray is up); a fixed pipeline
-start-up (encoder actor, model load), measured by a 16-image calibration run, is added.
+start-up (encoder actors, model load), measured by a calibration run of one batch per encoder
+actor, is added.
 
 The GPU encode rate is a PLACEHOLDER (``--gpu-img-s``, default 5000 img/s for convnext_nano at
 224 px in bf16 on an H100-class GPU) until ``bench/gpu.sh`` has run on a GPU; cost is
@@ -69,15 +71,17 @@ def decode_cost(px: int, size: int, n: int = 64) -> tuple[float, int]:
     return _median_time(lambda: decode_batch(t, image_size=size)) / n, sum(map(len, imgs)) // n
 
 
-def encode_cost(size: int, threads: int, batch: int = 32) -> float:
-    """Seconds per image of the encoder forward on the CPU with ``threads`` torch threads: the
-    model-only variant of ``bench/embed.py`` (``encoder.embed`` in a child process with the
-    embed job's encoder-actor allocator settings, which glibc reads at process start)."""
+def encode_cost(size: int, threads: int, batch: int = 32, actors: int = 1) -> float:
+    """Seconds per image of this node's encoder forward on the CPU, ``actors`` processes of
+    ``threads`` torch threads at once: the model-only variant of ``bench/embed.py``
+    (``encoder.embed`` in child processes with the embed job's encoder-actor allocator
+    settings, which glibc reads at process start)."""
     from bench import embed as embed_bench
     from galaxysae import allocator
 
-    out = embed_bench.measure(["model", str(size), "fp32", str(5 * batch), str(batch), str(threads)],
-                              f"encode {size} px, batch {batch}", allocator.worker_env())
+    out = embed_bench.measure(["model", str(size), "fp32", str(5 * batch * actors), str(batch),
+                               str(threads), str(actors)],
+                              f"encode {size} px, {actors} x batch {batch}", allocator.worker_env())
     return out["seconds"] / out["images"]
 
 
@@ -185,7 +189,7 @@ def main(argv=None) -> int:
     from galaxysae import embed
 
     here = embed.plan(embed.Config(device="cpu"), [{"CPU": float(os.cpu_count() or 1)}])
-    threads, batch = here.encoder_threads, here.batch_size
+    threads, batch, actors = here.encoder_threads, here.batch_size, here.num_encoders
     with tempfile.TemporaryDirectory(prefix="galaxysae-scale-") as tmp:
         s3 = S3Server(Path(tmp) / "s3").start()
         try:
@@ -197,11 +201,12 @@ def main(argv=None) -> int:
             c: dict = {}
             c["survey_decode_s"], c["survey_jpeg_bytes"] = decode_cost(SURVEY_PX, 224)
             c["decode_s"], _ = decode_cost(a.image_px, a.embed_px)
-            c["encode_s"] = encode_cost(a.embed_px, threads, batch)
-            c["encode_224_s"] = encode_cost(224, threads, batch)
+            c["encode_s"] = encode_cost(a.embed_px, threads, batch, actors)
+            c["encode_224_s"] = encode_cost(224, threads, batch, actors)
             c.update(parquet_cost(bucket))
             datasets = {}
-            for n in [16] + list(a.sizes):
+            calibration = batch * actors  # one batch per actor: every actor starts, as in the checks
+            for n in [calibration] + list(a.sizes):
                 url = f"{bucket}/ds{n}"
                 synth.run(synth.Config(out=url, n_train=n, n_test=8, shard_size=160,
                                        image_size=a.image_px, seed=1, workers=1))
@@ -212,14 +217,15 @@ def main(argv=None) -> int:
             c["s3_bytes_s"] = s3_read_rate(bucket)
             c["jpeg_bytes"] = len(storage.read_bytes(shards[0])) / min(160, a.sizes[0])
 
-            print(f"bench/scale.py: {threads} CPUs here; check runs at {a.image_px} px -> "
+            print(f"bench/scale.py: {os.cpu_count()} CPUs here; check runs at {a.image_px} px -> "
                   f"{a.embed_px} px")
             print(f"{'measured stage':<44} {'value':>12} {'unit':<14}")
             for label, v, unit in [
                 (f"decode {SURVEY_PX} px JPEG -> 224 (1 CPU)", c["survey_decode_s"] * 1e3, "ms/img"),
                 (f"decode {a.image_px} px JPEG -> {a.embed_px} (1 CPU)", c["decode_s"] * 1e3, "ms/img"),
-                (f"encode 224 px, CPU actor ({threads} threads)", 1 / c["encode_224_s"], "img/s"),
-                (f"encode {a.embed_px} px, CPU actor ({threads} threads)", 1 / c["encode_s"], "img/s"),
+                (f"encode 224 px, {actors} CPU actors x {threads} threads", 1 / c["encode_224_s"], "img/s"),
+                (f"encode {a.embed_px} px, {actors} CPU actors x {threads} threads", 1 / c["encode_s"],
+                 "img/s"),
                 ("parquet write to S3 (float32 rows)", 1 / c["write_s_per_row"], "rows/s"),
                 ("S3 read of a dataset shard", c["s3_bytes_s"] / 2**20, "MiB/s"),
                 (f"JPEG bytes per image ({SURVEY_PX} px)", c["survey_jpeg_bytes"] / 1024, "KiB"),
@@ -228,9 +234,10 @@ def main(argv=None) -> int:
             ]:
                 print(f"{label:<44} {v:>12.1f} {unit:<14}")
 
-            startup, _ = embed_run(datasets[16], f"{bucket}/out16", a.embed_px, env)
-            startup = max(0.0, startup - predict_local(16, c, 0.0))
-            print(f"\nfixed pipeline start-up (encoder actor, model load), from a 16-image "
+            startup, _ = embed_run(datasets[calibration], f"{bucket}/out{calibration}", a.embed_px,
+                                   env)
+            startup = max(0.0, startup - predict_local(calibration, c, 0.0))
+            print(f"\nfixed pipeline start-up (encoder actors, model load), from a {calibration}-image "
                   f"calibration run: {startup:.1f} s")
             print(f"{'check run':<12} {'predicted s':>12} {'measured s':>11} {'error':>7} "
                   f"{'(process wall s, with Ray start)':>34}")

@@ -99,8 +99,9 @@ class Config:
                 raise ValueError(f"{key} must be >= 0 (0 = auto), got {getattr(self, key)}")
 
 
-def plan(cfg: Config, nodes: list[dict]) -> Config:
-    """Fill the auto (0) settings from the resources of the cluster's alive nodes.
+def plan(cfg: Config, nodes: list[dict], rows: int = 0) -> Config:
+    """Fill the auto (0) settings from the resources of the cluster's alive nodes, for a run
+    that embeds ``rows`` images (0: not known): auto encoders are never more than its batches.
 
     GPU: one encoder actor per GPU with 2 CPUs of host work each (fewer where that would leave
     a GPU node no CPU of its own), 128-image batches, every other CPU decoding. CPU only: one
@@ -108,7 +109,10 @@ def plan(cfg: Config, nodes: list[dict]) -> Config:
     tasks need one whole CPU: reserving them all would deadlock; on a 1-CPU node the actor
     reserves none), with torch threads for every CPU of the node, because decoding costs a few
     percent of a forward pass and a core left to it would idle; decode tasks take a quarter CPU
-    so several fit in the spare one.
+    so several fit in the spare one. (Measured on 2 cores: two actors of one thread each embed
+    5-8% more images/s once up, because torch's threads meet at a barrier after every operator
+    and a decode task holding one core idles a lone actor's other thread; but they start 3 s
+    later and hold 1.3 GB more memory. ``num_encoders = 2`` asks for them.)
     """
     cpus = [float(n.get("CPU", 0)) for n in nodes if n.get("CPU", 0) > 0] or [1.0]
     gpus = sum(float(n.get("GPU", 0)) for n in nodes)
@@ -116,15 +120,17 @@ def plan(cfg: Config, nodes: list[dict]) -> Config:
     if device == "auto":
         device = "cuda" if gpus >= 1 else "cpu"
     c = dataclasses.replace(cfg, device=device)
+    c.batch_size = c.batch_size or (128 if device == "cuda" else 32)
+    # an actor with no batch to embed would only load the encoder (seconds of CPU)
+    batches = max(1, math.ceil(rows / c.batch_size)) if rows else math.inf
     if device == "cuda":
-        c.num_encoders = c.num_encoders or max(1, int(gpus))
+        c.num_encoders = c.num_encoders or max(1, min(int(gpus), batches))
         # two CPUs of host work per GPU actor, or fewer where a GPU node would have none left for
         # Ray Data's listing and decode tasks
         shares = [(float(n.get("CPU", 0)) - 1.0) / float(n["GPU"])
                   for n in nodes if n.get("GPU", 0) >= 1]
         c.encoder_cpus = c.encoder_cpus or max(0.0, min([2.0, *shares]))
         c.decode_cpus = c.decode_cpus or 1.0
-        c.batch_size = c.batch_size or 128
         c.precision = "bf16" if c.precision == "auto" else c.precision
         c.encoder_threads = c.encoder_threads or max(1, math.ceil(c.encoder_cpus))
         spare = sum(cpus) - c.num_encoders * c.encoder_cpus
@@ -138,12 +144,11 @@ def plan(cfg: Config, nodes: list[dict]) -> Config:
         c.encoder_cpus = c.encoder_cpus or ((node - 1.0) / per_node if node >= 2 else 0.0)
         # one encoder per node that can hold one: all of them on the usual uniform cluster
         room = c.encoder_cpus + c.decode_cpus
-        c.num_encoders = c.num_encoders or max(1, sum(x >= room for x in cpus))
-        c.batch_size = c.batch_size or 32
+        c.num_encoders = c.num_encoders or max(1, min(batches, sum(x >= room for x in cpus)))
         c.precision = "fp32" if c.precision == "auto" else c.precision
         c.encoder_threads = c.encoder_threads or max(1, math.ceil(node / per_node))
         # Decoding is ~20x cheaper than encoding on a CPU: two tasks per encoder keep it fed,
-        # and more would only pile decoded float images up in memory.
+        # and more would only pile decoded images up in memory.
         c.decode_tasks = c.decode_tasks or 2 * c.num_encoders
         # ~1,700 decoded 224 px images per encoder: tens of seconds of work for a CPU encoder,
         # so a deeper queue would only add memory.
@@ -290,7 +295,7 @@ def _run(cfg: Config, claim) -> int:
     # read tasks open the dataset's shards and encoder actors load a local-dir encoder, on any node
     local_encoder = cfg.encoder[len("local-dir:"):] if cfg.encoder.startswith("local-dir:") else ""
     cluster.require_shared({"dataset": cfg.dataset, "encoder": local_encoder}, {}, "embed")
-    cfg = plan(cfg, nodes)
+    cfg = plan(cfg, nodes, rows=sum(len(v) for v in expected.values()))
     require_resources(cfg, nodes)
     writer.provenance["precision"] = cfg.precision
     config.save(cfg, cfg.output)
@@ -318,11 +323,13 @@ def _run(cfg: Config, claim) -> int:
         # with the input instead of staying flat.
         ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(
             object_store_memory=cfg.object_store_mib * 2**20)
-        # Blocks of one encoder batch: Ray Data's default (128 MiB) bundles hundreds of decoded
-        # images, or every row of many small shards, into one block whose rows all come back
-        # at once, so shards were committed in bursts (a killed job lost them) and memory
-        # held several such blocks.
-        ctx.target_max_block_size = max(1 << 20, cfg.batch_size * 3 * cfg.image_size ** 2 * 4)
+        # Blocks of one encoder batch of 8-bit images: Ray Data's default (128 MiB) bundles
+        # hundreds of decoded images, or every row of many small shards, into one block whose
+        # rows all come back at once, so shards were committed in bursts (a killed job lost
+        # them) and memory held several such blocks. An encoder task embeds one block: its
+        # rows come back as soon as that batch is done (float pixels of deeper images make
+        # blocks of a quarter batch, which Ray Data bundles back up to one batch).
+        ctx.target_max_block_size = max(1 << 20, cfg.batch_size * 3 * cfg.image_size ** 2)
         writer.expect(todo, expected)
         last = start
         ds = build_dataset(cfg, todo, min_blocks=int(ray.cluster_resources().get("CPU", 1)),

@@ -88,6 +88,11 @@ def test_plan_defaults_for_a_laptop_a_gpu_node_and_a_cpu_cluster():
     assert gpu.encoder_cpus + gpu.decode_cpus <= 16
     farm = embed.plan(embed.Config(), [{"CPU": 16.0}] * 4 + [{"memory": 1.0}])
     assert farm.num_encoders == 4 and farm.encoder_cpus == 15.0 and farm.encoder_threads == 16
+    # a run of fewer batches than encoders starts one actor per batch: more would only load the model
+    few = embed.plan(embed.Config(), [{"CPU": 16.0}] * 4, rows=70)
+    assert (few.num_encoders, few.decode_tasks, few.encoder_threads) == (3, 6, 16)
+    assert embed.plan(embed.Config(), [{"CPU": 16.0, "GPU": 8.0}], rows=200).num_encoders == 2
+    assert embed.plan(embed.Config(num_encoders=4), [{"CPU": 16.0}] * 4, rows=70).num_encoders == 4
     asked = embed.plan(embed.Config(precision="bf16", batch_size=8), [{"CPU": 2.0}])
     assert asked.precision == "bf16" and asked.batch_size == 8
 
