@@ -123,6 +123,7 @@ def write_summary(d, folder_url: str, split: str, n_galaxies: int, embeddings: s
 # what identifies a set of activations (activations/{split}/_SUCCESS): a dictionary retrained in
 # place or embeddings rewritten at the same URLs change the stamps of its weights and files
 ACTIVATION_KEYS = ("dictionary", "embeddings", "split", "stamps")
+FAILURES = "render_failures.json"  # images a grid of the folder could not show
 
 
 def activations_identity(activations_url: str) -> dict | None:
@@ -149,7 +150,8 @@ def start_grids(folder: str, name: str, activations_url: str, chosen: list[int],
     """Before drawing: grids drawn from other inputs (activations of another dictionary or
     embeddings, another top_n, layout or decode) are removed, so a rerun redraws them instead of
     keeping pictures that no longer match the tables; then ``grids/_rendered.json`` records this
-    run's inputs (a killed run's rerun, with the same inputs, keeps the grids it finished)."""
+    run's inputs (a killed run's rerun, with the same inputs, keeps the grids it finished).
+    ``render_failures.json`` goes with the grids it describes."""
     inputs = {"activations": activations_identity(activations_url),
               "top_n": cfg.top_n, "columns": cfg.columns, "tile": cfg.tile,
               "strict_jpeg": cfg.strict_jpeg}
@@ -157,9 +159,28 @@ def start_grids(folder: str, name: str, activations_url: str, chosen: list[int],
     if storage.exists(url) and json.loads(storage.read_bytes(url)).get("inputs") != inputs:
         stale = storage.listdir(storage.join(folder, "grids"), ".jpg")
         log.info("%s: %d grids were drawn from other inputs: drawing them again", name, len(stale))
-        for u in stale:
-            storage.remove(u)
+        for u in stale + [storage.join(folder, FAILURES)]:
+            if storage.exists(u):
+                storage.remove(u)
     storage.write_bytes(url, json.dumps({"inputs": inputs, "features": chosen}, indent=1).encode())
+
+
+def record_failures(folder: str, name: str, failures: dict[str, str], index, keep: bool) -> None:
+    """``{folder}/render_failures.json``: every image that could not be decoded in the grids
+    now in ``folder``: this run's ``failures`` (id -> reason) and, when ``keep`` (the grids
+    drawn before stay), those recorded before; no file when there are none."""
+    url = storage.join(folder, FAILURES)
+    rows = {}
+    if keep and storage.exists(url):
+        rows = {r["id_str"]: r for r in json.loads(storage.read_bytes(url))}
+    rows.update({i: {"id_str": i, "shard": index.locate(i)[0], "reason": r} for i, r in failures.items()})
+    if rows:
+        storage.write_bytes(url, json.dumps([rows[i] for i in sorted(rows)], indent=1).encode())
+    elif storage.exists(url):
+        storage.remove(url)
+    if failures:
+        log.warning("%s: %d images could not be decoded (listed in %s): %s", name, len(failures),
+                    url, ", ".join(sorted(failures)[:5]))
 
 
 def activations_for(d, folder_url: str, cfg) -> "object":
@@ -407,11 +428,7 @@ def run(cfg: Config) -> dict:
                               for shard, rows in index.by_shard(sorted(needed)).items()]):
             thumbs.update(t)
             failures.update(fl)
-        if failures:
-            rows = [{"id_str": i, "shard": index.locate(i)[0], "reason": r} for i, r in sorted(failures.items())]
-            storage.write_bytes(storage.join(folder, "render_failures.json"), json.dumps(rows, indent=1).encode())
-            log.warning("%s: %d images could not be decoded (listed in %s/render_failures.json): %s",
-                        name, len(rows), folder, ", ".join(r["id_str"] for r in rows[:5]))
+        record_failures(folder, name, failures, index, keep=not cfg.overwrite)
         chunks = [jobs[i:i + cfg.features_per_task] for i in range(0, len(jobs), cfg.features_per_task)]
         done = sum(ray.get([grids_remote.remote(c, *_chunk_images(c, thumbs, failures), cfg.top_n,
                                                 cfg.columns, cfg.tile) for c in chunks]), [])

@@ -173,6 +173,15 @@ def test_top_galaxies_are_the_highest_activations_and_a_bad_image_is_recorded(ch
     with Image.open(png) as img:
         slot = np.asarray(img.convert("RGB"))[render.HEADER + render.GAP + 20, render.GAP + 20]
     assert slot[0] > slot[1] + 20  # the red "unreadable image" tile
+    # a rerun with nothing to draw keeps the record of the grids it keeps; grids drawn again
+    # (another top_n redraws them all) from the repaired images leave none
+    assert render.run(cfg)["pca"]["rendered"] == 0
+    assert (tmp_path / "results" / "pca" / "render_failures.json").is_file()
+    for f in sorted((chain.dataset / "data").glob("test-*.parquet")):
+        shutil.copy(f, bad_ds / "data" / f.name)
+    again = render.run(config.from_dict(render.Config, {**config.to_dict(cfg), "top_n": 5}))
+    assert again["pca"]["failed_images"] == 0 and again["pca"]["rendered"] == summary["pca"]["rendered"]
+    assert not (tmp_path / "results" / "pca" / "render_failures.json").exists()
 
 
 def test_a_thumbnail_of_a_jpeg_with_corrupt_compressed_data_is_refused_not_greyed():
