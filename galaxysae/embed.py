@@ -68,7 +68,8 @@ class Config:
     decode_cpus: float = field(default=0.0, metadata={"help": "CPUs per decode task (0: auto)"})
     object_store_mib: int = field(default=0, metadata={
         "help": "object store budget of the pipeline, MiB (0: auto, 256 per encoder on CPU, "
-                "2048 per GPU encoder): decoded images wait here, so it bounds memory"})
+                "2048 per GPU encoder, more for large images): decoded images wait here, so it "
+                "bounds memory; under ~12 decoded batches the encoders starve (a warning says so)"})
     read_unit_bytes: int = field(default=1 << 20, metadata={
         "help": "compressed parquet bytes per read task (smaller: finer streaming, more tasks)"})
     decode_tasks: int = field(default=0, metadata={
@@ -97,6 +98,16 @@ class Config:
                     "decode_tasks", "object_store_mib"):
             if getattr(self, key) < 0:
                 raise ValueError(f"{key} must be >= 0 (0 = auto), got {getattr(self, key)}")
+
+
+# decoded 8-bit batches the object store budget must hold: Ray Data shares it among the
+# operators, and the encoder starves below ~12 (measured at 224 px, batch 32: 64 MiB, 14
+# batches, ran at full speed; 32 MiB at 3/4; 16 MiB at a tenth)
+MIN_BUDGET_BATCHES = 12
+
+
+def _batch_mib(cfg: Config) -> float:
+    return cfg.batch_size * 3 * cfg.image_size ** 2 / 2**20
 
 
 def plan(cfg: Config, nodes: list[dict], rows: int = 0) -> Config:
@@ -135,7 +146,8 @@ def plan(cfg: Config, nodes: list[dict], rows: int = 0) -> Config:
         c.encoder_threads = c.encoder_threads or max(1, math.ceil(c.encoder_cpus))
         spare = sum(cpus) - c.num_encoders * c.encoder_cpus
         c.decode_tasks = c.decode_tasks or max(2, int(spare // c.decode_cpus))
-        c.object_store_mib = c.object_store_mib or 2048 * c.num_encoders
+        c.object_store_mib = c.object_store_mib or max(2048, math.ceil(
+            2 * MIN_BUDGET_BATCHES * _batch_mib(c))) * c.num_encoders
     else:
         node = max(cpus)
         per_node = max(1, c.num_encoders // len(cpus)) if c.num_encoders else 1
@@ -151,9 +163,21 @@ def plan(cfg: Config, nodes: list[dict], rows: int = 0) -> Config:
         # and more would only pile decoded images up in memory.
         c.decode_tasks = c.decode_tasks or 2 * c.num_encoders
         # ~1,700 decoded 224 px images per encoder: tens of seconds of work for a CPU encoder,
-        # so a deeper queue would only add memory.
-        c.object_store_mib = c.object_store_mib or 256 * c.num_encoders
+        # so a deeper queue would only add memory (larger images: twice the least that works).
+        c.object_store_mib = c.object_store_mib or max(256, math.ceil(
+            2 * MIN_BUDGET_BATCHES * _batch_mib(c))) * c.num_encoders
     return c
+
+
+def budget_warning(cfg: Config) -> str:
+    """A warning when the planned object store budget is too small for the pipeline, else ""."""
+    batch_mib = _batch_mib(cfg)
+    if cfg.object_store_mib >= MIN_BUDGET_BATCHES * batch_mib:
+        return ""
+    return (f"object_store_mib = {cfg.object_store_mib} holds {cfg.object_store_mib / batch_mib:.1f} "
+            f"decoded batches of {cfg.batch_size} images at {cfg.image_size} px: Ray Data will "
+            f"starve the encoders (give it at least {math.ceil(MIN_BUDGET_BATCHES * batch_mib)}, "
+            f"or 0 for the default)")
 
 
 def require_resources(cfg: Config, nodes: list[dict]) -> None:
@@ -297,6 +321,8 @@ def _run(cfg: Config, claim) -> int:
     cluster.require_shared({"dataset": cfg.dataset, "encoder": local_encoder}, {}, "embed")
     cfg = plan(cfg, nodes, rows=sum(len(v) for v in expected.values()))
     require_resources(cfg, nodes)
+    if budget_warning(cfg):
+        log.warning("%s", budget_warning(cfg))
     writer.provenance["precision"] = cfg.precision
     config.save(cfg, cfg.output)
     log.info("plan: device=%s precision=%s encoders=%d x (%.3g CPU, %d threads) batch=%d "

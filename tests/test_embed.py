@@ -93,6 +93,12 @@ def test_plan_defaults_for_a_laptop_a_gpu_node_and_a_cpu_cluster():
     assert (few.num_encoders, few.decode_tasks, few.encoder_threads) == (3, 6, 16)
     assert embed.plan(embed.Config(), [{"CPU": 16.0, "GPU": 8.0}], rows=200).num_encoders == 2
     assert embed.plan(embed.Config(num_encoders=4), [{"CPU": 16.0}] * 4, rows=70).num_encoders == 4
+    # the object store budget holds enough decoded batches, or a warning names the setting
+    assert embed.budget_warning(laptop) == "" and embed.budget_warning(gpu) == ""
+    big = embed.plan(embed.Config(image_size=640), [{"CPU": 2.0}])
+    assert big.object_store_mib > 256 and embed.budget_warning(big) == ""
+    starved = embed.budget_warning(embed.plan(embed.Config(object_store_mib=16), [{"CPU": 2.0}]))
+    assert "object_store_mib = 16 holds 3.5 decoded batches" in starved and "at least 56" in starved
     asked = embed.plan(embed.Config(precision="bf16", batch_size=8), [{"CPU": 2.0}])
     assert asked.precision == "bf16" and asked.batch_size == 8
 
