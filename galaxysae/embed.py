@@ -321,8 +321,9 @@ def _run(cfg: Config, claim) -> int:
     cluster.require_shared({"dataset": cfg.dataset, "encoder": local_encoder}, {}, "embed")
     cfg = plan(cfg, nodes, rows=sum(len(v) for v in expected.values()))
     require_resources(cfg, nodes)
-    if budget_warning(cfg):
-        log.warning("%s", budget_warning(cfg))
+    starved = budget_warning(cfg)
+    if starved:
+        log.warning("%s", starved)
     writer.provenance["precision"] = cfg.precision
     config.save(cfg, cfg.output)
     log.info("plan: device=%s precision=%s encoders=%d x (%.3g CPU, %d threads) batch=%d "

@@ -170,17 +170,18 @@ def record_failures(folder: str, name: str, failures: dict[str, str], index, kee
     now in ``folder``: this run's ``failures`` (id -> reason) and, when ``keep`` (the grids
     drawn before stay), those recorded before; no file when there are none."""
     url = storage.join(folder, FAILURES)
+    if keep and not failures:
+        return  # the grids and their record stay as they were
     rows = {}
     if keep and storage.exists(url):
         rows = {r["id_str"]: r for r in json.loads(storage.read_bytes(url))}
     rows.update({i: {"id_str": i, "shard": index.locate(i)[0], "reason": r} for i, r in failures.items()})
     if rows:
         storage.write_bytes(url, json.dumps([rows[i] for i in sorted(rows)], indent=1).encode())
-    elif storage.exists(url):
-        storage.remove(url)
-    if failures:
         log.warning("%s: %d images could not be decoded (listed in %s): %s", name, len(failures),
                     url, ", ".join(sorted(failures)[:5]))
+    elif storage.exists(url):
+        storage.remove(url)
 
 
 def activations_for(d, folder_url: str, cfg) -> "object":
