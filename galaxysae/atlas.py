@@ -14,7 +14,9 @@ Data flow::
 
 Every page opens from disk (file://) or any static host: data is embedded in the pages, images
 are copied next to them, nothing is fetched at run time. Pages are written atomically; a rerun
-rewrites the HTML (cheap) and copies only images that are not there yet.
+rewrites the HTML (cheap), copies only images that are not there yet, and removes what the
+previous build wrote that this one does not (pages of dictionaries or features no longer shown:
+``{output}/_atlas_files.json`` lists a build's files; nothing else in the folder is touched).
 """
 
 from __future__ import annotations
@@ -685,6 +687,39 @@ Zoo answers it tracks. Results from <code>{esc(results)}</code>.</p>{note}
     return page(cfg.title, [("atlas", None)], body, 0)
 
 
+class Site:
+    """The files one build writes under ``out`` (relative paths); :meth:`finish` removes the
+    files the previous build listed and this one did not write, then lists this build's."""
+
+    MANIFEST = "_atlas_files.json"
+
+    def __init__(self, out: str):
+        self.out, self.files = out, set()
+
+    def url(self, rel: str) -> str:
+        self.files.add(rel)
+        return storage.join(self.out, rel)
+
+    def put(self, rel: str, data: bytes) -> None:
+        storage.write_bytes(self.url(rel), data)
+
+    def finish(self) -> list[str]:
+        manifest = storage.join(self.out, self.MANIFEST)
+        before = set(json.loads(storage.read_bytes(manifest))) if storage.exists(manifest) else set()
+        gone = sorted(before - self.files)
+        for rel in gone:
+            storage.remove(storage.join(self.out, rel))
+        if gone and not storage.is_remote(self.out):
+            # folders left empty (a dictionary's pages): deepest first
+            for d in sorted({p for rel in gone for p in Path(rel).parents if str(p) != "."},
+                            key=lambda p: -len(p.parts)):
+                folder = Path(storage.local_path(self.out)) / d
+                if folder.is_dir() and not any(folder.iterdir()):
+                    folder.rmdir()
+        storage.write_bytes(manifest, json.dumps(sorted(self.files), indent=0).encode())
+        return gone
+
+
 def run(cfg: Config) -> str:
     t0 = time.time()
     # a relative output in a `ray job submit` copy of the checkout is refused (Ray deletes it)
@@ -710,37 +745,41 @@ def run(cfg: Config) -> str:
                                 "and `galaxysae compare` first)")
     order = {"sae": 0, "matryoshka_sae": 1, "pca": 2}
     entries.sort(key=lambda e: (order.get(e.doc["family"], 9), e.name))
+    site = Site(out)
     for asset in ("atlas.css", "table.js"):
-        storage.write_bytes(storage.join(out, "assets", asset), (ASSETS / asset).read_bytes())
+        site.put(f"assets/{asset}", (ASSETS / asset).read_bytes())
     compare_dir = storage.join(cfg.results, "compare")
     compare_plots = [posixpath.basename(u) for u in storage.listdir(compare_dir, ".png")]
     compare_plots.sort(key=lambda p: (p != "distributions.png", p))
     for p in compare_plots:
-        storage.write_bytes(storage.join(out, "compare", p), storage.read_bytes(storage.join(compare_dir, p)))
+        site.put(f"compare/{p}", storage.read_bytes(storage.join(compare_dir, p)))
     n_pages = 0
     for e in entries:
         folder = storage.join(cfg.results, e.name)
-        site = storage.join(out, e.name)
         grid_files = [f"feature_{f:05d}.jpg" for f in sorted(e.grids)]
         grid_files += [f"feature_{f:05d}_low.jpg" for f in sorted(e.low_grids)]
         for g in grid_files:
-            storage.copy_if_newer(storage.join(folder, "grids", g), storage.join(site, "grids", g))
+            storage.copy_if_newer(storage.join(folder, "grids", g), site.url(f"{e.name}/grids/{g}"))
         for p in e.plots:
-            storage.write_bytes(storage.join(site, "plots", posixpath.basename(p)), storage.read_bytes(p))
-        storage.write_bytes(storage.join(site, "index.html"), table_page(e, cfg).encode())
+            site.put(f"{e.name}/plots/{posixpath.basename(p)}", storage.read_bytes(p))
+        site.put(f"{e.name}/index.html", table_page(e, cfg).encode())
         alive = [r for r in e.features if r["frequency"] > 0 or int(r["feature"]) in e.grids]
         for i, r in enumerate(alive):
             prev_f = int(alive[i - 1]["feature"]) if i > 0 else None
             next_f = int(alive[i + 1]["feature"]) if i + 1 < len(alive) else None
-            storage.write_bytes(storage.join(site, "f", f"{int(r['feature'])}.html"),
-                                feature_page(e, r, cfg, prev_f, next_f).encode())
+            site.put(f"{e.name}/f/{int(r['feature'])}.html",
+                     feature_page(e, r, cfg, prev_f, next_f).encode())
             n_pages += 1
     answers_url = storage.join(compare_dir, "answers.json")
     answers = json.loads(storage.read_bytes(answers_url)) if storage.exists(answers_url) else {}
     if answers:
-        storage.write_bytes(storage.join(out, "answers.html"), answers_page(entries, answers, cfg).encode())
-    index = storage.join(out, "index.html")
+        site.put("answers.html", answers_page(entries, answers, cfg).encode())
+    index = site.url("index.html")
     storage.write_bytes(index, index_page(entries, cfg.results, compare_plots, cfg, bool(answers)).encode())
+    gone = site.finish()
+    if gone:
+        log.info("atlas: removed %d files of the previous build no longer shown (%s)", len(gone),
+                 config.listed(gone, ", "))
     config.save(cfg, out, "atlas.toml")
     log.info("atlas: %d dictionaries, %d feature pages in %.1f s", len(entries), n_pages, time.time() - t0)
     where = index if storage.is_remote(index) else str(Path(index).resolve())

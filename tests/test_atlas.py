@@ -397,15 +397,20 @@ def test_dictionaries_the_last_compare_did_not_cover_are_left_out_and_named(smal
 
     results = tmp_path / "results"
     shutil.copytree(small_site[0].parent / "results", results)
+    out = tmp_path / "site"
+    atlas.run(config.from_dict(atlas.Config, {"results": str(results), "output": str(out)}))
+    assert (out / "sae" / "index.html").is_file()
+    (out / "notes.txt").write_text("the user's own file")
     for f in ("summary.json", "answers.json"):
         doc = json.loads((results / "compare" / f).read_text())
         (results / "compare" / f).write_text(json.dumps({"pca": doc["pca"]}))
-    out = tmp_path / "site"
     with _Records() as logs:
         atlas.run(config.from_dict(atlas.Config, {"results": str(results), "output": str(out)}))
     index = (out / "index.html").read_text()
     assert 'href="pca/index.html"' in index and 'href="sae/index.html"' not in index
-    assert not (out / "sae").exists()
+    # the earlier build's pages of the dictionary left out are gone; nothing else is touched
+    assert not (out / "sae").exists() and (out / "notes.txt").read_text() == "the user's own file"
+    assert (out / "pca" / "index.html").is_file() and (out / "pca" / "f" / "0.html").is_file()
     assert "sae/f/" not in (out / "answers.html").read_text()
     assert any("leaving out sae: the last compare" in m and "`galaxysae compare`" in m
                for m in logs.messages), logs.messages
