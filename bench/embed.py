@@ -9,8 +9,8 @@ its own process (a private local Ray instance for ours) while this process sampl
 - ours fp32 and ours bf16 (``galaxysae embed``), and ours fp32 on 1/8 of the images (memory);
 - model only: forward passes on ready 8-bit pixels, fp32 and bf16, in as many processes at
   once as our pipeline runs encoder actors on this machine, each at their batch size, thread
-  count and allocator settings (``galaxysae.allocator``); for reference also one process with
-  every thread, and glibc's default allocator: the ceiling without decoding (target
+  count and allocator settings (``galaxysae.allocator``); for reference also with glibc's
+  default allocator: the ceiling without decoding (target
   ``pipeline_vs_model_only``: decode, transfer and writing hidden behind encoding, compared
   once the pipeline is up: rows after the first batch came back, over the time since, as the
   embed summary reports it).
@@ -244,12 +244,11 @@ def main() -> int:
 
     from galaxysae import allocator, embed
 
-    cpus = os.cpu_count() or 1
-    planned = embed.plan(embed.Config(), [{"CPU": float(cpus)}])
+    planned = embed.plan(embed.Config(), [{"CPU": float(os.cpu_count() or 1)}])
     batch, threads, actors = planned.batch_size, planned.encoder_threads, planned.num_encoders
     actor_env = allocator.worker_env()  # what the pipeline's encoder actors run with
 
-    def model(precision, threads=threads, actors=actors, env=actor_env, note=""):
+    def model(precision, env=actor_env, note=""):
         label = f"model only {precision}, {actors} x {threads} threads, batch {batch}{note}"
         return measure(["model", str(a.size), precision, str(min(a.images, 512)), str(batch),
                         str(threads), str(actors)], label, env)
@@ -264,10 +263,7 @@ def main() -> int:
     r["model"] = model("fp32")
     if bf16:
         r["model_bf16"] = model("bf16")
-    # for reference: one process with every thread (what a barrier-bound encoder gets alone),
-    # and the same forward pass with glibc's default allocator settings (what allocator.py buys)
-    if actors > 1:
-        model("fp32", threads=cpus, actors=1)
+    # the same forward pass with glibc's default allocator settings: what allocator.py buys
     model("fp32", env=None, note=", default malloc")
 
     base = r["original"]["rate"]

@@ -705,7 +705,11 @@ class Site:
 
     def finish(self) -> list[str]:
         manifest = storage.join(self.out, self.MANIFEST)
-        before = set(json.loads(storage.read_bytes(manifest))) if storage.exists(manifest) else set()
+        try:
+            before = set(json.loads(storage.read_bytes(manifest))) if storage.exists(manifest) else set()
+        except ValueError as exc:
+            raise ValueError(f"{manifest}: not the file list of an earlier atlas build ({exc}); "
+                             "remove it (files of that build are then left in place)") from None
         gone = sorted(before - self.files)
         for rel in gone:
             storage.remove(storage.join(self.out, rel))

@@ -106,8 +106,9 @@ class Config:
 MIN_BUDGET_BATCHES = 12
 
 
-def _batch_mib(cfg: Config) -> float:
-    return cfg.batch_size * 3 * cfg.image_size ** 2 / 2**20
+def _batch_bytes(cfg: Config) -> int:
+    """Bytes of one encoder batch of decoded 8-bit images."""
+    return cfg.batch_size * 3 * cfg.image_size ** 2
 
 
 def plan(cfg: Config, nodes: list[dict], rows: int = 0) -> Config:
@@ -134,6 +135,8 @@ def plan(cfg: Config, nodes: list[dict], rows: int = 0) -> Config:
     c.batch_size = c.batch_size or (128 if device == "cuda" else 32)
     # an actor with no batch to embed would only load the encoder (seconds of CPU)
     batches = max(1, math.ceil(rows / c.batch_size)) if rows else math.inf
+    # auto budgets hold at least twice the least that works (large images)
+    least_mib = math.ceil(2 * MIN_BUDGET_BATCHES * _batch_bytes(c) / 2**20)
     if device == "cuda":
         c.num_encoders = c.num_encoders or max(1, min(int(gpus), batches))
         # two CPUs of host work per GPU actor, or fewer where a GPU node would have none left for
@@ -146,8 +149,7 @@ def plan(cfg: Config, nodes: list[dict], rows: int = 0) -> Config:
         c.encoder_threads = c.encoder_threads or max(1, math.ceil(c.encoder_cpus))
         spare = sum(cpus) - c.num_encoders * c.encoder_cpus
         c.decode_tasks = c.decode_tasks or max(2, int(spare // c.decode_cpus))
-        c.object_store_mib = c.object_store_mib or max(2048, math.ceil(
-            2 * MIN_BUDGET_BATCHES * _batch_mib(c))) * c.num_encoders
+        c.object_store_mib = c.object_store_mib or max(2048, least_mib) * c.num_encoders
     else:
         node = max(cpus)
         per_node = max(1, c.num_encoders // len(cpus)) if c.num_encoders else 1
@@ -163,15 +165,14 @@ def plan(cfg: Config, nodes: list[dict], rows: int = 0) -> Config:
         # and more would only pile decoded images up in memory.
         c.decode_tasks = c.decode_tasks or 2 * c.num_encoders
         # ~1,700 decoded 224 px images per encoder: tens of seconds of work for a CPU encoder,
-        # so a deeper queue would only add memory (larger images: twice the least that works).
-        c.object_store_mib = c.object_store_mib or max(256, math.ceil(
-            2 * MIN_BUDGET_BATCHES * _batch_mib(c))) * c.num_encoders
+        # so a deeper queue would only add memory.
+        c.object_store_mib = c.object_store_mib or max(256, least_mib) * c.num_encoders
     return c
 
 
 def budget_warning(cfg: Config) -> str:
     """A warning when the planned object store budget is too small for the pipeline, else ""."""
-    batch_mib = _batch_mib(cfg)
+    batch_mib = _batch_bytes(cfg) / 2**20
     if cfg.object_store_mib >= MIN_BUDGET_BATCHES * batch_mib:
         return ""
     return (f"object_store_mib = {cfg.object_store_mib} holds {cfg.object_store_mib / batch_mib:.1f} "
@@ -356,7 +357,7 @@ def _run(cfg: Config, claim) -> int:
         # them) and memory held several such blocks. An encoder task embeds one block: its
         # rows come back as soon as that batch is done (float pixels of deeper images make
         # blocks of a quarter batch, which Ray Data bundles back up to one batch).
-        ctx.target_max_block_size = max(1 << 20, cfg.batch_size * 3 * cfg.image_size ** 2)
+        ctx.target_max_block_size = max(1 << 20, _batch_bytes(cfg))
         writer.expect(todo, expected)
         last = start
         ds = build_dataset(cfg, todo, min_blocks=int(ray.cluster_resources().get("CPU", 1)),

@@ -160,8 +160,7 @@ def start_grids(folder: str, name: str, activations_url: str, chosen: list[int],
         stale = storage.listdir(storage.join(folder, "grids"), ".jpg")
         log.info("%s: %d grids were drawn from other inputs: drawing them again", name, len(stale))
         for u in stale + [storage.join(folder, FAILURES)]:
-            if storage.exists(u):
-                storage.remove(u)
+            storage.remove(u)  # nothing to do where it is not there
     storage.write_bytes(url, json.dumps({"inputs": inputs, "features": chosen}, indent=1).encode())
 
 
@@ -180,7 +179,7 @@ def record_failures(folder: str, name: str, failures: dict[str, str], index, kee
         storage.write_bytes(url, json.dumps([rows[i] for i in sorted(rows)], indent=1).encode())
         log.warning("%s: %d images could not be decoded (listed in %s): %s", name, len(failures),
                     url, ", ".join(sorted(failures)[:5]))
-    elif storage.exists(url):
+    else:
         storage.remove(url)
 
 
